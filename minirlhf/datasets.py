@@ -1,0 +1,419 @@
+"""Data for every stage: the corpus, JSONL records, and padded batches with masks.
+
+Three kinds of data flow through minirlhf, and this module turns each into
+NumPy int64 arrays (the trainers move them to the device):
+
+1. Pretraining reads plain text -- by default the ten Shakespeare plays
+   shipped in ``minirlhf/data/shakespeare`` -- as one long array of byte
+   tokens, and samples random windows from it (``get_batch``).
+2. SFT, reward modelling, DPO and RL read JSONL files with the field names
+   TRL uses: ``{"prompt", "completion"}``, ``{"prompt", "chosen",
+   "rejected"}`` and ``{"prompt"}``.
+3. Those records become rows of ``[EOT] + prompt + completion + [EOT]``,
+   padded on the right and described by masks (``collate``).
+
+The conventions every stage relies on
+-------------------------------------
+* **A start token before every prompt.** The model predicts token t from the
+  logits at position t-1, so the first completion token needs a position
+  before it. Putting ``EOT`` in front of every prompt (as GPT-2 did between
+  documents) makes that position exist even when the prompt is empty, and
+  tells the model "a new text starts here". The start token counts as part
+  of the prompt: ``n_prompt >= 1`` always.
+* **The completion ends with EOT**, and that EOT is part of the completion:
+  the model is trained to stop, and the log-prob of stopping counts.
+* **Too long? Cut the prompt from the left.** The end of the prompt, next to
+  the completion, is what matters most. The completion is never cut: a
+  completion that cannot fit is an error, because a silently truncated
+  chosen/rejected answer would change what the preference means.
+* **Padding on the right** with ``PAD``, and ``completion_mask[b, t] = 1``
+  exactly for the completion tokens (final EOT included). The log-prob of
+  token t is read from the logits at position t-1, so a log-prob function
+  uses ``logits[:, :-1]``, ``input_ids[:, 1:]`` and ``completion_mask[:, 1:]``.
+  With right padding, positions before t never include padding, so causal
+  attention needs no extra mask for the tokens we score.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from minirlhf.tokenizer import EOT, PAD, ByteTokenizer
+
+SFT_FIELDS = ("prompt", "completion")
+PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
+PROMPT_FIELDS = ("prompt",)
+
+
+class DataError(ValueError):
+    """A data file or record that cannot be used; the message says where and why."""
+
+
+# --- the corpus ---------------------------------------------------------------
+
+def builtin_corpus_path() -> Path:
+    """The folder of the ten Shakespeare plays that ship with minirlhf."""
+    return Path(__file__).resolve().parent / "data" / "shakespeare"
+
+
+def load_text(path=None) -> str:
+    """The text of a corpus: a ``.txt`` file, a folder of them, or the built-in plays.
+
+    ``path=None`` means the built-in corpus. A folder contributes all its
+    ``*.txt`` files (not subfolders) in sorted filename order, joined with a
+    blank line, so the result never depends on the order the file system
+    lists them in.
+    """
+    path = builtin_corpus_path() if path is None else Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"corpus not found: {path}")
+
+    if path.is_dir():
+        files = sorted(p for p in path.glob("*.txt") if p.is_file())
+        if not files:
+            raise ValueError(f"corpus folder has no .txt files: {path}")
+    else:
+        files = [path]
+
+    texts = []
+    for file in files:
+        text = _read_utf8(file)
+        if not text.strip():
+            raise ValueError(f"corpus file is empty (or only whitespace): {file}")
+        texts.append(text)
+    return "\n\n".join(texts)
+
+
+def _read_utf8(file: Path) -> str:
+    """The file's text, or a ValueError naming the file and the first bad byte."""
+    data = file.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{file} is not UTF-8 text: byte 0x{data[err.start]:02x} at offset "
+            f"{err.start} ({err.reason}); re-save it as UTF-8"
+        ) from None
+
+
+def encode_corpus(text: str, tokenizer=None) -> np.ndarray:
+    """The whole text as one 1-D int64 array of token ids (no specials added)."""
+    tokenizer = ByteTokenizer() if tokenizer is None else tokenizer
+    return np.asarray(tokenizer.encode(text), dtype=np.int64)
+
+
+def train_val_split(tokens, val_fraction: float = 0.1):
+    """Split a token array into ``(train, val)``: the first part and the last part.
+
+    The split is a cut, not a shuffle: the last ``round(len * val_fraction)``
+    tokens are the validation set, the rest the training set. A cut is
+    deterministic, keeps every training window out of the validation text
+    (random windows would straddle a shuffled boundary) and, on the built-in
+    corpus, holds out the end of the last play in sorted order (Twelfth Night)
+    -- text the model has never seen. Both parts are views of ``tokens``.
+
+    Each part needs at least 2 tokens, one input and its next-token target.
+    """
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1:
+        raise ValueError(f"tokens must be a 1-D array, got shape {tokens.shape}")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be strictly between 0 and 1, got {val_fraction}")
+
+    n = len(tokens)
+    n_val = int(round(n * val_fraction))
+    n_train = n - n_val
+    if n_train < 2 or n_val < 2:
+        raise ValueError(
+            f"corpus of {n} tokens is too short to split with val_fraction={val_fraction}: "
+            f"train would get {n_train} and validation {n_val} tokens, and each needs at least 2"
+        )
+    return tokens[:n_train], tokens[n_train:]
+
+
+def get_batch(tokens, block_size: int, batch_size: int, rng: np.random.Generator):
+    """``batch_size`` random windows of the corpus: inputs ``x`` and targets ``y``.
+
+    Returns two int64 arrays of shape ``(batch_size, block_size)`` with
+    ``y[b, t] == x[b, t + 1]`` inside a window: ``y`` is the next token at each
+    position. Window starts are drawn uniformly from ``rng``, so the same seed
+    gives the same batches.
+    """
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1:
+        raise ValueError(f"tokens must be a 1-D array, got shape {tokens.shape}")
+    if block_size < 1 or batch_size < 1:
+        raise ValueError(
+            f"block_size and batch_size must be >= 1, got {block_size} and {batch_size}")
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(
+            f"rng must be a numpy.random.Generator (np.random.default_rng(seed)), "
+            f"got {type(rng).__name__}"
+        )
+    if len(tokens) < block_size + 1:
+        raise ValueError(
+            f"data has {len(tokens)} tokens, too few for block_size={block_size}: "
+            f"a window needs block_size + 1 = {block_size + 1} tokens (inputs plus one target)"
+        )
+
+    # A start s is valid while s + block_size (the last target) is in range.
+    starts = rng.integers(0, len(tokens) - block_size, size=batch_size)
+    index = starts[:, None] + np.arange(block_size)                  # (B, T)
+    x = tokens[index].astype(np.int64)
+    y = tokens[index + 1].astype(np.int64)
+    return x, y
+
+
+class TextDataset:
+    """A token array seen as every window of ``block_size + 1`` tokens.
+
+    ``dataset[i]`` is the window starting at token i as ``(x, y)``; ``len``
+    counts the windows; ``get_batch`` samples random ones.
+    """
+
+    def __init__(self, tokens, block_size: int):
+        self.tokens = np.asarray(tokens, dtype=np.int64)
+        self.block_size = block_size
+        if self.tokens.ndim != 1:
+            raise ValueError(f"tokens must be a 1-D array, got shape {self.tokens.shape}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if len(self.tokens) < block_size + 1:
+            raise ValueError(
+                f"data has {len(self.tokens)} tokens, too few for block_size={block_size}: "
+                f"a window needs {block_size + 1}"
+            )
+
+    def __len__(self):
+        return len(self.tokens) - self.block_size
+
+    def __getitem__(self, i):
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"window {i} out of range for {len(self)} windows")
+        i = i % len(self)
+        window = self.tokens[i:i + self.block_size + 1]
+        return window[:-1], window[1:]
+
+    def get_batch(self, batch_size: int, rng: np.random.Generator):
+        return get_batch(self.tokens, self.block_size, batch_size, rng)
+
+
+# --- JSONL records --------------------------------------------------------------
+
+def load_jsonl(path, fields) -> list[dict]:
+    """The records of a JSONL file, each checked to have ``fields`` as strings.
+
+    One JSON object per line; blank lines are skipped. Records are returned
+    whole (extra fields are kept but not checked). Any problem raises a
+    ``DataError`` naming the file and the 1-based line, so a bad line in a
+    100k-line file takes seconds to find.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"dataset not found: {path}")
+    if path.is_dir():
+        raise DataError(f"{path} is a folder; expected a .jsonl file")
+
+    records = []
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            where = f"{path}, line {line_no}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(
+                    f"{where}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+            if line_no == 1:
+                line = line.lstrip("\ufeff")       # editors on Windows add a byte-order mark
+            if not line.strip():
+                continue
+
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: not valid JSON: {err}") from None
+            if not isinstance(record, dict):
+                raise DataError(
+                    f"{where}: expected a JSON object with fields {', '.join(fields)}, "
+                    f"got {_json_type(record)}"
+                )
+            for field in fields:
+                _check_field(record, field, where)
+            records.append(record)
+
+    if not records:
+        raise DataError(f"{path}: no records (the file is empty or has only blank lines)")
+    return records
+
+
+def _check_field(record: dict, field: str, where: str):
+    if field not in record:
+        present = ", ".join(record) or "no fields"
+        raise DataError(f"{where}: missing field '{field}' (the record has: {present})")
+    value = record[field]
+    if not isinstance(value, str):
+        hint = ""
+        if isinstance(value, list):
+            hint = (" (the conversational format, a list of messages, "
+                    "is not supported; use plain text)")
+        raise DataError(
+            f"{where}: field '{field}' must be a string, got {_json_type(value)}{hint}")
+
+
+def _json_type(value) -> str:
+    """The JSON name of a parsed value's type, as a user wrote it in the file."""
+    names = {dict: "object", list: "array", str: "string", bool: "boolean",
+             int: "number", float: "number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def load_sft(path) -> list[dict]:
+    """SFT records: ``{"prompt": str, "completion": str}`` per line."""
+    return load_jsonl(path, SFT_FIELDS)
+
+
+def load_preferences(path) -> list[dict]:
+    """Preference records: ``{"prompt": str, "chosen": str, "rejected": str}`` per line."""
+    return load_jsonl(path, PREFERENCE_FIELDS)
+
+
+def load_prompts(path) -> list[dict]:
+    """RL prompt records: ``{"prompt": str}`` per line."""
+    return load_jsonl(path, PROMPT_FIELDS)
+
+
+# --- rows, padding and masks ----------------------------------------------------------
+
+def encode_prompt_completion(tokenizer, prompt: str, completion: str, block_size: int,
+                             add_eot: bool = True):
+    """One training row ``[EOT] + prompt + completion (+ [EOT])`` and its prompt length.
+
+    Returns ``(ids, n_prompt)``: ``ids[:n_prompt]`` is the prompt part
+    (leading start token included, so ``n_prompt >= 1``) and
+    ``ids[n_prompt:]`` the completion part (final EOT included). If the row
+    is longer than ``block_size``, the prompt part loses tokens from its
+    left (the start token first) until it fits. If the completion part
+    alone leaves no room for even one prompt token, that is an error.
+    """
+    if block_size < 2:
+        raise ValueError(
+            f"block_size must be >= 2 (one prompt token and one completion token), "
+            f"got {block_size}")
+
+    prompt_ids = [EOT] + tokenizer.encode(prompt)
+    completion_ids = tokenizer.encode(completion) + ([EOT] if add_eot else [])
+    if not completion_ids:
+        raise DataError(
+            "empty completion with add_eot=False: the row has no token to learn or score")
+    if len(completion_ids) > block_size - 1:
+        raise DataError(
+            f"completion is {len(completion_ids)} tokens"
+            f"{' (end-of-text included)' if add_eot else ''} "
+            f"but the context is {block_size} tokens, "
+            f"and at least one prompt token must come before it; "
+            f"shorten the completion or raise block_size"
+        )
+
+    room = block_size - len(completion_ids)
+    prompt_ids = prompt_ids[-room:]
+    return prompt_ids + completion_ids, len(prompt_ids)
+
+
+def encode_prompt(tokenizer, prompt: str, block_size: int, max_new_tokens: int) -> list[int]:
+    """``[EOT] + prompt``, cut from the left to leave room for ``max_new_tokens``.
+
+    Generation appends up to ``max_new_tokens`` tokens, and the model cannot
+    look at more than ``block_size`` positions, so the prompt may keep at most
+    ``block_size - max_new_tokens`` of its last tokens.
+    """
+    room = block_size - max_new_tokens
+    if max_new_tokens < 0 or room < 1:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} leaves no room for the prompt in a context of "
+            f"{block_size} tokens; it must be between 0 and {block_size - 1}"
+        )
+    return ([EOT] + tokenizer.encode(prompt))[-room:]
+
+
+def collate(batch, pad_id: int = PAD, pad_to: int | None = None) -> dict:
+    """Pad rows of ``(ids, n_prompt)`` on the right into NumPy arrays with masks.
+
+    Returns a dict of arrays, with ``T`` the longest row (or ``pad_to``):
+
+    * ``input_ids``       (B, T) int64: the rows, padded with ``pad_id``
+    * ``completion_mask`` (B, T) float32: 1 where ``n_prompt <= t < length``,
+      i.e. exactly the completion tokens, final EOT included
+    * ``attention_mask``  (B, T) float32: 1 for real tokens, 0 for padding
+    * ``lengths``         (B,) int64: tokens in each row before padding
+    * ``prompt_lengths``  (B,) int64: ``n_prompt`` of each row
+
+    The log-prob of token t comes from the logits at position t-1: use
+    ``logits[:, :-1]`` against ``input_ids[:, 1:]`` weighted by
+    ``completion_mask[:, 1:]``. ``completion_mask[:, 0]`` is always 0 because
+    every row has at least one prompt token, so nothing is lost by the shift.
+    A reward model reads its score at position ``lengths - 1``, the last real
+    token.
+    """
+    batch = list(batch)
+    if not batch:
+        raise ValueError("collate needs at least one row, got an empty batch")
+
+    lengths = np.array([len(ids) for ids, _ in batch], dtype=np.int64)
+    prompt_lengths = np.array([n_prompt for _, n_prompt in batch], dtype=np.int64)
+    for b, (length, n_prompt) in enumerate(zip(lengths, prompt_lengths)):
+        if not 1 <= n_prompt <= length:
+            raise ValueError(
+                f"row {b}: n_prompt={n_prompt} must be between 1 and the row length {length} "
+                f"(the first completion token needs a position before it)"
+            )
+
+    width = int(lengths.max()) if pad_to is None else pad_to
+    if width < lengths.max():
+        raise ValueError(
+            f"pad_to={pad_to} is shorter than the longest row ({lengths.max()} tokens)")
+
+    input_ids = np.full((len(batch), width), pad_id, dtype=np.int64)
+    for b, (ids, _) in enumerate(batch):
+        input_ids[b, :len(ids)] = ids
+
+    positions = np.arange(width)[None, :]                           # (1, T)
+    attention_mask = (positions < lengths[:, None]).astype(np.float32)
+    completion_mask = ((positions >= prompt_lengths[:, None])
+                       & (positions < lengths[:, None])).astype(np.float32)
+    return {
+        "input_ids": input_ids,
+        "completion_mask": completion_mask,
+        "attention_mask": attention_mask,
+        "lengths": lengths,
+        "prompt_lengths": prompt_lengths,
+    }
+
+
+def iterate_minibatches(items, batch_size: int, rng: np.random.Generator,
+                        epochs: int | None = 1, shuffle: bool = True, drop_last: bool = False):
+    """Yield lists of ``batch_size`` items, reshuffled with ``rng`` at each epoch.
+
+    ``epochs=None`` goes on forever, which suits trainers that count steps:
+    ``batches = iterate_minibatches(records, 8, rng, epochs=None)`` then
+    ``next(batches)`` at each step. The last batch of an epoch may be smaller
+    unless ``drop_last`` is set.
+    """
+    items = list(items)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not items:
+        raise ValueError("cannot make minibatches from an empty list")
+    if drop_last and len(items) < batch_size:
+        raise ValueError(
+            f"drop_last with {len(items)} items and batch_size={batch_size} yields nothing")
+
+    epoch = 0
+    while epochs is None or epoch < epochs:
+        order = rng.permutation(len(items)) if shuffle else np.arange(len(items))
+        for start in range(0, len(items), batch_size):
+            chunk = order[start:start + batch_size]
+            if drop_last and len(chunk) < batch_size:
+                break
+            yield [items[i] for i in chunk]
+        epoch += 1

@@ -1,0 +1,294 @@
+"""Fused, numerically stable ops with hand-derived backward passes.
+
+Each could be composed from the primitives in `ops.py`, but composing them would overflow (``exp``
+of a logit of 1e4), keep many temporaries alive for backward, and be slow. Here each is one node whose
+backward is written from its derivative, stated in the docstring, and checked by `gradcheck`.
+
+    import minirlhf.functional as F
+"""
+
+import math
+
+from . import backend
+from .ops import as_tensor, stable_sigmoid
+from .tensor import Function, Tensor
+
+# ===================================================================================================
+# softmax family
+
+
+def _log_softmax(x, axis):
+    """log softmax of a raw array, shifting by the max so ``exp`` never overflows."""
+    xp = backend.get_array_module(x)
+    shifted = x - x.max(axis=axis, keepdims=True)
+    return shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+
+
+class Softmax(Function):
+    def __init__(self, axis):
+        self.axis = axis
+
+    def forward(self, x):
+        xp = backend.get_array_module(x)
+        e = xp.exp(x - x.max(axis=self.axis, keepdims=True))
+        self.y = e / e.sum(axis=self.axis, keepdims=True)
+        return self.y
+
+    def backward(self, gy):
+        """y = softmax(x)  ->  gx = y ⊙ (gy - Σ_j gy_j y_j)."""
+        y = self.y
+        return (y * (gy - (gy * y).sum(axis=self.axis, keepdims=True)),)
+
+
+class LogSoftmax(Function):
+    def __init__(self, axis):
+        self.axis = axis
+
+    def forward(self, x):
+        self.y = _log_softmax(x, self.axis)
+        return self.y
+
+    def backward(self, gy):
+        """y = x - logsumexp(x)  ->  gx = gy - softmax(x) · Σ_j gy_j."""
+        xp = backend.get_array_module(gy)
+        return (gy - xp.exp(self.y) * gy.sum(axis=self.axis, keepdims=True),)
+
+
+def softmax(x, axis=-1):
+    return Softmax(axis)(x)
+
+
+def log_softmax(x, axis=-1):
+    return LogSoftmax(axis)(x)
+
+
+class CrossEntropy(Function):
+    def __init__(self, targets, ignore_index, reduction):
+        self.targets, self.ignore_index, self.reduction = targets, ignore_index, reduction
+
+    def forward(self, logits):
+        xp = backend.get_array_module(logits)
+        V = logits.shape[-1]
+        flat = logits.reshape(-1, V)                                  # (N, V)
+        t = self.targets.reshape(-1)                                  # (N,)
+        self.valid = t != self.ignore_index
+        safe_t = xp.where(self.valid, t, 0)
+        logp = _log_softmax(flat, axis=-1)                            # (N, V)
+        nll = -logp[xp.arange(t.shape[0]), safe_t] * self.valid       # (N,)
+        self.logp, self.safe_t, self.shape = logp, safe_t, logits.shape
+        if self.reduction == "none":
+            return nll.reshape(self.targets.shape)
+        if self.reduction == "sum":
+            return nll.sum()
+        self.count = int(self.valid.sum())
+        return nll.sum() / self.count  # nan when every target is ignored, as in PyTorch
+
+    def backward(self, gy):
+        """L_i = -log softmax(z_i)[t_i]  ->  ∂L_i/∂z_i = softmax(z_i) - onehot(t_i); 0 if ignored.
+
+        With the mean over the N valid rows, each row's gradient is also divided by N.
+        """
+        xp = backend.get_array_module(gy)
+        g = xp.exp(self.logp)                                         # softmax, (N, V)
+        g[xp.arange(g.shape[0]), self.safe_t] -= 1
+        if self.reduction == "none":
+            scale = gy.reshape(-1, 1) * self.valid[:, None]
+        elif self.reduction == "sum":
+            scale = gy * self.valid[:, None]
+        else:
+            scale = (gy / self.count) * self.valid[:, None]
+        return ((g * scale).reshape(self.shape),)
+
+
+def cross_entropy(logits, targets, ignore_index=-100, reduction="mean"):
+    """Cross-entropy of ``logits`` (..., V) against integer ``targets`` (...).
+
+    Rows whose target equals ``ignore_index`` contribute nothing (not even to the mean's count).
+    ``reduction``: "mean" over the kept rows, "sum", or "none" (one loss per row).
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    xp = backend.get_array_module(logits.data)
+    t = targets.data if isinstance(targets, Tensor) else xp.asarray(targets)
+    if t.dtype.kind not in "iu":
+        raise TypeError(f"cross_entropy: targets must be integers, got dtype {t.dtype}")
+    if t.shape != logits.shape[:-1]:
+        raise ValueError(f"cross_entropy: targets of shape {tuple(t.shape)} do not match logits of "
+                         f"shape {logits.shape} (expected {logits.shape[:-1]})")
+    _check_ids(t, logits.shape[-1], "cross_entropy: target", ignore=ignore_index)
+    return CrossEntropy(t, ignore_index, reduction)(logits)
+
+
+def _check_ids(ids, n, what, ignore=None):
+    """Refuse ids outside [0, n): CuPy would silently wrap them around instead of failing."""
+    if ids.size == 0:
+        return
+    bad = (ids < 0) | (ids >= n)
+    if ignore is not None:
+        bad &= ids != ignore
+    if bool(bad.any()):
+        value = int(ids[bad].reshape(-1)[0])
+        raise IndexError(f"{what} {value} is out of range for size {n}")
+
+
+# ===================================================================================================
+# sigmoid family
+
+
+class LogSigmoid(Function):
+    def forward(self, x):
+        xp = backend.get_array_module(x)
+        self.x = x
+        # log σ(x) = min(x, 0) - log(1 + e^-|x|): no overflow for any x
+        return xp.minimum(x, 0) - xp.log1p(xp.exp(-xp.abs(x)))
+
+    def backward(self, gy):
+        """y = log σ(x)  ->  gx = gy · (1 - σ(x)) = gy · σ(-x)."""
+        return (gy * stable_sigmoid(-self.x),)
+
+
+def logsigmoid(x):
+    return LogSigmoid()(x)
+
+
+def sigmoid(x):
+    return x.sigmoid()
+
+
+# ===================================================================================================
+# layers
+
+
+class LayerNorm(Function):
+    def __init__(self, eps):
+        self.eps = eps
+
+    def forward(self, x, weight, bias):
+        xp = backend.get_array_module(x)
+        mu = x.mean(axis=-1, keepdims=True)
+        xc = x - mu
+        var = (xc * xc).mean(axis=-1, keepdims=True)
+        self.rstd = 1 / xp.sqrt(var + x.dtype.type(self.eps))
+        self.xhat = xc * self.rstd
+        self.weight = weight
+        return self.xhat * weight + bias
+
+    def backward(self, gy):
+        """y = x̂ w + b, x̂ = (x - μ) / sqrt(σ² + eps), over the last axis of size C:
+
+        gw = Σ_rows gy x̂,  gb = Σ_rows gy,
+        gx = rstd · (g - mean(g) - x̂ · mean(g x̂))  with g = gy w.
+        """
+        xhat, C = self.xhat, self.xhat.shape[-1]
+        rows = tuple(range(gy.ndim - 1))
+        gw = (gy * xhat).sum(axis=rows)
+        gb = gy.sum(axis=rows)
+        g = gy * self.weight
+        gx = self.rstd * (g - g.mean(axis=-1, keepdims=True)
+                          - xhat * ((g * xhat).sum(axis=-1, keepdims=True) / C))
+        return gx, gw, gb
+
+
+def layer_norm(x, weight, bias, eps=1e-5):
+    """Normalise the last axis to zero mean and unit variance, then scale and shift."""
+    C = x.shape[-1]
+    if weight.shape != (C,) or bias.shape != (C,):
+        raise ValueError(f"layer_norm: weight {weight.shape} and bias {bias.shape} must both have "
+                         f"shape ({C},) for input of shape {x.shape}")
+    return LayerNorm(eps)(x, weight, bias)
+
+
+_GELU_C = math.sqrt(2 / math.pi)
+
+
+class GELU(Function):
+    def forward(self, x):
+        xp = backend.get_array_module(x)
+        self.x = x
+        self.t = xp.tanh(x.dtype.type(_GELU_C) * (x + x.dtype.type(0.044715) * x * x * x))
+        return 0.5 * x * (1 + self.t)
+
+    def backward(self, gy):
+        """y = ½ x (1 + tanh u),  u = √(2/π) (x + 0.044715 x³):
+
+        dy/dx = ½ (1 + tanh u) + ½ x (1 - tanh² u) √(2/π) (1 + 3 · 0.044715 x²).
+        """
+        x, t = self.x, self.t
+        du = x.dtype.type(_GELU_C) * (1 + x.dtype.type(3 * 0.044715) * x * x)
+        return (gy * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * du),)
+
+
+def gelu(x):
+    """GELU in the tanh approximation that GPT-2 uses."""
+    return GELU()(x)
+
+
+class Embedding(Function):
+    def __init__(self, ids):
+        self.ids = ids
+
+    def forward(self, weight):
+        self.num_rows = weight.shape[0]
+        return weight[self.ids]
+
+    def backward(self, gy):
+        """y[i] = W[ids[i]]  ->  gW[v] = Σ_{i: ids[i] = v} gy[i] (rows of repeated ids add up)."""
+        C = gy.shape[-1]
+        gw = backend.rows_scatter_add(self.num_rows, self.ids.reshape(-1), gy.reshape(-1, C))
+        return (gw,)
+
+
+def embedding(ids, weight):
+    """Rows of ``weight`` (V, C) picked by integer ``ids`` (...): the result has shape (..., C)."""
+    xp = backend.get_array_module(weight.data)
+    ids = ids.data if isinstance(ids, Tensor) else xp.asarray(ids)
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"embedding: ids must be integers, got dtype {ids.dtype}")
+    _check_ids(ids, weight.shape[0], "embedding: id")
+    return Embedding(ids)(weight)
+
+
+# ===================================================================================================
+# attention
+
+
+class CausalAttention(Function):
+    def forward(self, q, k, v):
+        xp = backend.get_array_module(q)
+        Tq, Tk, hs = q.shape[-2], k.shape[-2], q.shape[-1]
+        self.scale = q.dtype.type(1 / math.sqrt(hs))
+        att = (q @ xp.swapaxes(k, -1, -2)) * self.scale              # (B, nh, Tq, Tk)
+        # query i sits at absolute position Tk - Tq + i (later than every cached key)
+        future = xp.triu(xp.ones((Tq, Tk), dtype=bool), k=Tk - Tq + 1)
+        att[..., future] = -xp.inf
+        att -= att.max(axis=-1, keepdims=True)
+        xp.exp(att, out=att)
+        att /= att.sum(axis=-1, keepdims=True)                       # softmax, in place
+        self.q, self.k, self.v, self.att = q, k, v, att
+        return att @ v                                               # (B, nh, Tq, hs)
+
+    def backward(self, gy):
+        """y = P v,  P = softmax(s),  s = q kᵀ / √hs with future keys masked out:
+
+        gv = Pᵀ gy,  gP = gy vᵀ,  gs = P ⊙ (gP - Σ_j gP_j P_j),  gq = gs k / √hs,  gk = gsᵀ q / √hs.
+        """
+        xp = backend.get_array_module(gy)
+        P = self.att
+        gv = xp.swapaxes(P, -1, -2) @ gy
+        gP = gy @ xp.swapaxes(self.v, -1, -2)
+        gs = P * (gP - (gP * P).sum(axis=-1, keepdims=True))
+        gs *= self.scale
+        gq = gs @ self.k
+        gk = xp.swapaxes(gs, -1, -2) @ self.q
+        return gq, gk, gv
+
+
+def causal_attention(q, k, v):
+    """softmax(q kᵀ / √hs + causal mask) v for q (..., Tq, hs) and k, v (..., Tk, hs), Tq <= Tk.
+
+    With a KV cache the Tq new queries are the last Tq positions of the Tk keys.
+    """
+    if q.shape[-2] > k.shape[-2] or k.shape != v.shape or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"causal_attention: q {q.shape}, k {k.shape}, v {v.shape} do not fit "
+                         "(need Tq <= Tk, k and v of one shape, one head size)")
+    return CausalAttention()(as_tensor(q), as_tensor(k), as_tensor(v))
