@@ -110,8 +110,9 @@ def train_val_split(tokens, val_fraction: float = 0.1):
     tokens are the validation set, the rest the training set. A cut is
     deterministic, keeps every training window out of the validation text
     (random windows would straddle a shuffled boundary) and, on the built-in
-    corpus, holds out the end of the last play in sorted order (Twelfth Night)
-    -- text the model has never seen. Both parts are views of ``tokens``.
+    corpus with the default fraction, holds out all of Twelfth Night and the
+    end of The Tempest (the last plays in sorted order) -- whole scenes the
+    model has never seen. Both parts are views of ``tokens``.
 
     Each part needs at least 2 tokens, one input and its next-token target.
     """
