@@ -241,6 +241,7 @@ def load_jsonl(path, fields) -> list[dict]:
                 )
             for field in fields:
                 _check_field(record, field, where)
+            record.setdefault("_line", line_no)     # so later errors can point at the line
             records.append(record)
 
     if not records:

@@ -1,0 +1,165 @@
+"""What every trainer shares: the run folder, JSON-lines metrics, the progress bar, validation of
+settings, and moving NumPy batches to the device.
+
+A run folder holds ``metrics.jsonl`` (one JSON object per logged step, metric names as TRL logs them)
+and the checkpoints, written atomically by `minirlhf.checkpoint`.
+"""
+
+import json
+import math
+import sys
+import time
+from dataclasses import field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .. import backend
+from ..tensor import Tensor
+
+
+def opt(default, help, **extra):
+    """A config field with its command-line help (``choices=[...]`` restricts its values)."""
+    return field(default=default, metadata={"help": help, **extra})
+
+
+class ConfigError(ValueError):
+    """An impossible setting; the message names it and says what would be valid."""
+
+
+def require(condition, message):
+    """Raise `ConfigError(message)` unless ``condition``: one line per impossible setting."""
+    if not condition:
+        raise ConfigError(message)
+
+
+def check_common(cfg):
+    """Checks shared by the trainers' configs (each field only if the config has it)."""
+    backend.check_device(cfg.device)
+    for name in ("max_steps", "batch_size"):
+        if hasattr(cfg, name):
+            require(getattr(cfg, name) >= 1, f"{name} must be at least 1, got {getattr(cfg, name)}")
+    if hasattr(cfg, "lr"):
+        require(cfg.lr > 0, f"lr must be positive, got {cfg.lr}")
+    if hasattr(cfg, "beta"):
+        require(cfg.beta > 0, f"beta must be positive, got {cfg.beta}")
+
+
+def to_device(array, device, dtype=None):
+    """A NumPy batch array as a Tensor on ``device`` (no gradient)."""
+    t = Tensor(array if dtype is None else array.astype(dtype))
+    return t.to(device)
+
+
+class RunLog:
+    """Metrics of a run: one JSON line per logged step in ``out_dir/metrics.jsonl``, a progress bar.
+
+        log = RunLog(out_dir, total_steps, desc="sft")
+        log.step(step, {"loss": 1.23})          # writes {"step": 1, "loss": 1.23, "time": ...}
+        log.close()
+    """
+
+    def __init__(self, out_dir, total_steps, desc, quiet=False, resume=False):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.out_dir / "metrics.jsonl"
+        self.file = open(self.path, "a" if resume else "w", encoding="utf-8")
+        self.start = time.time()
+        self.bar = tqdm(total=total_steps, desc=desc, disable=quiet or None, dynamic_ncols=True,
+                        file=sys.stderr, leave=False)
+        self.quiet = quiet
+
+    def step(self, step, metrics, advance=1):
+        """Record one step's metrics (floats) and advance the bar."""
+        row = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()},
+               "time": round(time.time() - self.start, 3)}
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        shown = {k: f"{v:.4g}" for k, v in row.items() if isinstance(v, float) and k != "time"}
+        self.bar.set_postfix(shown, refresh=False)
+        self.bar.update(advance)
+        return row
+
+    def print(self, text):
+        """A message that does not break the progress bar."""
+        if not self.quiet:
+            tqdm.write(text, file=sys.stderr)
+
+    def close(self):
+        self.bar.close()
+        self.file.close()
+
+
+def _jsonable(v):
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def config_summary(cfg):
+    """The settings of a run as one readable block (printed at start: runs are reproducible)."""
+    items = vars(cfg) if not hasattr(cfg, "__dataclass_fields__") else {
+        k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
+    width = max(len(k) for k in items)
+    return "\n".join(f"  {k:<{width}} = {v}" for k, v in items.items())
+
+
+
+# ----- pieces of the fine-tuning stages --------------------------------------------------------------
+
+def load_policy(path, device):
+    """A GPT from a checkpoint (pretrain, sft, rl or dpo), on ``device``."""
+    from ..checkpoint import load_model
+    from ..model import GPT
+
+    model = load_model(path, device)
+    require(isinstance(model, GPT), f"{path} holds a {type(model).__name__}, not a GPT policy")
+    return model
+
+
+def encode_rows(records, tokenizer, block_size, completion_field, path):
+    """``(ids, n_prompt)`` rows of ``[EOT] + prompt + record[completion_field] + [EOT]``.
+
+    A completion that cannot fit the context is an error naming the file and line.
+    """
+    from ..datasets import DataError, encode_prompt_completion
+
+    rows = []
+    for r in records:
+        try:
+            rows.append(encode_prompt_completion(tokenizer, r["prompt"], r[completion_field], block_size))
+        except DataError as e:
+            raise DataError(f"{path}, line {r.get('_line', '?')}: field '{completion_field}': {e}") from None
+    return rows
+
+
+def split_holdout(items, fraction, rng):
+    """(train, held-out) with ``fraction`` of the items held out at random (at least 1 if any)."""
+    require(0 <= fraction < 1, f"val_fraction must be in [0, 1), got {fraction}")
+    items = list(items)
+    n_val = int(round(len(items) * fraction))
+    if fraction > 0 and len(items) > 1:
+        n_val = max(n_val, 1)
+    order = rng.permutation(len(items))
+    held = [items[i] for i in order[:n_val]]
+    train = [items[i] for i in order[n_val:]]
+    require(train, f"no training examples left after holding out {n_val} of {len(items)}")
+    return train, held
+
+
+def optimise(model, optimizer, loss, grad_clip):
+    """One update: zero the gradients, backpropagate ``loss``, clip, step. Returns the grad norm."""
+    from ..optim import clip_grad_norm_
+
+    optimizer.zero_grad()
+    loss.backward()
+    norm = clip_grad_norm_(model.parameters(), grad_clip) if grad_clip else None
+    optimizer.step()
+    return norm
+
+
+def means(rows):
+    """Average a list of metric dicts key by key."""
+    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]} if rows else {}

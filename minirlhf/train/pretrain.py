@@ -1,0 +1,156 @@
+"""Step 0 of the lecture: pretraining, "learn the probabilities of the next token".
+
+Minimise the average next-token cross-entropy over random windows x of a corpus,
+
+    L(θ) = -1/(B·T) Σ_b Σ_t log p_θ(x_{t+1} | x_≤t),
+
+with AdamW, a linear warm-up and a cosine decay. The loss is in nats per byte (the tokenizer is
+byte-level), so ``exp(loss)`` is the per-byte perplexity and ``loss / ln 2`` bits per byte.
+"""
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import functional as F
+from ..checkpoint import load_checkpoint, rng_from_state, save_checkpoint
+from ..datasets import encode_corpus, get_batch, load_text, train_val_split
+from ..model import GPT, GPTConfig, generate
+from ..optim import AdamW, clip_grad_norm_, lr_schedule, param_groups
+from ..tensor import no_grad
+from ..tokenizer import ByteTokenizer
+from .common import RunLog, check_common, config_summary, opt, require, to_device
+
+
+@dataclass
+class PretrainConfig:
+    data: str | None = opt(None, "a .txt file or a folder of them; default: the built-in Shakespeare")
+    out_dir: str = opt("runs/pretrain", "where metrics.jsonl and checkpoints go")
+    n_layer: int = opt(4, "transformer blocks")
+    n_head: int = opt(4, "attention heads")
+    n_embd: int = opt(128, "width of the residual stream")
+    block_size: int = opt(128, "context length in tokens (bytes)")
+    dropout: float = opt(0.0, "dropout probability")
+    batch_size: int = opt(16, "windows per step")
+    max_steps: int = opt(3000, "optimisation steps")
+    lr: float = opt(3e-3, "peak learning rate")
+    min_lr: float = opt(3e-4, "learning rate at the end of the cosine decay")
+    warmup_steps: int = opt(100, "steps of linear warm-up")
+    weight_decay: float = opt(0.1, "AdamW's decoupled weight decay (weight matrices only)")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: no clipping)")
+    eval_interval: int = opt(250, "estimate the validation loss every N steps")
+    eval_batches: int = opt(8, "batches in each validation estimate")
+    sample_interval: int = opt(1000, "print a sample every N steps (0: never)")
+    ckpt_interval: int = opt(1000, "write a checkpoint every N steps (and at the end)")
+    seed: int = opt(1337, "seed of the weights and the batches")
+    device: str = opt("cpu", "cpu (NumPy) or cuda (CuPy)", choices=["cpu", "cuda"])
+    resume: bool = opt(False, "go on from out_dir/ckpt.npz if it exists")
+    quiet: bool = opt(False, "no progress bar or messages")
+
+
+def check(cfg):
+    check_common(cfg)
+    for name in ("n_layer", "n_head", "n_embd", "block_size", "eval_interval", "eval_batches",
+                 "ckpt_interval"):
+        require(getattr(cfg, name) >= 1, f"{name} must be at least 1, got {getattr(cfg, name)}")
+    require(cfg.n_embd % cfg.n_head == 0,
+            f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
+    require(0 <= cfg.dropout < 1, f"dropout must be in [0, 1), got {cfg.dropout}")
+    require(0 <= cfg.min_lr <= cfg.lr, f"min_lr must be in [0, lr], got {cfg.min_lr}")
+    require(cfg.warmup_steps >= 0, f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
+    require(cfg.sample_interval >= 0, f"sample_interval must be >= 0, got {cfg.sample_interval}")
+
+
+def evaluate(model, tokens, cfg):
+    """Mean loss on ``eval_batches`` fixed, evenly spaced windows: the same windows every time."""
+    T, B = cfg.block_size, cfg.batch_size
+    n = cfg.eval_batches * B
+    starts = np.linspace(0, len(tokens) - T - 1, n).astype(np.int64)
+    losses = []
+    model.eval()
+    with no_grad():
+        for i in range(0, n, B):
+            s = starts[i:i + B]
+            x = np.stack([tokens[j:j + T] for j in s])                   # (B, T)
+            y = np.stack([tokens[j + 1:j + T + 1] for j in s])           # (B, T)
+            logits = model(to_device(x, cfg.device))                     # (B, T, V)
+            losses.append(F.cross_entropy(logits, to_device(y, cfg.device)).item())
+    model.train()
+    return float(np.mean(losses))
+
+
+def sample_text(model, tokenizer, prompt="\n", max_new_tokens=200, seed=0):
+    ids = [tokenizer.eot_id] + tokenizer.encode(prompt)
+    out = generate(model, [ids], max_new_tokens, temperature=0.8, top_k=40,
+                   eot_id=tokenizer.eot_id, seed=seed)
+    return prompt + tokenizer.decode(out.tokens[0])
+
+
+def pretrain(cfg):
+    """Train a GPT on a text corpus; returns {"checkpoint", "val_loss", "train_loss", "steps", "seconds"}."""
+    check(cfg)
+    tokenizer = ByteTokenizer()
+    text = load_text(cfg.data)
+    train_tokens, val_tokens = train_val_split(encode_corpus(text, tokenizer))
+    require(len(val_tokens) > cfg.block_size + 1,
+            f"the corpus is too short for block_size={cfg.block_size}: its validation part has "
+            f"{len(val_tokens)} tokens")
+
+    out = Path(cfg.out_dir)
+    ckpt_path = out / "ckpt.npz"
+    model_cfg = GPTConfig(block_size=cfg.block_size, vocab_size=tokenizer.vocab_size,
+                          n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                          dropout=cfg.dropout)
+    model = GPT(model_cfg, seed=cfg.seed).to(cfg.device)
+    optimizer = AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    data_rng = np.random.default_rng(cfg.seed + 1)
+    start = 0
+    if cfg.resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path, model, optimizer)
+        start = ckpt["step"]
+        data_rng = rng_from_state(ckpt["rng_state"]["data"])
+        model.dropout_rng = rng_from_state(ckpt["rng_state"]["dropout"])
+
+    log = RunLog(out, cfg.max_steps, "pretrain", quiet=cfg.quiet, resume=cfg.resume and start > 0)
+    log.print(f"pretrain: {model.num_parameters():,} parameters, {len(train_tokens):,} training "
+              f"tokens, starting at step {start}\n{config_summary(cfg)}")
+    log.bar.update(start)
+
+    def save(step):
+        save_checkpoint(ckpt_path, model, model_cfg, optimizer, step=step,
+                        rng_state={"data": data_rng, "dropout": model.dropout_rng},
+                        extra={"stage": "pretrain", "settings": asdict(cfg)})
+
+    t0, loss, val_loss = time.time(), float("nan"), None
+    for step in range(start, cfg.max_steps):
+        optimizer.lr = lr_schedule(step + 1, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr)
+        x, y = get_batch(train_tokens, cfg.block_size, cfg.batch_size, data_rng)
+        logits = model(to_device(x, cfg.device))                     # (B, T, V)
+        loss_t = F.cross_entropy(logits, to_device(y, cfg.device))
+        optimizer.zero_grad()
+        loss_t.backward()
+        grad_norm = clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
+        optimizer.step()
+        loss = loss_t.item()
+
+        metrics = {"loss": loss, "lr": optimizer.lr}
+        if grad_norm is not None:
+            metrics["grad_norm"] = grad_norm
+        done = step + 1
+        if done % cfg.eval_interval == 0 or done == cfg.max_steps:
+            val_loss = evaluate(model, val_tokens, cfg)
+            metrics["val_loss"] = val_loss
+            log.print(f"step {done}: train loss {loss:.4f}, val loss {val_loss:.4f} nats/byte")
+        log.step(done, metrics)
+        if cfg.sample_interval and done % cfg.sample_interval == 0:
+            log.print("--- sample ---\n" + sample_text(model, tokenizer, seed=done) + "\n--------------")
+        if done % cfg.ckpt_interval == 0 or done == cfg.max_steps:
+            save(done)
+    log.close()
+    if start >= cfg.max_steps:  # resumed a finished run: report it again
+        val_loss = evaluate(model, val_tokens, cfg)
+    return {"checkpoint": str(ckpt_path), "val_loss": val_loss, "train_loss": loss,
+            "steps": cfg.max_steps, "seconds": time.time() - t0}
+

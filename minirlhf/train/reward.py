@@ -1,0 +1,108 @@
+"""Step 2 of the lecture: learn a reward model from human preferences (Bradley-Terry).
+
+People compare two completions of a prompt; the Bradley-Terry model says y_w is preferred to y_l
+with probability σ(r(x, y_w) - r(x, y_l)). Maximum likelihood of the observed choices:
+
+    L_BT(φ) = -E_{(x, y_w, y_l)} log σ(r_φ(x, y_w) - r_φ(x, y_l))
+
+r_φ is the pretrained (or SFT) GPT trunk with a scalar head, read at the last token of x + y.
+Rewards are only defined up to a constant per prompt: only differences are ever observed.
+"""
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..checkpoint import save_checkpoint
+from ..datasets import collate, iterate_minibatches, load_preferences
+from ..losses import bt_loss
+from ..model import RewardModel
+from ..optim import AdamW, lr_schedule, param_groups
+from ..tensor import no_grad
+from ..tokenizer import ByteTokenizer
+from .common import (RunLog, check_common, config_summary, encode_rows, load_policy, means, opt,
+                     optimise, split_holdout, to_device)
+
+
+@dataclass
+class RewardConfig:
+    data: str = opt("", "JSONL of {\"prompt\", \"chosen\", \"rejected\"} records", required=True)
+    init: str = opt("runs/pretrain/ckpt.npz", "the GPT checkpoint whose trunk starts the reward model")
+    out_dir: str = opt("runs/reward", "where metrics.jsonl and ckpt.npz go")
+    batch_size: int = opt(16, "pairs per step")
+    max_steps: int = opt(300, "optimisation steps")
+    lr: float = opt(3e-4, "peak learning rate")
+    warmup_steps: int = opt(20, "steps of linear warm-up, then cosine decay to lr/10")
+    weight_decay: float = opt(0.0, "AdamW's decoupled weight decay")
+    grad_clip: float = opt(1.0, "clip the global gradient norm (0: no clipping)")
+    margin: float = opt(0.0, "ask r(chosen) - r(rejected) to exceed this margin")
+    val_fraction: float = opt(0.1, "share of the pairs held out to report val accuracy")
+    eval_interval: int = opt(100, "held-out accuracy every N steps")
+    seed: int = opt(0, "seed of the head and the batches")
+    device: str = opt("cpu", "cpu (NumPy) or cuda (CuPy)", choices=["cpu", "cuda"])
+    quiet: bool = opt(False, "no progress bar or messages")
+
+
+def score(rm, rows, device):
+    """Rewards (B,) of ``(ids, n_prompt)`` rows: the head read at each row's last real token."""
+    batch = collate(rows)
+    return rm(to_device(batch["input_ids"], device), batch["lengths"])
+
+
+def pair_loss(rm, pairs, cfg):
+    """Bradley-Terry loss of a batch of (chosen row, rejected row) pairs, scored in one pass."""
+    rewards = score(rm, [c for c, _ in pairs] + [r for _, r in pairs], cfg.device)   # (2B,)
+    B = len(pairs)
+    return bt_loss(rewards[:B], rewards[B:], margin=cfg.margin)
+
+
+def evaluate(rm, pairs, cfg):
+    rm.eval()
+    with no_grad():
+        rows = [pair_loss(rm, pairs[i:i + cfg.batch_size], cfg)
+                for i in range(0, len(pairs), cfg.batch_size)]
+    rm.train()
+    return means([{"loss": loss.item(), **m} for loss, m in rows])
+
+
+def reward(cfg):
+    """Train a reward model on preference pairs; returns {"checkpoint", "val_accuracy", ...}."""
+    check_common(cfg)
+    tokenizer = ByteTokenizer()
+    records = load_preferences(cfg.data)
+    gpt = load_policy(cfg.init, cfg.device)
+    block = gpt.config.block_size
+    pairs = list(zip(encode_rows(records, tokenizer, block, "chosen", cfg.data),
+                     encode_rows(records, tokenizer, block, "rejected", cfg.data)))
+    rng = np.random.default_rng(cfg.seed)
+    train_pairs, val_pairs = split_holdout(pairs, cfg.val_fraction, rng)
+    rm = RewardModel.from_gpt(gpt, seed=cfg.seed)
+    del gpt
+
+    optimizer = AdamW(param_groups(rm, cfg.weight_decay), lr=cfg.lr)
+    log = RunLog(cfg.out_dir, cfg.max_steps, "reward", quiet=cfg.quiet)
+    log.print(f"reward: {len(train_pairs)} training and {len(val_pairs)} held-out pairs from "
+              f"{cfg.data}\n{config_summary(cfg)}")
+    batches = iterate_minibatches(train_pairs, cfg.batch_size, rng, epochs=None)
+    t0, val = time.time(), {}
+    for step in range(1, cfg.max_steps + 1):
+        optimizer.lr = lr_schedule(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.lr / 10)
+        loss, metrics = pair_loss(rm, next(batches), cfg)
+        optimise(rm, optimizer, loss, cfg.grad_clip)
+        metrics = {"loss": loss.item(), **metrics, "lr": optimizer.lr}
+        if val_pairs and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
+            val = evaluate(rm, val_pairs, cfg)
+            metrics.update({f"val_{k}": v for k, v in val.items()})
+        log.step(step, metrics)
+    log.close()
+
+    path = Path(cfg.out_dir) / "ckpt.npz"
+    save_checkpoint(path, rm, rm.config, optimizer, step=cfg.max_steps,
+                    extra={"stage": "reward", "init": cfg.init, "settings": asdict(cfg)})
+    if val:
+        log.print(f"reward: held-out accuracy {val['accuracy']:.3f}, margin {val['margin']:.3f}; "
+                  f"checkpoint {path}")
+    return {"checkpoint": str(path), "val_accuracy": val.get("accuracy"),
+            "val_loss": val.get("loss"), "steps": cfg.max_steps, "seconds": time.time() - t0}

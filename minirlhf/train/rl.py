@@ -1,0 +1,209 @@
+"""Step 3 of the lecture: optimise the policy against the reward, held near the reference.
+
+    maximise  J(θ) = E_{x, y ~ p_θ(·|x)} [R(y|x)] - β · KL(p_θ(·|x) ‖ p_ref(·|x))
+
+with REINFORCE (the log-derivative trick, ∇E[f] = E[f ∇log p_θ]). Each step samples completions from
+the current policy, scores them, and follows
+
+    ∇J ≈ mean[(R̂(y) - b) ∇log p_θ(y|x)],   R̂(y) = R(y|x) - β·log(p_θ(y|x) / p_ref(y|x))
+
+where R̂ is treated as a constant and b is a baseline (`minirlhf.losses.reinforce_kl_loss`).
+The reference p_ref is the frozen starting policy (normally the SFT model). The reward R comes from
+a trained reward model or from any Python function ``(prompt, completion) -> float``.
+"""
+
+import importlib
+import importlib.util
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..backend import to_numpy
+from ..checkpoint import load_model, save_checkpoint
+from ..datasets import collate, encode_prompt, iterate_minibatches, load_prompts
+from ..logprobs import logprobs_from_logits, sequence_logprobs, token_entropy
+from ..losses import reinforce_kl_loss
+from ..model import RewardModel, generate
+from ..optim import AdamW, param_groups
+from ..tensor import no_grad
+from ..tokenizer import ByteTokenizer
+from .common import (ConfigError, RunLog, check_common, config_summary, load_policy, opt, optimise,
+                     require, to_device)
+
+
+class RewardFunctionError(RuntimeError):
+    """The user's reward function failed or returned something that is not a number."""
+
+
+@dataclass
+class RLConfig:
+    prompts: str = opt("", "JSONL of {\"prompt\"} records", required=True)
+    init: str = opt("runs/sft/ckpt.npz", "the policy to start from; also the frozen reference p_ref")
+    reward_model: str | None = opt(None, "a reward-model checkpoint (from `minirlhf reward`)")
+    reward_fn: str | None = opt(None, "or a reward function 'module:function' or 'file.py:function' "
+                                      "taking (prompt, completion) -> float")
+    out_dir: str = opt("runs/rl", "where metrics.jsonl and ckpt.npz go")
+    beta: float = opt(0.1, "β, the weight of the KL penalty")
+    baseline: str = opt("loo", "b: none, mean, or loo (leave-one-out over a prompt's samples)",
+                        choices=["none", "mean", "loo"])
+    prompts_per_step: int = opt(8, "prompts per step")
+    samples_per_prompt: int = opt(4, "completions sampled per prompt (loo needs 2 or more)")
+    max_new_tokens: int = opt(48, "longest completion, in tokens")
+    max_steps: int = opt(100, "optimisation steps")
+    lr: float = opt(1e-4, "learning rate")
+    grad_clip: float = opt(1.0, "clip the global gradient norm (0: no clipping)")
+    ckpt_interval: int = opt(50, "write a checkpoint every N steps (and at the end)")
+    seed: int = opt(0, "seed of the prompts and the sampling")
+    device: str = opt("cpu", "cpu (NumPy) or cuda (CuPy)", choices=["cpu", "cuda"])
+    quiet: bool = opt(False, "no progress bar or messages")
+
+
+def check(cfg):
+    check_common(cfg)
+    require((cfg.reward_model is None) != (cfg.reward_fn is None),
+            "give exactly one of --reward-model (a checkpoint) and --reward-fn (module:function)")
+    require(cfg.prompts_per_step >= 1, f"prompts_per_step must be at least 1, got {cfg.prompts_per_step}")
+    require(cfg.samples_per_prompt >= 1,
+            f"samples_per_prompt must be at least 1, got {cfg.samples_per_prompt}")
+    require(cfg.baseline != "loo" or cfg.samples_per_prompt >= 2,
+            "the leave-one-out baseline needs samples_per_prompt >= 2")
+    require(cfg.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {cfg.max_new_tokens}")
+    require(cfg.ckpt_interval >= 1, f"ckpt_interval must be at least 1, got {cfg.ckpt_interval}")
+
+
+def load_reward_fn(spec):
+    """``"package.module:function"`` or ``"path/to/file.py:function"`` -> the function."""
+    module_name, sep, fn_name = spec.rpartition(":")
+    require(sep and module_name and fn_name,
+            f"reward_fn must look like 'module:function' or 'file.py:function', got {spec!r}")
+    try:
+        if module_name.endswith(".py"):
+            require(Path(module_name).is_file(), f"reward_fn: no such file {module_name}")
+            loader_spec = importlib.util.spec_from_file_location("minirlhf_user_reward", module_name)
+            module = importlib.util.module_from_spec(loader_spec)
+            loader_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"reward_fn: cannot import {module_name!r}: {e}") from None
+    fn = getattr(module, fn_name, None)
+    require(callable(fn), f"reward_fn: {module_name} has no function {fn_name!r}")
+    return fn
+
+
+class Rewarder:
+    """R(y|x) for a batch of completions, from a reward model or a Python function."""
+
+    def __init__(self, cfg, tokenizer):
+        self.tokenizer, self.device = tokenizer, cfg.device
+        self.rm = self.fn = None
+        if cfg.reward_model is not None:
+            self.rm = load_model(cfg.reward_model, cfg.device)
+            require(isinstance(self.rm, RewardModel),
+                    f"{cfg.reward_model} holds a {type(self.rm).__name__}, not a RewardModel")
+            self.rm.eval()
+        else:
+            self.fn = load_reward_fn(cfg.reward_fn)
+
+    def __call__(self, rows, prompts, completions):
+        """rows: ``(ids, n_prompt)`` ending with EOT; prompts/completions: the same as text."""
+        if self.rm is not None:
+            with no_grad():
+                batch = collate(rows)
+                r = self.rm(to_device(batch["input_ids"], self.device), batch["lengths"])
+            return to_numpy(r.data).astype(np.float64)
+        return np.array([self._call_fn(p, c) for p, c in zip(prompts, completions)])
+
+    def _call_fn(self, prompt, completion):
+        try:
+            value = self.fn(prompt, completion)
+        except Exception as e:
+            raise RewardFunctionError(f"the reward function raised {type(e).__name__}: {e} "
+                                      f"(prompt {prompt!r}, completion {completion!r})") from None
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            value = math.nan
+        if not math.isfinite(value):
+            raise RewardFunctionError(f"the reward function returned {value!r}, not a finite number "
+                                      f"(prompt {prompt!r}, completion {completion!r})")
+        return value
+
+
+def sample_batch(policy, prompt_texts, cfg, tokenizer, rng):
+    """Sample ``samples_per_prompt`` completions of each prompt from the current policy.
+
+    Sampling is exact (temperature 1, no top-k or top-p): REINFORCE's estimator is unbiased only for
+    samples drawn from p_θ itself. Returns rows ``(ids, n_prompt)`` that end with EOT (appended to a
+    completion that hit ``max_new_tokens``, so that the reward model reads every row the same way),
+    the completions as text, and the prompt index of each row (its group for the baseline).
+    """
+    block = policy.config.block_size
+    prompt_ids = [encode_prompt(tokenizer, p, block, cfg.max_new_tokens + 1) for p in prompt_texts]
+    k = cfg.samples_per_prompt
+    ids = [p for p in prompt_ids for _ in range(k)]
+    out = generate(policy, ids, cfg.max_new_tokens, temperature=1.0, eot_id=tokenizer.eot_id, seed=rng)
+    rows, completions = [], []
+    for p, new in zip(ids, out.tokens):
+        if not new or new[-1] != tokenizer.eot_id:
+            new = new + [tokenizer.eot_id]
+        rows.append((p + new, len(p)))
+        completions.append(tokenizer.decode(new))
+    group = np.repeat(np.arange(len(prompt_texts)), k)
+    return rows, completions, group
+
+
+def rl(cfg, metrics_fn=None):
+    """REINFORCE with a KL penalty; returns {"checkpoint", "reward", "kl", ...}.
+
+    ``metrics_fn(prompts, completions) -> dict``, if given, adds metrics to each step's log (the demo
+    logs the hidden gold reward this way, to watch the reward model being over-optimised).
+    """
+    check(cfg)
+    tokenizer = ByteTokenizer()
+    records = load_prompts(cfg.prompts)
+    policy = load_policy(cfg.init, cfg.device)
+    ref = load_policy(cfg.init, cfg.device)
+    ref.eval()
+    rewarder = Rewarder(cfg, tokenizer)
+    rng = np.random.default_rng(cfg.seed)
+    optimizer = AdamW(param_groups(policy, 0.0), lr=cfg.lr)
+    prompts = iterate_minibatches([r["prompt"] for r in records], cfg.prompts_per_step, rng, epochs=None)
+
+    log = RunLog(cfg.out_dir, cfg.max_steps, "rl", quiet=cfg.quiet)
+    log.print(f"rl: {len(records)} prompts from {cfg.prompts}\n{config_summary(cfg)}")
+    path = Path(cfg.out_dir) / "ckpt.npz"
+    t0, last = time.time(), {}
+    for step in range(1, cfg.max_steps + 1):
+        prompt_texts = next(prompts)
+        rows, completions, group = sample_batch(policy, prompt_texts, cfg, tokenizer, rng)
+        row_prompts = [prompt_texts[g] for g in group]
+        R = rewarder(rows, row_prompts, completions)                         # (N,)
+
+        batch = collate(rows)
+        input_ids = to_device(batch["input_ids"], cfg.device)               # (N, T)
+        mask = to_device(batch["completion_mask"], cfg.device)              # (N, T)
+        logits = policy(input_ids)                                          # (N, T, V)
+        _, logp = logprobs_from_logits(logits, input_ids, mask)             # (N,) log p_θ(y|x)
+        with no_grad():
+            _, ref_logp = sequence_logprobs(ref, input_ids, mask)           # (N,) log p_ref(y|x)
+            entropy = token_entropy(logits, mask).data.sum() / batch["completion_mask"].sum()
+        loss, metrics = reinforce_kl_loss(logp, ref_logp.data, to_device(R, cfg.device).data,
+                                          cfg.beta, baseline=cfg.baseline, group=group)
+        optimise(policy, optimizer, loss, cfg.grad_clip)
+
+        last = {"loss": loss.item(), **metrics, "entropy": float(entropy),
+                "length": float((batch["completion_mask"].sum(axis=1)).mean())}
+        if metrics_fn is not None:
+            last.update(metrics_fn(row_prompts, completions))
+        log.step(step, last)
+        if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
+            save_checkpoint(path, policy, policy.config, optimizer, step=step,
+                            extra={"stage": "rl", "init": cfg.init, "settings": asdict(cfg)})
+    log.close()
+    log.print(f"rl: reward {last['reward']:.3f}, kl {last['kl']:.3f}; checkpoint {path}")
+    return {"checkpoint": str(path), "reward": last["reward"], "kl": last["kl"],
+            "steps": cfg.max_steps, "seconds": time.time() - t0}

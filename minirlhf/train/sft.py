@@ -1,0 +1,96 @@
+"""Step 1 of the lecture: supervised fine-tuning on demonstrations.
+
+Given pairs (x, y) of a prompt and a good completion, maximise the likelihood of the completion only:
+
+    L_SFT(θ) = -(1/N) Σ_{(x,y)} Σ_t log p_θ(y_t | x, y_<t)        (N = number of completion tokens)
+
+The prompt is context, never a target (`minirlhf.losses.sft_loss` masks it).
+"""
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..checkpoint import save_checkpoint
+from ..datasets import collate, iterate_minibatches, load_sft
+from ..losses import sft_loss
+from ..optim import AdamW, lr_schedule, param_groups
+from ..tensor import no_grad
+from ..tokenizer import ByteTokenizer
+from .common import (RunLog, check_common, config_summary, encode_rows, load_policy, opt,
+                     optimise, split_holdout, to_device)
+
+
+@dataclass
+class SFTConfig:
+    data: str = opt("", "JSONL of {\"prompt\", \"completion\"} records", required=True)
+    init: str = opt("runs/pretrain/ckpt.npz", "the GPT checkpoint to start from")
+    out_dir: str = opt("runs/sft", "where metrics.jsonl and ckpt.npz go")
+    batch_size: int = opt(16, "examples per step")
+    max_steps: int = opt(300, "optimisation steps")
+    lr: float = opt(5e-4, "peak learning rate")
+    warmup_steps: int = opt(20, "steps of linear warm-up, then cosine decay to lr/10")
+    weight_decay: float = opt(0.0, "AdamW's decoupled weight decay")
+    grad_clip: float = opt(1.0, "clip the global gradient norm (0: no clipping)")
+    val_fraction: float = opt(0.05, "share of the examples held out to report val_loss")
+    eval_interval: int = opt(100, "held-out loss every N steps")
+    seed: int = opt(0, "seed of the batches")
+    device: str = opt("cpu", "cpu (NumPy) or cuda (CuPy)", choices=["cpu", "cuda"])
+    quiet: bool = opt(False, "no progress bar or messages")
+
+
+def batch_loss(model, batch, device):
+    input_ids = to_device(batch["input_ids"], device)                   # (B, T)
+    logits = model(input_ids)                                            # (B, T, V)
+    return sft_loss(logits, input_ids, to_device(batch["completion_mask"], device))
+
+
+def evaluate(model, rows, cfg):
+    if not rows:
+        return None
+    model.eval()
+    with no_grad():
+        losses = [batch_loss(model, collate(rows[i:i + cfg.batch_size]), cfg.device).item()
+                  for i in range(0, len(rows), cfg.batch_size)]
+    model.train()
+    return float(np.mean(losses))
+
+
+def sft(cfg):
+    """Fine-tune a GPT on prompt/completion pairs; returns {"checkpoint", "loss", "val_loss", ...}."""
+    check_common(cfg)
+    tokenizer = ByteTokenizer()
+    records = load_sft(cfg.data)
+    model = load_policy(cfg.init, cfg.device)
+    rng = np.random.default_rng(cfg.seed)
+    rows = encode_rows(records, tokenizer, model.config.block_size, "completion", cfg.data)
+    train_rows, val_rows = split_holdout(rows, cfg.val_fraction, rng)
+
+    optimizer = AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    log = RunLog(cfg.out_dir, cfg.max_steps, "sft", quiet=cfg.quiet)
+    log.print(f"sft: {len(train_rows)} training and {len(val_rows)} held-out examples from "
+              f"{cfg.data}\n{config_summary(cfg)}")
+    batches = iterate_minibatches(train_rows, cfg.batch_size, rng, epochs=None)
+    t0, loss, val_loss = time.time(), float("nan"), None
+    for step in range(1, cfg.max_steps + 1):
+        optimizer.lr = lr_schedule(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.lr / 10)
+        loss_t = batch_loss(model, collate(next(batches)), cfg.device)
+        grad_norm = optimise(model, optimizer, loss_t, cfg.grad_clip)
+        loss = loss_t.item()
+        metrics = {"loss": loss, "lr": optimizer.lr}
+        if grad_norm is not None:
+            metrics["grad_norm"] = grad_norm
+        if val_rows and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
+            val_loss = metrics["val_loss"] = evaluate(model, val_rows, cfg)
+        log.step(step, metrics)
+    log.close()
+
+    path = Path(cfg.out_dir) / "ckpt.npz"
+    save_checkpoint(path, model, model.config, optimizer, step=cfg.max_steps,
+                    extra={"stage": "sft", "init": cfg.init, "settings": asdict(cfg)})
+    log.print(f"sft: loss {loss:.4f}" + (f", held-out loss {val_loss:.4f}" if val_loss else "")
+              + f"; checkpoint {path}")
+    return {"checkpoint": str(path), "loss": loss, "val_loss": val_loss, "steps": cfg.max_steps,
+            "seconds": time.time() - t0}
