@@ -1,0 +1,362 @@
+"""The math of RLHF, one loss per function, each beside its equation.
+
+Names follow the lecture: ``x`` a prompt, ``y`` a completion, ``p_θ`` the policy being trained,
+``p_ref`` the frozen reference (the SFT model), ``R(y|x)`` a reward, ``beta`` (β) the strength of the
+KL leash, ``chosen`` (y_w) and ``rejected`` (y_l) the two sides of a preference pair. Log-probs of
+whole completions come from `minirlhf.logprobs.sequence_logprobs` (sums over completion tokens).
+
+    sft_loss           supervised fine-tuning: next-token NLL on completion tokens
+    bt_loss            Bradley-Terry reward model: -mean log σ(r_w - r_l)
+    kl_k1, kl_k2, kl_k3, kl_per_sequence
+                       Schulman's estimators of KL(p_θ ‖ p_ref) from samples of p_θ
+    reinforce_kl_loss  REINFORCE on the KL-regularised reward R - β·(log p_θ - log p_ref)
+    dpo_loss           direct preference optimisation (and its cDPO and IPO variants)
+
+Losses that report something return ``(loss, metrics)``, metrics being a dict of Python floats under
+the names TRL logs, so runs can be compared with it.
+"""
+
+import math
+
+from . import backend
+from . import functional as F
+from . import ops
+from .tensor import Function, Tensor
+
+# ===================================================================================================
+# helpers
+
+
+def _data(x, xp=None):
+    """The raw array of a Tensor, or ``x`` as an array of ``xp`` (on that library's device)."""
+    if isinstance(x, Tensor):
+        return x.data
+    return (xp or backend.get_array_module(x)).asarray(x)
+
+
+def _float(a):
+    return float(a.item()) if hasattr(a, "item") else float(a)
+
+
+def _check_beta(beta, fn, allow_zero=False):
+    beta = float(beta)
+    if not (beta >= 0 if allow_zero else beta > 0) or not math.isfinite(beta):
+        need = "beta >= 0" if allow_zero else "beta > 0"
+        raise ValueError(f"{fn}: {need} is required (β weighs the KL to the reference), got {beta}")
+    return beta
+
+
+def _check_same_shape(fn, **arrays):
+    shapes = {name: tuple(a.shape) for name, a in arrays.items()}
+    if len(set(shapes.values())) > 1:
+        listed = ", ".join(f"{n} {s}" for n, s in shapes.items())
+        raise ValueError(f"{fn}: inputs must have one shape, got {listed}")
+
+
+# ===================================================================================================
+# supervised fine-tuning
+
+
+def sft_loss(logits, input_ids, completion_mask):
+    """Mean next-token negative log-likelihood over the completion tokens of the batch.
+
+        L_SFT = -(1/N) Σ_{b,t} m[b,t] · log p_θ(y[b,t] | x, y[b,<t]),    N = Σ_{b,t} m[b,t]
+
+    with m = ``completion_mask``: the prompt and the padding are context, never targets. Token t is
+    scored by the logits at t-1 (see `minirlhf.logprobs`), so this is ``F.cross_entropy`` of
+    ``logits[:, :-1]`` against ``input_ids[:, 1:]``, ignoring positions whose mask is 0. The mean is
+    over tokens, not sequences: every completion token counts once, as in a pre-training loss.
+    """
+    xp = backend.get_array_module(logits.data)
+    ids, mask = _data(input_ids, xp), _data(completion_mask, xp)
+    if ids.ndim != 2 or tuple(mask.shape) != tuple(ids.shape) or logits.shape[:2] != tuple(ids.shape):
+        raise ValueError(f"sft_loss: logits {logits.shape}, input_ids {tuple(ids.shape)} and "
+                         f"completion_mask {tuple(mask.shape)} must be (B, T, V), (B, T), (B, T)")
+    keep = mask != 0
+    if bool(keep[:, 0].any()):
+        raise ValueError("sft_loss: completion_mask[:, 0] must be 0 (token 0 has no logits before it)")
+    if not bool(keep.any()):
+        raise ValueError("sft_loss: the batch has no completion tokens (completion_mask is all 0)")
+    targets = xp.where(keep[:, 1:], ids[:, 1:], -100)                    # (B, T-1)
+    return F.cross_entropy(logits[:, :-1], targets, ignore_index=-100)
+
+
+# ===================================================================================================
+# reward model
+
+
+def bt_loss(r_chosen, r_rejected, margin=0.0):
+    """Bradley-Terry loss of a reward model on preference pairs.
+
+    The Bradley-Terry model says a person prefers y_w to y_l with probability σ(r(y_w) - r(y_l)).
+    Its negative log-likelihood on pairs (chosen = y_w, rejected = y_l) is
+
+        L_BT = -mean log σ(r_w - r_l - margin)
+
+    ``margin`` (a float or one per pair, as Llama 2 does for "significantly better") asks the
+    reward gap to exceed it. Metrics: ``accuracy`` = fraction of pairs with r_w > r_l,
+    ``margin`` = mean(r_w - r_l) (the gap itself, not the argument).
+    """
+    if not isinstance(r_chosen, Tensor) and not isinstance(r_rejected, Tensor):
+        raise TypeError("bt_loss: r_chosen or r_rejected must be a Tensor (the reward model's output)")
+    ref = r_chosen if isinstance(r_chosen, Tensor) else r_rejected
+    xp = backend.get_array_module(ref.data)
+    _check_same_shape("bt_loss", r_chosen=_data(r_chosen, xp), r_rejected=_data(r_rejected, xp))
+    diff = r_chosen - r_rejected                                         # (B,)
+    m = margin if isinstance(margin, Tensor) else ops.as_tensor(_data(margin, xp).astype(diff.dtype))
+    loss = -F.logsigmoid(diff - m).mean()
+
+    d = diff.data
+    metrics = {"accuracy": _float((d > 0).mean()), "margin": _float(d.mean())}
+    return loss, metrics
+
+
+def ranking_to_pairs(ranked):
+    """All K(K-1)/2 (chosen, rejected) pairs of a ranking of K responses listed best first.
+
+    InstructGPT ranks K responses per prompt and trains on every pair; ``ranked[i]`` beats
+    ``ranked[j]`` whenever i < j. (InstructGPT also puts all pairs of one prompt in one batch, so
+    that each ranking counts once and is not over-fitted.)
+    """
+    ranked = list(ranked)
+    return [(ranked[i], ranked[j]) for i in range(len(ranked)) for j in range(i + 1, len(ranked))]
+
+
+# ===================================================================================================
+# KL estimators
+
+
+def _log_ratio(logp, ref_logp):
+    """log r = log p_ref - log p_θ, as a Tensor if either input is one, else as an array."""
+    if isinstance(logp, Tensor) or isinstance(ref_logp, Tensor):
+        ref = logp if isinstance(logp, Tensor) else ref_logp
+        xp = backend.get_array_module(ref.data)
+        _check_same_shape("kl", logp=_data(logp, xp), ref_logp=_data(ref_logp, xp))
+        return ops.as_tensor(ref_logp, like=ref) - ops.as_tensor(logp, like=ref)
+    xp = backend.get_array_module(logp, ref_logp)
+    logp, ref_logp = xp.asarray(logp), xp.asarray(ref_logp)
+    _check_same_shape("kl", logp=logp, ref_logp=ref_logp)
+    return ref_logp - logp
+
+
+def kl_k1(logp, ref_logp):
+    """k1 = -log r = log p_θ - log p_ref, with r = p_ref / p_θ and y ~ p_θ.
+
+    Unbiased (E_p_θ[-log r] = KL(p_θ ‖ p_ref)) but single samples can be negative: a noisy estimate.
+    Works on Tensors (differentiable) and on raw arrays.
+    """
+    return -_log_ratio(logp, ref_logp)
+
+
+def kl_k2(logp, ref_logp):
+    """k2 = ½ (log r)²: always >= 0, low variance, biased (exact to second order in log r)."""
+    lr = _log_ratio(logp, ref_logp)
+    return 0.5 * (lr * lr)
+
+
+class _K3(Function):
+    def forward(self, lr):
+        xp = backend.get_array_module(lr)
+        self.lr = lr
+        # expm1 keeps the digits that exp(lr) - 1 would cancel; rounding must not make it negative
+        return xp.maximum(xp.expm1(lr) - lr, 0)
+
+    def backward(self, gy):
+        """y = (e^u - 1) - u  ->  gx = gy · (e^u - 1) = gy · (r - 1)."""
+        xp = backend.get_array_module(gy)
+        return (gy * xp.expm1(self.lr),)
+
+
+def kl_k3(logp, ref_logp):
+    """k3 = (r - 1) - log r, r = p_ref / p_θ: unbiased (E_p_θ[r] = 1) and always >= 0.
+
+    ``r - 1 - log r >= 0`` because log is concave (log r <= r - 1); it adds to k1 the control
+    variate r - 1, whose mean is 0, and so has far less variance than k1 when p_θ ≈ p_ref.
+    """
+    lr = _log_ratio(logp, ref_logp)
+    if isinstance(lr, Tensor):
+        return _K3()(lr)
+    xp = backend.get_array_module(lr)
+    return xp.maximum(xp.expm1(lr) - lr, 0)
+
+
+_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+
+
+def kl_per_sequence(logp, ref_logp, mask, estimator="k1"):
+    """Σ_t mask[:, t] · k(logp[:, t], ref_logp[:, t]): an estimate of KL per sequence, (B, T) -> (B,).
+
+    With ``estimator="k1"`` this is log p_θ(y|x) - log p_ref(y|x) of the sampled completion, whose
+    mean over y ~ p_θ is KL(p_θ(·|x) ‖ p_ref(·|x)) (the KL of sequences is the sum of the per-token
+    KLs along the sampled path). k2 and k3 are applied per token, then summed.
+    """
+    if estimator not in _ESTIMATORS:
+        raise ValueError(f"kl_per_sequence: estimator must be 'k1', 'k2' or 'k3', got {estimator!r}")
+    k = _ESTIMATORS[estimator](logp, ref_logp)                           # (B, T)
+    xp = backend.get_array_module(_data(k))
+    keep = _data(mask, xp) != 0
+    if tuple(keep.shape) != tuple(k.shape):
+        raise ValueError(f"kl_per_sequence: mask of shape {tuple(keep.shape)} does not match "
+                         f"log-probs of shape {tuple(k.shape)}")
+    if isinstance(k, Tensor):
+        return ops.where(keep, k, 0.0).sum(axis=-1)
+    return xp.where(keep, k, 0).sum(axis=-1)
+
+
+# ===================================================================================================
+# REINFORCE with a KL penalty
+
+
+def reinforce_kl_loss(logp_seq, ref_logp_seq, rewards, beta, baseline="mean", group=None):
+    """REINFORCE on the KL-regularised objective J(θ) = E_{y~p_θ}[R(y|x)] - β·KL(p_θ ‖ p_ref).
+
+    Per sampled completion, the shaped reward is a **constant** (computed from detached values):
+
+        R̂(y) = R(y|x) - β·(log p_θ(y|x) - log p_ref(y|x))
+
+    and the surrogate loss is
+
+        L = -mean[(R̂(y) - b) · log p_θ(y|x)]
+
+    Why R̂ is a constant: ∇J = E[R̂ ∇log p_θ(y)] - β·E[∇log p_θ(y)], and the last term is 0
+    (Σ_y ∇p_θ(y) = ∇1 = 0). So the KL reaches the gradient only through the score function
+    ∇log p_θ, as part of R̂: -∇L is an unbiased estimate of ∇J (for b independent of y).
+
+    ``baseline`` b, which leaves the mean unchanged and lowers the variance:
+      * ``"none"``: b = 0 (plain REINFORCE);
+      * ``"mean"``: the mean of R̂ over the batch, or over the samples of the same prompt when
+        ``group`` (one prompt id per sample) is given. It includes the sample itself, which
+        shrinks the expected gradient by a factor (n-1)/n;
+      * ``"loo"``: leave-one-out (RLOO): for sample i, the mean of R̂ over the *other* samples of
+        its prompt (``group``) or of the batch; unbiased, and needs 2+ samples per group.
+
+    ``beta``: β >= 0; β = 0 is plain REINFORCE on R and is allowed here (command lines that exist to
+    train against a reference ask for β > 0 themselves). Negative β raises ValueError.
+
+    Returns ``(loss, metrics)``: ``reward`` = mean R, ``kl`` = mean of log p_θ - log p_ref per
+    sequence (k1), ``reward_with_kl`` = mean R̂, ``advantage/mean``, ``advantage/std``.
+    """
+    beta = _check_beta(beta, "reinforce_kl_loss", allow_zero=True)
+    if baseline not in ("none", "mean", "loo"):
+        raise ValueError(f"reinforce_kl_loss: baseline must be 'none', 'mean' or 'loo', "
+                         f"got {baseline!r}")
+    if not isinstance(logp_seq, Tensor):
+        raise TypeError("reinforce_kl_loss: logp_seq must be a Tensor (the policy's log p_θ(y|x))")
+    xp = backend.get_array_module(logp_seq.data)
+    logp = logp_seq.data
+    ref = _data(ref_logp_seq, xp).astype(logp.dtype)
+    R = _data(rewards, xp).astype(logp.dtype)
+    if logp.ndim != 1:
+        raise ValueError(f"reinforce_kl_loss: expected one log-prob per sequence (B,), got {logp.shape}")
+    _check_same_shape("reinforce_kl_loss", logp_seq=logp, ref_logp_seq=ref, rewards=R)
+
+    kl = logp - ref                                                      # (B,) k1 per sequence
+    shaped = R - beta * kl                                               # (B,) R̂, a constant
+    b = _baseline(shaped, baseline, group, xp)                           # (B,)
+    advantage = shaped - b
+    loss = -(ops.as_tensor(advantage, like=logp_seq) * logp_seq).mean()
+
+    metrics = {"reward": _float(R.mean()), "kl": _float(kl.mean()),
+               "reward_with_kl": _float(shaped.mean()),
+               "advantage/mean": _float(advantage.mean()), "advantage/std": _float(advantage.std())}
+    return loss, metrics
+
+
+def _baseline(shaped, kind, group, xp):
+    """b for each sample: 0, the (group) mean of R̂, or the leave-one-out (group) mean."""
+    if kind == "none":
+        return xp.zeros_like(shaped)
+    n = shaped.shape[0]
+    if group is None:
+        sums = xp.full_like(shaped, shaped.sum())
+        counts = xp.full_like(shaped, n)
+    else:
+        g = _data(group, xp)
+        if tuple(g.shape) != (n,):
+            raise ValueError(f"reinforce_kl_loss: group must have shape ({n},), got {tuple(g.shape)}")
+        _, inverse = xp.unique(g, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        one_hot = (inverse[:, None] == xp.arange(int(inverse.max()) + 1)[None, :])   # (B, G)
+        one_hot = one_hot.astype(shaped.dtype)
+        sums = one_hot @ (one_hot.T @ shaped)                            # Σ of R̂ over i's group
+        counts = one_hot @ one_hot.sum(axis=0)                           # size of i's group
+    if kind == "mean":
+        return sums / counts
+    if bool((counts < 2).any()):
+        raise ValueError("reinforce_kl_loss: the leave-one-out baseline needs at least 2 samples "
+                         "per prompt (group)")
+    return (sums - shaped) / (counts - 1)
+
+
+# ===================================================================================================
+# direct preference optimisation
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+             beta=0.1, label_smoothing=0.0, loss_type="sigmoid"):
+    """Direct Preference Optimisation (Rafailov et al., 2023) on pairs (chosen y_w, rejected y_l).
+
+    Where it comes from. The KL-regularised objective E_p[R] - β·KL(p ‖ p_ref) is maximised by
+
+        p*(y|x) = p_ref(y|x) · exp(R(y|x)/β) / Z(x),
+
+    so, solving for the reward, R(y|x) = β·log(p*(y|x)/p_ref(y|x)) + β·log Z(x). Bradley-Terry
+    needs only the difference R(y_w|x) - R(y_l|x), in which β·log Z(x) cancels. Writing the policy
+    being trained in place of p* gives the implicit reward β·log(p_θ/p_ref) and the likelihood of
+    the preferences under it:
+
+        L_DPO = -mean log σ(β·h),
+        h = (log p_θ(y_w) - log p_ref(y_w)) - (log p_θ(y_l) - log p_ref(y_l))
+
+    When the pairs cover every completion, its minimiser over all policies has β·log(p_θ/p_ref)
+    = R + const(x), that is p_θ = p*: the RLHF optimum, reached without a reward model or sampling.
+
+    ``label_smoothing`` ε (cDPO: labels flipped with probability ε, 0 <= ε <= 0.5):
+        L = -mean[(1-ε)·log σ(β·h) + ε·log σ(-β·h)]
+    ``loss_type="ipo"`` (Azar et al., 2023): L = mean (h - 1/(2β))², regressing h on a fixed target
+    instead of pushing it to infinity. (TRL feeds IPO length-averaged log-probs; here the caller
+    chooses what to pass.)
+
+    The reference log-probs are constants (computed once, without gradient). Metrics, named and
+    defined as TRL logs them: ``rewards/chosen`` = mean β(log p_θ(y_w) - log p_ref(y_w)),
+    ``rewards/rejected`` likewise for y_l, ``rewards/margins`` = mean of their difference,
+    ``rewards/accuracies`` = fraction of pairs whose chosen reward exceeds the rejected one,
+    ``logps/chosen`` and ``logps/rejected`` = means of the policy log-probs.
+    """
+    beta = _check_beta(beta, "dpo_loss")
+    if loss_type not in ("sigmoid", "ipo"):
+        raise ValueError(f"dpo_loss: loss_type must be 'sigmoid' or 'ipo', got {loss_type!r}")
+    eps = float(label_smoothing)
+    if not 0.0 <= eps <= 0.5:
+        raise ValueError(f"dpo_loss: label_smoothing must lie in [0, 0.5], got {eps}")
+    if loss_type == "ipo" and eps != 0:
+        raise ValueError("dpo_loss: label_smoothing applies to loss_type='sigmoid' only")
+    if not isinstance(policy_chosen_logps, Tensor) or not isinstance(policy_rejected_logps, Tensor):
+        raise TypeError("dpo_loss: the policy log-probs must be Tensors")
+    pc, pr = policy_chosen_logps, policy_rejected_logps
+    xp = backend.get_array_module(pc.data)
+    rc = _data(ref_chosen_logps, xp).astype(pc.dtype)                  # constants: no gradient
+    rr = _data(ref_rejected_logps, xp).astype(pc.dtype)
+    _check_same_shape("dpo_loss", policy_chosen_logps=pc.data, policy_rejected_logps=pr.data,
+                      ref_chosen_logps=rc, ref_rejected_logps=rr)
+
+    chosen = pc - ops.as_tensor(rc, like=pc)                             # log p_θ(y_w) / p_ref(y_w)
+    rejected = pr - ops.as_tensor(rr, like=pc)                           # log p_θ(y_l) / p_ref(y_l)
+    h = chosen - rejected                                                # (B,)
+    if loss_type == "ipo":
+        loss = ((h - 1.0 / (2.0 * beta)) ** 2).mean()
+    elif eps == 0:
+        loss = -F.logsigmoid(beta * h).mean()
+    else:
+        loss = -((1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)).mean()
+
+    r_w, r_l = beta * chosen.data, beta * rejected.data
+    metrics = {
+        "rewards/chosen": _float(r_w.mean()),
+        "rewards/rejected": _float(r_l.mean()),
+        "rewards/margins": _float((r_w - r_l).mean()),
+        "rewards/accuracies": _float((r_w > r_l).mean()),
+        "logps/chosen": _float(pc.data.mean()),
+        "logps/rejected": _float(pr.data.mean()),
+    }
+    return loss, metrics
