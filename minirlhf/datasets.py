@@ -50,6 +50,15 @@ class DataError(ValueError):
     """A data file or record that cannot be used; the message says where and why."""
 
 
+class Record(dict):
+    """One JSONL record: a plain dict that also remembers its 1-based ``line`` in the file, so that
+    a problem found later (a completion too long for the context) can still point at it."""
+
+    def __init__(self, fields, line=None):
+        super().__init__(fields)
+        self.line = line
+
+
 # --- the corpus ---------------------------------------------------------------
 
 def builtin_corpus_path() -> Path:
@@ -241,8 +250,7 @@ def load_jsonl(path, fields) -> list[dict]:
                 )
             for field in fields:
                 _check_field(record, field, where)
-            record.setdefault("_line", line_no)     # so later errors can point at the line
-            records.append(record)
+            records.append(Record(record, line=line_no))
 
     if not records:
         raise DataError(f"{path}: no records (the file is empty or has only blank lines)")

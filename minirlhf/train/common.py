@@ -131,7 +131,7 @@ def encode_rows(records, tokenizer, block_size, completion_field, path):
         try:
             rows.append(encode_prompt_completion(tokenizer, r["prompt"], r[completion_field], block_size))
         except DataError as e:
-            raise DataError(f"{path}, line {r.get('_line', '?')}: field '{completion_field}': {e}") from None
+            raise DataError(f"{path}, line {getattr(r, 'line', '?')}: field '{completion_field}': {e}") from None
     return rows
 
 

@@ -1,0 +1,243 @@
+"""Checkpoints: the model, the optimizer, the step and the RNG state in one ``.npz`` file.
+
+The file is a plain NumPy archive (readable with ``np.load(path, allow_pickle=False)``, no pickle
+anywhere, so loading a file cannot run code). Its entries are
+
+    __header__                      JSON bytes: format name and version, model class, config, step,
+                                    and the structure of everything else
+    model/<parameter name>          one array per parameter
+    optimizer/state/<i>/m, ...      the optimizer's per-parameter arrays
+    rng/..., extra/...              arrays inside the RNG state or the extra metadata, if any
+
+In the header an array is written ``{"__array__": "<entry name>"}``, so nested dicts of arrays and
+numbers (an optimizer state, an RNG state) come back as they were saved, with string dict keys.
+
+Saving writes a temporary file in the same folder, fsyncs it, then renames it over ``path``
+(``os.replace`` is atomic): a crash leaves either the old checkpoint or the new one, never half a file.
+"""
+
+import contextlib
+import dataclasses
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from . import backend
+
+FORMAT = "minirlhf-checkpoint"
+VERSION = 1
+# config fields that change the shapes or the meaning of the weights (dropout and dtype do not)
+ARCHITECTURE_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias")
+
+
+class CheckpointError(Exception):
+    """The file is missing, truncated, not a minirlhf checkpoint, or for another model."""
+
+
+def save_checkpoint(path, model, config, optimizer=None, step=0, rng_state=None, extra=None):
+    """Write ``model`` (and optionally the optimizer, step, RNG state, extra metadata) to ``path``.
+
+    ``rng_state``: a ``numpy.random.Generator``, its ``bit_generator.state``, or a dict of them
+    (e.g. ``{"data": data_rng, "dropout": model.dropout_rng}``); Generators are saved as their state.
+    ``extra``: any JSON-like metadata (numbers, strings, lists, dicts, NumPy arrays).
+    """
+    path = os.fspath(path)
+    arrays = {}
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model_class": type(model).__name__,
+        "config": _config_dict(config),
+        "step": int(step),
+        "model": _pack(model.state_dict(), "model", arrays),
+        "optimizer": _pack(optimizer.state_dict(), "optimizer", arrays) if optimizer else None,
+        "rng_state": _pack(rng_state, "rng", arrays),
+        "extra": _pack(extra, "extra", arrays),
+    }
+    arrays["__header__"] = np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8)
+
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())                 # the bytes are on disk before the rename
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    _fsync_folder(folder)                        # and so is the rename
+    return path
+
+
+def load_checkpoint(path, model=None, optimizer=None):
+    """Read a checkpoint: {"config", "model_class", "model" (name -> array), "optimizer", "step",
+    "rng_state", "extra", "version"}.
+
+    With ``model`` (and ``optimizer``), also check that the checkpoint is of the same architecture and
+    load the weights (and optimizer state) into them, in place, on their device.
+    Every problem is a `CheckpointError` whose message names the file.
+    """
+    path = os.fspath(path)
+    arrays, header = _read(path)
+    ckpt = {
+        "version": header["version"],
+        "model_class": header.get("model_class"),
+        "config": header.get("config"),
+        "step": header.get("step", 0),
+        "model": _unpack(header.get("model"), arrays, path),
+        "optimizer": _unpack(header.get("optimizer"), arrays, path),
+        "rng_state": _unpack(header.get("rng_state"), arrays, path),
+        "extra": _unpack(header.get("extra"), arrays, path),
+    }
+    if model is not None:
+        _check_architecture(path, ckpt, model)
+        try:
+            model.load_state_dict(ckpt["model"])
+        except ValueError as e:
+            raise CheckpointError(f"{path}: the weights do not fit the model: {e}") from None
+    if optimizer is not None:
+        if ckpt["optimizer"] is None:
+            raise CheckpointError(f"{path}: the checkpoint holds no optimizer state")
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError, IndexError) as e:
+            raise CheckpointError(f"{path}: the optimizer state does not fit the optimizer: {e}") from None
+    return ckpt
+
+
+def load_model(path, device="cpu"):
+    """Rebuild the model saved in ``path`` (a `GPT` or `RewardModel`) with its weights, on ``device``."""
+    from .model import GPT, GPTConfig, RewardModel  # here, so that checkpoint.py works without model.py
+
+    ckpt = load_checkpoint(path)
+    classes = {"GPT": GPT, "RewardModel": RewardModel}
+    if ckpt["model_class"] not in classes:
+        raise CheckpointError(f"{path}: cannot rebuild a model of class {ckpt['model_class']!r} "
+                              f"(known: {', '.join(classes)})")
+    try:
+        config = GPTConfig(**ckpt["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad model config {ckpt['config']}: {e}") from None
+    model = classes[ckpt["model_class"]](config)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except ValueError as e:
+        raise CheckpointError(f"{path}: the weights do not fit the model: {e}") from None
+    return model.to(device)
+
+
+def rng_from_state(state):
+    """A new ``numpy.random.Generator`` in the saved ``state`` (a ``bit_generator.state`` dict)."""
+    bit_generator = getattr(np.random, state["bit_generator"])()
+    bit_generator.state = state
+    return np.random.Generator(bit_generator)
+
+
+# ===================================================================================================
+# helpers
+
+
+def _read(path):
+    """(arrays, header) of a checkpoint file, or a CheckpointError that says what is wrong."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint file") from None
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read: {e}") from None
+    if magic != b"PK\x03\x04":  # every .npz is a zip archive, and every zip starts so
+        raise CheckpointError(f"{path} is not a minirlhf checkpoint (not a .npz archive)")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+    except Exception as e:  # BadZipFile, EOFError, a bad .npy header, ...: all one answer
+        raise CheckpointError(f"{path} is damaged (truncated or corrupt: {type(e).__name__}: {e})") from None
+    not_arrays = [name for name, a in arrays.items() if not isinstance(a, np.ndarray)]
+    if not_arrays:  # NpzFile hands back raw bytes for a member that is not a .npy array
+        raise CheckpointError(f"{path} is damaged (entries that are not arrays: {', '.join(not_arrays)})")
+    if "__header__" not in arrays:
+        raise CheckpointError(f"{path} is a .npz archive but not a minirlhf checkpoint (no header)")
+    try:
+        header = json.loads(arrays.pop("__header__").tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: the checkpoint header is not valid JSON ({e})") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a minirlhf checkpoint (format "
+                              f"{header.get('format') if isinstance(header, dict) else None!r})")
+    if not isinstance(header.get("version"), int) or header["version"] > VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {header.get('version')!r} is newer "
+                              f"than this minirlhf reads ({VERSION}); upgrade minirlhf")
+    return arrays, header
+
+
+def _check_architecture(path, ckpt, model):
+    if ckpt["model_class"] != type(model).__name__:
+        raise CheckpointError(f"{path} holds a {ckpt['model_class']}, not a {type(model).__name__}")
+    config = getattr(model, "config", None)
+    if config is None or ckpt["config"] is None:
+        return
+    ours, theirs = _config_dict(config), ckpt["config"]
+    diff = [f"{k}: checkpoint {theirs.get(k)!r} vs model {ours.get(k)!r}"
+            for k in ARCHITECTURE_FIELDS if k in ours and theirs.get(k) != ours.get(k)]
+    if diff:
+        raise CheckpointError(f"{path} is for another architecture: " + "; ".join(diff))
+
+
+def _config_dict(config):
+    if config is None:
+        return None
+    if dataclasses.is_dataclass(config):
+        return dataclasses.asdict(config)
+    return dict(config)
+
+
+def _pack(obj, key, arrays):
+    """A JSON-able copy of ``obj`` with every array moved into ``arrays`` under its path."""
+    if isinstance(obj, np.random.Generator):
+        obj = obj.bit_generator.state
+    if hasattr(obj, "__array__") and hasattr(obj, "shape") and not isinstance(obj, np.generic):
+        arrays[key] = backend.to_numpy(obj)
+        return {"__array__": key}
+    if isinstance(obj, dict):
+        return {str(k): _pack(v, f"{key}/{k}", arrays) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_pack(v, f"{key}/{i}", arrays) for i, v in enumerate(obj)]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"save_checkpoint: cannot store {key} of type {type(obj).__name__} "
+                    "(use numbers, strings, lists, dicts and arrays)")
+
+
+def _unpack(obj, arrays, path):
+    if isinstance(obj, dict):
+        if set(obj) == {"__array__"}:
+            try:
+                return arrays[obj["__array__"]]
+            except KeyError:
+                raise CheckpointError(f"{path} is damaged: array {obj['__array__']!r} is missing") from None
+        return {k: _unpack(v, arrays, path) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_unpack(v, arrays, path) for v in obj]
+    return obj
+
+
+def _fsync_folder(folder):
+    """Make the rename itself durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

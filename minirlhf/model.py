@@ -1,0 +1,493 @@
+"""GPT-2, a reward model on its trunk, and sampling with a KV cache — in one file, top to bottom.
+
+The architecture is exactly GPT-2's (Radford et al., 2019), written as nanoGPT writes it:
+
+    tokens (B, T) ─ wte + wpe ─┬─ Block ─ ... ─ Block ─ ln_f ─ @ wteᵀ ─ logits (B, T, vocab)
+                               │  Block:  x = x + attn(ln_1(x));  x = x + mlp(ln_2(x))
+
+- token and learned position embeddings, pre-LayerNorm blocks (eps 1e-5), a final LayerNorm;
+- causal multi-head self-attention with q, k, v from one Linear ``c_attn`` (C, 3C) and an output
+  projection ``c_proj``; an MLP ``c_fc`` (C, 4C) → GELU (tanh form) → ``c_proj`` (4C, C);
+- the LM head is the token embedding itself (tied): logits = x @ wte.weightᵀ;
+- GPT-2's initialisation: N(0, 0.02²) weights and embeddings, zero biases, and the two residual
+  projections ``c_proj`` at 0.02/√(2·n_layer), so the residual stream's variance does not grow
+  with depth.
+
+Parameter names are GPT-2's (``transformer.wte.weight``, ``transformer.h.0.attn.c_attn.weight``, ...)
+and our `Linear` stores W as (in, out) like GPT-2's Conv1D, so a GPT-2 checkpoint maps one to one.
+One deviation: attention probabilities get no dropout (the attention is one fused op); residual
+and embedding dropout are as in GPT-2.
+"""
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import backend
+from . import functional as F
+from .nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList
+from .tensor import Function, Tensor, no_grad
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 128      # longest context, in tokens
+    vocab_size: int = 258      # 256 bytes + EOT + PAD (minirlhf.tokenizer)
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True          # biases in Linear and LayerNorm, as GPT-2
+    dtype: str = "float32"     # "float64" for gradient checks
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if np.dtype(self.dtype).kind != "f":
+            raise ValueError(f"dtype must be a float type, got {self.dtype!r}")
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+# ===================================================================================================
+# attention with a padding mask (for left-padded batches in generation)
+
+
+class MaskedAttention(Function):
+    """softmax(q kᵀ/√hs where allowed, -inf elsewhere) v: `F.causal_attention` with any mask.
+
+    ``allowed`` (B, 1, Tq, Tk) is True where a query may look at a key. Generation uses it to keep
+    left padding out of every real token's attention; each row must allow at least one key.
+    """
+
+    def __init__(self, allowed):
+        self.allowed = allowed
+
+    def forward(self, q, k, v):
+        xp = backend.get_array_module(q)
+        self.scale = q.dtype.type(1 / math.sqrt(q.shape[-1]))
+        att = (q @ xp.swapaxes(k, -1, -2)) * self.scale              # (B, nh, Tq, Tk)
+        att = xp.where(self.allowed, att, q.dtype.type(-xp.inf))
+        att -= att.max(axis=-1, keepdims=True)
+        xp.exp(att, out=att)
+        att /= att.sum(axis=-1, keepdims=True)                       # P, 0 where not allowed
+        self.q, self.k, self.v, self.att = q, k, v, att
+        return att @ v                                               # (B, nh, Tq, hs)
+
+    def backward(self, gy):
+        """y = P v, P = softmax(s), s = q kᵀ/√hs (masked):
+
+        gv = Pᵀ gy,  gP = gy vᵀ,  gs = P ⊙ (gP - Σ_j gP_j P_j),  gq = gs k/√hs,  gk = gsᵀ q/√hs
+        (masked places have P = 0, so they pass no gradient).
+        """
+        xp = backend.get_array_module(gy)
+        P = self.att
+        gv = xp.swapaxes(P, -1, -2) @ gy
+        gP = gy @ xp.swapaxes(self.v, -1, -2)
+        gs = P * (gP - (gP * P).sum(axis=-1, keepdims=True))
+        gs *= self.scale
+        return gs @ self.k, xp.swapaxes(gs, -1, -2) @ self.q, gv
+
+
+# ===================================================================================================
+# the KV cache
+
+
+class KVCache:
+    """Keys and values of every layer for the positions processed so far.
+
+    Decoding one token at a time, attention needs the keys and values of all earlier positions; the
+    cache keeps them so each step computes only the new position's. Per layer, ``k[l]`` and ``v[l]``
+    are preallocated to (B, nh, block_size, hs) and the first ``length`` positions are filled.
+
+    ``pad_lengths`` (B,) gives the number of left-padding columns of each row (batched prompts of
+    different lengths are left-padded to one length). Padding is then masked out of attention and
+    each row's positions start at 0 at its first real token, so a row computes exactly what it
+    would alone.
+
+    The cache is for inference (use it under ``no_grad()``): keys and values read back from it carry
+    no gradient.
+    """
+
+    def __init__(self, config, batch_size, device="cpu", pad_lengths=None):
+        nh, hs = config.n_head, config.n_embd // config.n_head
+        shape = (batch_size, nh, config.block_size, hs)
+        xp = backend.get_array_module(backend.to_device(np.zeros(0), device))
+        self.xp, self.batch_size, self.block_size = xp, batch_size, config.block_size
+        self.k = [xp.zeros(shape, dtype=config.dtype) for _ in range(config.n_layer)]
+        self.v = [xp.zeros(shape, dtype=config.dtype) for _ in range(config.n_layer)]
+        self.length = 0
+        self.pad = None
+        if pad_lengths is not None and np.any(np.asarray(pad_lengths) > 0):
+            self.pad = xp.asarray(np.asarray(pad_lengths, dtype=np.int64))   # (B,)
+
+    def positions(self, T):
+        """Position ids of the next T columns: (T,), or (B, T) when rows are left-padded."""
+        cols = self.length + self.xp.arange(T)
+        if self.pad is None:
+            return cols
+        return self.xp.maximum(cols[None, :] - self.pad[:, None], 0)
+
+    def attention_mask(self, T):
+        """(B, 1, T, length+T) True where a query may attend, or None when there is no padding.
+
+        Causal, and a real token never looks at padding (a padding query looks at the padding
+        before it, so that its row is not empty; its output is never used).
+        """
+        if self.pad is None:
+            return None
+        xp = self.xp
+        q_cols = self.length + xp.arange(T)                          # (Tq,)
+        k_cols = xp.arange(self.length + T)                          # (Tk,)
+        causal = k_cols[None, :] <= q_cols[:, None]                  # (Tq, Tk)
+        pad = self.pad[:, None, None]                                # (B, 1, 1)
+        into_padding = (k_cols[None, None, :] < pad) & (q_cols[None, :, None] >= pad)
+        return (causal[None] & ~into_padding)[:, None]               # (B, 1, Tq, Tk)
+
+    def update(self, layer, k, v):
+        """Write the new keys/values (B, nh, T, hs) after the cached ones; return all of them."""
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length:end] = k.data
+        self.v[layer][:, :, self.length:end] = v.data
+        return Tensor._wrap(self.k[layer][:, :, :end]), Tensor._wrap(self.v[layer][:, :, :end])
+
+
+# ===================================================================================================
+# the model
+
+
+class CausalSelfAttention(Module):
+    def __init__(self, config, rng, dropout_rng):
+        super().__init__()
+        C, dt = config.n_embd, config.dtype
+        self.n_head = config.n_head
+        self.c_attn = Linear(C, 3 * C, bias=config.bias, rng=rng, dtype=dt)
+        self.c_proj = Linear(C, C, bias=config.bias, rng=rng, dtype=dt,
+                             init_std=0.02 / math.sqrt(2 * config.n_layer))
+        self.resid_dropout = Dropout(config.dropout, rng=dropout_rng)
+
+    def forward(self, x, kv_cache=None, layer=0, mask=None):
+        B, T, C = x.shape
+        nh, hs = self.n_head, C // self.n_head
+        qkv = self.c_attn(x)                                         # (B, T, 3C)
+        qkv = qkv.reshape(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4)    # (3, B, nh, T, hs)
+        q, k, v = qkv[0], qkv[1], qkv[2]                             # (B, nh, T, hs)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)                      # (B, nh, T_so_far, hs)
+        if mask is None:
+            y = F.causal_attention(q, k, v)                          # (B, nh, T, hs)
+        else:
+            y = MaskedAttention(mask)(q, k, v)                       # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)                       # (B, T, C): heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(Module):
+    def __init__(self, config, rng, dropout_rng):
+        super().__init__()
+        C, dt = config.n_embd, config.dtype
+        self.c_fc = Linear(C, 4 * C, bias=config.bias, rng=rng, dtype=dt)
+        self.c_proj = Linear(4 * C, C, bias=config.bias, rng=rng, dtype=dt,
+                             init_std=0.02 / math.sqrt(2 * config.n_layer))
+        self.dropout = Dropout(config.dropout, rng=dropout_rng)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))     # (B, T, C)
+
+
+class Block(Module):
+    def __init__(self, config, rng, dropout_rng):
+        super().__init__()
+        dt = config.dtype
+        self.ln_1 = LayerNorm(config.n_embd, eps=1e-5, bias=config.bias, dtype=dt)
+        self.attn = CausalSelfAttention(config, rng, dropout_rng)
+        self.ln_2 = LayerNorm(config.n_embd, eps=1e-5, bias=config.bias, dtype=dt)
+        self.mlp = MLP(config, rng, dropout_rng)
+
+    def forward(self, x, kv_cache=None, layer=0, mask=None):
+        x = x + self.attn(self.ln_1(x), kv_cache, layer, mask)     # (B, T, C)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(Module):
+    """The trunk shared by `GPT` and `RewardModel`: token ids (B, T) -> hidden states (B, T, C)."""
+
+    def __init__(self, config, rng, dropout_rng):
+        super().__init__()
+        dt = config.dtype
+        self.config = config
+        self.wte = Embedding(config.vocab_size, config.n_embd, rng=rng, dtype=dt)
+        self.wpe = Embedding(config.block_size, config.n_embd, rng=rng, dtype=dt)
+        self.drop = Dropout(config.dropout, rng=dropout_rng)
+        self.h = ModuleList([Block(config, rng, dropout_rng) for _ in range(config.n_layer)])
+        self.ln_f = LayerNorm(config.n_embd, eps=1e-5, bias=config.bias, dtype=dt)
+
+    def forward(self, idx, kv_cache=None):
+        xp = backend.get_array_module(self.wte.weight.data)
+        idx = _as_ids(idx, xp, self.config.vocab_size)               # (B, T)
+        B, T = idx.shape
+        start = kv_cache.length if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            where = f" after {start} cached positions" if start else ""
+            raise ValueError(f"cannot forward {T} tokens{where}: block_size is "
+                             f"{self.config.block_size} (crop the context to its last tokens)")
+        if kv_cache is not None and kv_cache.batch_size != B:
+            raise ValueError(f"KV cache made for batch size {kv_cache.batch_size}, got {B} rows")
+
+        pos = kv_cache.positions(T) if kv_cache is not None else xp.arange(T)  # (T,) or (B, T)
+        mask = kv_cache.attention_mask(T) if kv_cache is not None else None
+        x = self.drop(self.wte(idx) + self.wpe(pos))                 # (B, T, C)
+        for layer, block in enumerate(self.h):
+            x = block(x, kv_cache, layer, mask)
+        if kv_cache is not None:
+            kv_cache.length += T
+        return self.ln_f(x)                                          # (B, T, C)
+
+
+def _as_ids(idx, xp, vocab_size):
+    """Token ids as an integer (B, T) array of the model's library, checked against the vocabulary."""
+    ids = idx.data if isinstance(idx, Tensor) else idx
+    if not hasattr(ids, "dtype"):
+        ids = np.asarray(ids)
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"token ids must be integers, got dtype {ids.dtype}")
+    if ids.ndim != 2:
+        raise ValueError(f"token ids must have shape (B, T), got {tuple(ids.shape)}")
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(f"token ids must lie in [0, {vocab_size}), got min {int(ids.min())}, "
+                         f"max {int(ids.max())}")
+    return xp.asarray(ids)
+
+
+class _Seeded(Module):
+    """What GPT and RewardModel share: weights drawn from ``seed`` (an int, None or a
+    ``numpy.random.Generator``) and one generator, ``dropout_rng``, for every Dropout's masks.
+
+    Assigning ``model.dropout_rng`` (say, a generator restored from a checkpoint) hands it to all of
+    the model's Dropout layers, so a resumed run drops exactly what the uninterrupted run would.
+    """
+
+    def __init__(self, config, seed):
+        super().__init__()
+        self.config = config
+        self.init_rng = seed if isinstance(seed, np.random.Generator) else backend.host_rng(seed)
+        self.dropout_rng = backend.host_rng(int(self.init_rng.integers(2**63)))
+
+    @property
+    def dropout_rng(self):
+        return self._dropout_rng
+
+    @dropout_rng.setter
+    def dropout_rng(self, rng):
+        self._dropout_rng = rng
+        for m in self.modules():
+            if isinstance(m, Dropout):
+                m.rng = rng
+
+
+class GPT(_Seeded):
+    """GPT-2: ``model(idx)`` maps token ids (B, T) to next-token logits (B, T, vocab_size).
+
+    ``seed`` fixes the initial weights on every device; see `_Seeded` for ``dropout_rng``.
+    """
+
+    def __init__(self, config, seed=0):
+        super().__init__(config, seed)
+        self.transformer = Transformer(config, self.init_rng, self.dropout_rng)
+
+    def forward(self, idx, kv_cache=None):
+        """Logits (B, T, vocab). With ``kv_cache``, ``idx`` holds only the new tokens: they are
+        placed after the cached positions and their keys/values are appended to the cache."""
+        x = self.transformer(idx, kv_cache)                          # (B, T, C)
+        return x @ self.transformer.wte.weight.T                     # (B, T, vocab): tied head
+
+    def hidden_states(self, idx, kv_cache=None):
+        """The final hidden states (B, T, C), after ``ln_f`` and before the LM head."""
+        return self.transformer(idx, kv_cache)
+
+    @property
+    def lm_head_weight(self):
+        """The LM head's weight (vocab, C): the token embedding itself, not a copy."""
+        return self.transformer.wte.weight
+
+    def new_kv_cache(self, batch_size, pad_lengths=None):
+        return KVCache(self.config, batch_size, self.device, pad_lengths)
+
+
+class RewardModel(_Seeded):
+    """r(x, y): the GPT trunk and a scalar head read at the last non-padding token.
+
+    ``rm(input_ids, lengths)``: input_ids (B, T) right-padded, lengths (B,) the number of real
+    tokens of each row -> rewards (B,). Attention is causal, so the hidden state at position
+    ``length-1`` has seen the whole sequence and nothing of the padding after it.
+    """
+
+    def __init__(self, config, seed=0):
+        super().__init__(config, seed)
+        self.transformer = Transformer(config, self.init_rng, self.dropout_rng)
+        self.head = Linear(config.n_embd, 1, bias=True, rng=self.init_rng, dtype=config.dtype)
+
+    def forward(self, input_ids, lengths):
+        xp = backend.get_array_module(self.head.weight.data)
+        h = self.transformer(input_ids)                              # (B, T, C)
+        B, T, C = h.shape
+        lengths = backend.to_numpy(lengths.data if isinstance(lengths, Tensor) else lengths)
+        if lengths.shape != (B,) or lengths.dtype.kind not in "iu":
+            raise ValueError(f"lengths must be {B} integers, got {lengths.dtype} {lengths.shape}")
+        if B and (lengths.min() < 1 or lengths.max() > T):
+            raise ValueError(f"lengths must lie in [1, {T}], got {lengths.tolist()}")
+        last = h[xp.arange(B), xp.asarray(lengths - 1)]              # (B, C)
+        return self.head(last).reshape(B)                            # (B,)
+
+    def load_trunk(self, state_dict):
+        """Copy the ``transformer.*`` weights of a GPT state dict; the head stays as it is."""
+        trunk = {k: v for k, v in state_dict.items() if k.startswith("transformer.")}
+        own = {k for k, _ in self.named_parameters() if k.startswith("transformer.")}
+        missing = sorted(own - set(trunk))
+        if missing:
+            raise ValueError("load_trunk: the state dict lacks trunk weights: " + ", ".join(missing))
+        self.load_state_dict(trunk, strict=False)
+        return self
+
+    @classmethod
+    def from_gpt(cls, gpt, seed=0):
+        """A reward model whose trunk is a copy of ``gpt``'s (on its device) and whose head is new."""
+        rm = cls(gpt.config, seed=seed).to(gpt.device)
+        return rm.load_trunk(gpt.state_dict())
+
+
+# ===================================================================================================
+# sampling
+
+
+@dataclass
+class Generation:
+    """What `generate` returns, one entry per prompt, in the order given."""
+    tokens: list        # the new token ids (ending with EOT if the row stopped there)
+    logprobs: list      # log p_θ(y_t | prompt, y_<t) of each new token, untempered and unfiltered
+    sequences: list     # the prompt as given (even if cropped for the model) + new tokens
+
+
+def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+             eot_id=None, seed=None, use_cache=True):
+    """Sample continuations of a batch of prompts of different lengths.
+
+    ``prompts``: a list of token-id lists. ``temperature`` 0 is greedy decoding; ``top_k`` keeps the
+    k most likely tokens, ``top_p`` the smallest set of tokens whose probability reaches p (nucleus);
+    both act on the tempered distribution. A row that samples ``eot_id`` stops (EOT is kept as its
+    last token); the others go on. ``seed``: an int, None, or a ``numpy.random.Generator``; sampling
+    draws on the host, so one seed gives the same tokens on CPU and GPU.
+
+    How a batch is run: prompts are left-padded to one length; the padding is masked out of
+    attention and each row's positions count from its first real token (`KVCache`), so every row
+    computes what it would alone. Prompts longer than ``block_size`` keep their last ``block_size``
+    tokens (with a warning). With ``use_cache`` the prompt is run once and each new token is one
+    step; once the context reaches ``block_size`` the cache cannot grow, and each step re-runs the
+    model on the last ``block_size`` tokens (cropping, as nanoGPT does). ``use_cache=False`` re-runs
+    the whole (cropped) context every step.
+
+    The log-probs are those RL needs: log p_θ of the sampled token under the model's own
+    distribution, before temperature and filtering.
+    """
+    cfg = model.config
+    prompts = _check_generate_args(prompts, max_new_tokens, temperature, top_k, top_p, cfg)
+    rng = seed if isinstance(seed, np.random.Generator) else backend.host_rng(seed)
+
+    too_long = sum(len(p) > cfg.block_size for p in prompts)
+    if too_long:
+        warnings.warn(f"generate: {too_long} prompt(s) longer than block_size={cfg.block_size}; "
+                      "keeping their last block_size tokens", stacklevel=2)
+    context = [p[-cfg.block_size:] for p in prompts]
+    B, L = len(context), max(len(p) for p in context)
+    pad = np.array([L - len(p) for p in context])                    # left padding of each row
+    rows = np.zeros((B, L + max_new_tokens), dtype=np.int64)         # all tokens, left-padded
+    for b, p in enumerate(context):
+        rows[b, pad[b]:L] = p
+
+    new_tokens, new_logprobs = [[] for _ in range(B)], [[] for _ in range(B)]
+    done = np.zeros(B, dtype=bool)
+    was_training = model.training
+    model.eval()
+    try:
+        with no_grad():
+            cache, T = None, L                                       # T: columns filled so far
+            for _ in range(max_new_tokens):
+                if use_cache and cache is not None and cache.length < cfg.block_size:
+                    logits = model(rows[:, T - 1:T], kv_cache=cache)  # (B, 1, V): one new column
+                else:                                                 # (re)run the last block_size columns
+                    start = max(T - cfg.block_size, 0)
+                    cache = model.new_kv_cache(B, np.maximum(pad - start, 0))
+                    logits = model(rows[:, start:T], kv_cache=cache)  # (B, T - start, V)
+                last = backend.to_numpy(logits.data[:, -1, :]).astype(np.float64)   # (B, V)
+                if not np.isfinite(last).all():
+                    raise FloatingPointError("generate: the model produced non-finite logits "
+                                             "(has training diverged?)")
+                logp = _log_softmax(last)
+                tok = _sample(last, temperature, top_k, top_p, rng)  # (B,)
+                for b in np.flatnonzero(~done):
+                    new_tokens[b].append(int(tok[b]))
+                    new_logprobs[b].append(float(logp[b, tok[b]]))
+                    done[b] = eot_id is not None and tok[b] == eot_id
+                rows[:, T] = tok
+                T += 1
+                if done.all():
+                    break
+    finally:
+        model.train(was_training)
+    return Generation(tokens=new_tokens, logprobs=new_logprobs,
+                      sequences=[list(p) + t for p, t in zip(prompts, new_tokens)])
+
+
+def _check_generate_args(prompts, max_new_tokens, temperature, top_k, top_p, cfg):
+    if isinstance(prompts, np.ndarray):
+        prompts = prompts.tolist()
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError("generate: prompts must be a non-empty list of token-id lists")
+    prompts = [list(map(int, p)) for p in prompts]
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"generate: prompt {i} is empty (start it with a token, e.g. EOT)")
+        if min(p) < 0 or max(p) >= cfg.vocab_size:
+            raise ValueError(f"generate: prompt {i} has token ids outside [0, {cfg.vocab_size})")
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise ValueError(f"generate: max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not temperature >= 0:
+        raise ValueError(f"generate: temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and (int(top_k) != top_k or top_k < 1):
+        raise ValueError(f"generate: top_k must be an integer >= 1 or None, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"generate: top_p must lie in (0, 1] or be None, got {top_p}")
+    return prompts
+
+
+def _log_softmax(z):
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def _sample(logits, temperature, top_k, top_p, rng):
+    """One token per row of host logits (B, V): greedy, or sampled after temperature/top-k/top-p."""
+    if temperature == 0:
+        return logits.argmax(axis=-1)
+    z = logits / temperature
+    if top_k is not None and top_k < z.shape[-1]:
+        kth = np.sort(z, axis=-1)[:, -int(top_k)][:, None]           # k-th largest of each row
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z - z.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    if top_p is not None and top_p < 1:
+        order = np.argsort(-p, axis=-1, kind="stable")
+        sorted_p = np.take_along_axis(p, order, axis=-1)
+        # keep a token while the probability of the more likely ones is still below top_p
+        drop_sorted = np.cumsum(sorted_p, axis=-1) - sorted_p >= top_p
+        drop = np.zeros_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, axis=-1)
+        p = np.where(drop, 0.0, p)
+        p /= p.sum(axis=-1, keepdims=True)
+    # inverse CDF: the first token whose cumulative probability exceeds u ~ U[0, 1)
+    cdf = np.cumsum(p, axis=-1)
+    u = rng.random(len(p))[:, None] * cdf[:, -1:]
+    return np.minimum((cdf <= u).sum(axis=-1), p.shape[-1] - 1)

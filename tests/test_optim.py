@@ -1,0 +1,196 @@
+"""Optimisers against hand-written NumPy references, clipping, the schedule, and resuming."""
+
+import math
+
+import numpy as np
+import pytest
+
+from minirlhf.model import GPT, GPTConfig
+from minirlhf.nn import Embedding, LayerNorm, Linear, Module, Parameter
+from minirlhf.optim import SGD, AdamW, clip_grad_norm_, lr_schedule, param_groups
+
+
+def grads_for(step, shapes, seed=0):
+    """Fixed, different gradients for each step."""
+    rng = np.random.default_rng(seed + step)
+    return [rng.standard_normal(s) for s in shapes]
+
+
+def test_adamw_matches_a_hand_computed_reference_for_three_steps():
+    rng = np.random.default_rng(0)
+    w0, b0 = rng.standard_normal((3, 2)), rng.standard_normal(2)
+    w, b = Parameter(w0.copy()), Parameter(b0.copy())
+    lr, (beta1, beta2), eps, wd = 0.1, (0.9, 0.95), 1e-8, 0.1
+    opt = AdamW([{"params": [w], "weight_decay": wd}, {"params": [b], "weight_decay": 0.0}],
+                lr=lr, betas=(beta1, beta2), eps=eps)
+
+    ref = {"w": [w0.copy(), np.zeros_like(w0), np.zeros_like(w0), wd],
+           "b": [b0.copy(), np.zeros_like(b0), np.zeros_like(b0), 0.0]}
+    for t in range(1, 4):
+        gw, gb = grads_for(t, [(3, 2), (2,)])
+        w.grad, b.grad = gw.copy(), gb.copy()
+        opt.step()
+        for key, g in (("w", gw), ("b", gb)):
+            p, m, v, decay = ref[key]
+            m = beta1 * m + (1 - beta1) * g
+            v = beta2 * v + (1 - beta2) * g * g
+            p = p - lr * decay * p                                   # decoupled weight decay
+            m_hat, v_hat = m / (1 - beta1 ** t), v / (1 - beta2 ** t)  # bias correction
+            p = p - lr * m_hat / (np.sqrt(v_hat) + eps)
+            ref[key] = [p, m, v, decay]
+        np.testing.assert_allclose(w.data, ref["w"][0], rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(b.data, ref["b"][0], rtol=1e-12, atol=1e-14)
+    assert opt.state[0]["step"] == 3
+
+
+def test_adamw_updates_in_place_and_float32_stays_float32():
+    w = Parameter(np.ones((4, 4), dtype=np.float32))
+    array = w.data
+    opt = AdamW([w], lr=1e-2)
+    for t in range(3):
+        w.grad = grads_for(t, [(4, 4)])[0].astype(np.float32)
+        opt.step()
+    assert w.data is array and w.dtype == np.float32
+    assert opt.state[0]["m"].dtype == np.float32 and opt.state[0]["v"].dtype == np.float32
+
+
+class Net(Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = Embedding(5, 3)
+        self.fc = Linear(3, 4)
+        self.ln = LayerNorm(4)
+
+
+def test_param_groups_decay_only_matrices_that_are_not_embeddings():
+    net = Net()
+    decay, no_decay = param_groups(net, weight_decay=0.1)
+    assert decay["params"] == [net.fc.weight] and decay["weight_decay"] == 0.1
+    assert no_decay["params"] == [net.emb.weight, net.fc.bias, net.ln.weight, net.ln.bias]
+    assert no_decay["weight_decay"] == 0.0
+
+    # with zero gradients only the decay moves the weights: p <- p (1 - lr wd) or not at all
+    before = net.state_dict()
+    opt = AdamW(param_groups(net, 0.1), lr=0.5)
+    for p in net.parameters():
+        p.grad = np.zeros_like(p.data)
+    opt.step()
+    np.testing.assert_allclose(net.fc.weight.data, before["fc.weight"] * (1 - 0.5 * 0.1), rtol=1e-6)
+    for name in ("emb.weight", "fc.bias", "ln.weight", "ln.bias"):
+        np.testing.assert_array_equal(net.state_dict()[name], before[name])
+
+
+def test_gpt_groups_leave_the_tied_embedding_and_positions_undecayed():
+    model = GPT(GPTConfig(n_layer=2, n_embd=16, n_head=2, block_size=8, vocab_size=11))
+    decay, no_decay = param_groups(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = sorted(names[id(p)] for p in decay["params"])
+    assert all(n.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) for n in decayed)
+    assert len(decayed) == 2 * 4
+    assert model.transformer.wte.weight in no_decay["params"]
+    assert len(decay["params"]) + len(no_decay["params"]) == len(model.parameters())
+
+
+def test_sgd_with_momentum_and_weight_decay_matches_the_reference():
+    rng = np.random.default_rng(1)
+    p0 = rng.standard_normal(5)
+    p = Parameter(p0.copy())
+    opt = SGD([p], lr=0.1, momentum=0.9, weight_decay=0.01)
+    ref, buf = p0.copy(), None
+    for t in range(4):
+        g = grads_for(t, [(5,)])[0]
+        p.grad = g.copy()
+        opt.step()
+        d = g + 0.01 * ref
+        buf = d if buf is None else 0.9 * buf + d
+        ref = ref - 0.1 * buf
+        np.testing.assert_allclose(p.data, ref, rtol=1e-12)
+
+
+def test_plain_sgd_is_p_minus_lr_g():
+    p = Parameter(np.array([1.0, 2.0]))
+    p.grad = np.array([0.5, -1.0])
+    SGD([p], lr=0.1).step()
+    np.testing.assert_allclose(p.data, [0.95, 2.1])
+
+
+def test_clip_grad_norm_scales_to_max_norm_and_returns_the_norm_before():
+    a, b = Parameter(np.zeros(2)), Parameter(np.zeros(1))
+    a.grad, b.grad = np.array([3.0, 0.0]), np.array([4.0])          # global norm 5
+    assert clip_grad_norm_([a, b], max_norm=1.0) == pytest.approx(5.0)
+    norm = math.sqrt((a.grad ** 2).sum() + (b.grad ** 2).sum())
+    assert norm == pytest.approx(1.0, rel=1e-5)
+    np.testing.assert_allclose(a.grad / b.grad[0], [0.75, 0.0])      # direction kept
+    assert clip_grad_norm_([a, b], max_norm=10.0) == pytest.approx(1.0, rel=1e-5)
+    assert norm == pytest.approx(math.sqrt((a.grad ** 2).sum() + (b.grad ** 2).sum()))  # unchanged
+    assert clip_grad_norm_([Parameter(np.zeros(2))], 1.0) == 0.0       # no gradients at all
+
+
+def test_lr_schedule_warms_up_linearly_then_decays_by_cosine_to_min():
+    base, lo, warm, total = 1e-3, 1e-4, 10, 110
+    lrs = [lr_schedule(s, base, warm, total, lo) for s in range(total + 5)]
+    assert lrs[0] == 0.0
+    assert lrs[5] == pytest.approx(base / 2)
+    assert lrs[warm] == pytest.approx(base)
+    assert lrs[60] == pytest.approx((base + lo) / 2)
+    assert lrs[total] == lo and lrs[-1] == lo
+    assert all(x >= y for x, y in zip(lrs[warm:], lrs[warm + 1:]))   # never increases after warm-up
+    assert lr_schedule(0, base, 0, total, lo) == base                # no warm-up
+
+
+def test_setting_lr_sets_every_group():
+    a, b = Parameter(np.zeros(2)), Parameter(np.zeros((2, 2)))
+    opt = AdamW([{"params": [a]}, {"params": [b], "lr": 5.0}], lr=1.0)
+    assert [g["lr"] for g in opt.param_groups] == [1.0, 5.0]
+    opt.lr = 0.25
+    assert opt.lr == 0.25 and [g["lr"] for g in opt.param_groups] == [0.25, 0.25]
+
+
+@pytest.mark.parametrize("make", [lambda ps: AdamW(ps, lr=0.1, weight_decay=0.1),
+                                  lambda ps: SGD(ps, lr=0.1, momentum=0.9)])
+def test_state_round_trip_gives_identical_next_steps(make):
+    rng = np.random.default_rng(2)
+    p1 = [Parameter(rng.standard_normal((3, 3)).astype(np.float32)), Parameter(np.ones(3, np.float32))]
+    opt1 = make(p1)
+    for t in range(2):
+        for p, g in zip(p1, grads_for(t, [(3, 3), (3,)])):
+            p.grad = g.astype(np.float32)
+        opt1.step()
+
+    p2 = [Parameter(p.data.copy()) for p in p1]
+    opt2 = make(p2)
+    state = opt1.state_dict()
+    opt2.load_state_dict({"state": {str(k): v for k, v in state["state"].items()},   # as after JSON
+                          "param_groups": state["param_groups"]})
+    for t in range(2, 4):
+        for ps in (p1, p2):
+            for p, g in zip(ps, grads_for(t, [(3, 3), (3,)])):
+                p.grad = g.astype(np.float32)
+        opt1.step()
+        opt2.step()
+        for a, b in zip(p1, p2):
+            np.testing.assert_array_equal(a.data, b.data)
+
+
+def test_state_dict_holds_numpy_copies():
+    p = Parameter(np.ones(2, np.float32))
+    opt = AdamW([p], lr=0.1)
+    p.grad = np.ones(2, np.float32)
+    opt.step()
+    sd = opt.state_dict()
+    assert sd["state"][0]["step"] == 1 and isinstance(sd["state"][0]["m"], np.ndarray)
+    sd["state"][0]["m"][:] = 99
+    assert opt.state[0]["m"][0] != 99
+    assert sd["param_groups"][0]["betas"] == [0.9, 0.95] and sd["param_groups"][0]["params"] == [0]
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError):
+        AdamW([], lr=0.1)
+    with pytest.raises(TypeError):
+        AdamW(Net(), lr=0.1)
+    with pytest.raises(ValueError):
+        AdamW([Parameter(np.zeros(1))], lr=0.1, betas=(0.9, 1.0))
+    p = Parameter(np.zeros(1))
+    with pytest.raises(ValueError, match="more than one"):
+        SGD([{"params": [p]}, {"params": [p]}], lr=0.1)
