@@ -202,20 +202,43 @@ _GELU_C = math.sqrt(2 / math.pi)
 
 
 class GELU(Function):
+    """GELU, computed in place: a (B, T, 4C) activation is the largest array of a GPT block."""
+
     def forward(self, x):
         xp = backend.get_array_module(x)
-        self.x = x
-        self.t = xp.tanh(x.dtype.type(_GELU_C) * (x + x.dtype.type(0.044715) * x * x * x))
-        return 0.5 * x * (1 + self.t)
+        c, a = x.dtype.type(_GELU_C), x.dtype.type(0.044715)
+        # (out= keeps 0-d inputs as arrays: x * x of a 0-d array is a NumPy scalar)
+        u = xp.multiply(x, x, out=xp.empty_like(x))  # u = √(2/π)(x + 0.044715 x³) = x(c + c·a·x²)
+        u *= c * a
+        u += c
+        u *= x
+        self.x, self.t = x, xp.tanh(u, out=u)      # t = tanh u
+        y = xp.add(self.t, 1, out=xp.empty_like(x))
+        y *= x
+        y *= x.dtype.type(0.5)
+        return y                                   # ½ x (1 + t)
 
     def backward(self, gy):
         """y = ½ x (1 + tanh u),  u = √(2/π) (x + 0.044715 x³):
 
         dy/dx = ½ (1 + tanh u) + ½ x (1 - tanh² u) √(2/π) (1 + 3 · 0.044715 x²).
         """
+        xp = backend.get_array_module(gy)
         x, t = self.x, self.t
-        du = x.dtype.type(_GELU_C) * (1 + x.dtype.type(3 * 0.044715) * x * x)
-        return (gy * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * du),)
+        half, c, a = x.dtype.type(0.5), x.dtype.type(_GELU_C), x.dtype.type(0.044715)
+        g = xp.multiply(x, x, out=xp.empty_like(x))  # ½ x · c(1 + 3a x²)
+        g *= 3 * a * c
+        g += c
+        g *= x
+        g *= half
+        s = xp.multiply(t, t, out=xp.empty_like(x))  # · (1 - t²)
+        xp.subtract(1, s, out=s)
+        g *= s
+        xp.add(t, 1, out=s)                        # + ½ (1 + t)
+        s *= half
+        g += s
+        g *= gy
+        return (g,)
 
 
 def gelu(x):
@@ -257,10 +280,9 @@ class CausalAttention(Function):
         xp = backend.get_array_module(q)
         Tq, Tk, hs = q.shape[-2], k.shape[-2], q.shape[-1]
         self.scale = q.dtype.type(1 / math.sqrt(hs))
-        att = (q @ xp.swapaxes(k, -1, -2)) * self.scale              # (B, nh, Tq, Tk)
-        # query i sits at absolute position Tk - Tq + i (later than every cached key)
-        future = xp.triu(xp.ones((Tq, Tk), dtype=bool), k=Tk - Tq + 1)
-        att[..., future] = -xp.inf
+        att = q @ xp.swapaxes(k, -1, -2)                             # (B, nh, Tq, Tk)
+        att *= self.scale
+        att += _causal_bias(xp, Tq, Tk, att.dtype)                   # -inf on future keys
         att -= att.max(axis=-1, keepdims=True)
         xp.exp(att, out=att)
         att /= att.sum(axis=-1, keepdims=True)                       # softmax, in place
@@ -281,6 +303,19 @@ class CausalAttention(Function):
         gq = gs @ self.k
         gk = xp.swapaxes(gs, -1, -2) @ self.q
         return gq, gk, gv
+
+
+_CAUSAL_BIAS = {}
+
+
+def _causal_bias(xp, Tq, Tk, dtype):
+    """(Tq, Tk): 0 where query i may see key j, -inf on the future. Query i sits at absolute
+    position Tk - Tq + i, after every cached key. Built once per shape and reused."""
+    key = (xp.__name__, Tq, Tk, dtype)
+    if key not in _CAUSAL_BIAS:
+        future = xp.triu(xp.ones((Tq, Tk), dtype=bool), k=Tk - Tq + 1)
+        _CAUSAL_BIAS[key] = xp.where(future, dtype.type(-xp.inf), dtype.type(0))
+    return _CAUSAL_BIAS[key]
 
 
 def causal_attention(q, k, v):

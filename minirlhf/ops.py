@@ -327,7 +327,7 @@ class Max(Function):
     def backward(self, gy):
         """y = max_axis x  ->  gx = gy at the argmax; ties share it evenly (as torch.amax)."""
         is_max = self.x == self.y
-        count = is_max.sum(axis=self.axis, keepdims=True)
+        count = is_max.sum(axis=self.axis, keepdims=True).astype(gy.dtype)
         g = _expand_reduced(gy, self.x.shape, self.axis, self.keepdims)
         return (is_max * (g / count),)
 
@@ -525,25 +525,33 @@ class MatMul(Function):
         if a.ndim < 2 or b.ndim < 2:
             raise ValueError("MatMul works on arrays of 2 or more dims (matmul() promotes vectors)")
         self.a, self.b = a, b
+        if b.ndim == 2 and a.ndim > 2:
+            # x (..., K) @ W (K, N), as in every Linear layer: one big GEMM over all rows is
+            # faster than a batch of small ones
+            return (a.reshape(-1, a.shape[-1]) @ b).reshape(a.shape[:-1] + b.shape[-1:])
         return a @ b
 
     def backward(self, gy):
         """y = a @ b  ->  ga = gy @ bᵀ, gb = aᵀ @ gy (batch axes summed back where broadcast)."""
         a, b = self.a, self.b
         xp = backend.get_array_module(gy)
-        ga = sum_to(gy @ xp.swapaxes(b, -1, -2), a.shape)
         if b.ndim == 2 and a.ndim > 2:
-            # a weight shared by every row: fold the batch into one big matmul instead of a
-            # batched product followed by a sum
-            gb = a.reshape(-1, a.shape[-1]).T @ gy.reshape(-1, gy.shape[-1])
-        else:
-            gb = sum_to(xp.swapaxes(a, -1, -2) @ gy, b.shape)
+            # a weight shared by every row: fold the batch axes into the rows of 2-d GEMMs
+            gy2 = gy.reshape(-1, gy.shape[-1])                            # (rows, N)
+            ga = (gy2 @ b.T).reshape(a.shape)
+            gb = a.reshape(-1, a.shape[-1]).T @ gy2                       # (K, N)
+            return ga, gb
+        ga = sum_to(gy @ xp.swapaxes(b, -1, -2), a.shape)
+        gb = sum_to(xp.swapaxes(a, -1, -2) @ gy, b.shape)
         return ga, gb
 
 
 def matmul(a, b):
     """``a @ b`` with NumPy's rules: batched, broadcasting, and 1-d vectors promoted then dropped."""
-    a, b = as_tensor(a), as_tensor(b)
+    if not isinstance(a, Tensor):
+        a = as_tensor(a, like=b if isinstance(b, Tensor) else None)
+    if not isinstance(b, Tensor):
+        b = as_tensor(b, like=a)
     if a.ndim == 0 or b.ndim == 0:
         raise _shape_error("matmul", a.shape, b.shape, "matmul needs at least 1-d operands")
     squeeze_front, squeeze_back = a.ndim == 1, b.ndim == 1

@@ -61,6 +61,9 @@ class Function:
         try:
             y = self.forward(*arrays)
         except ValueError as e:
+            if isinstance(e, ShapeError) or not any(w in str(e) for w in ("shape", "broadcast",
+                                                                           "dimension")):
+                raise
             shapes = " and ".join(str(tuple(a.shape)) for a in arrays)
             raise ShapeError(f"{self.name()}: incompatible shapes {shapes}: {e}") from None
         out = Tensor._wrap(y)
