@@ -159,6 +159,35 @@ def sigmoid(x):
 # layers
 
 
+class Linear(Function):
+    def forward(self, x, weight, bias=None):
+        self.x, self.weight, self.has_bias = x, weight, bias is not None
+        y = x.reshape(-1, x.shape[-1]) @ weight                      # (rows, out): one GEMM
+        if bias is not None:
+            y += bias                                                # in place: no extra copy
+        return y.reshape(x.shape[:-1] + weight.shape[-1:])
+
+    def backward(self, gy):
+        """y = x W + b over the rows of x (..., in), W (in, out):
+
+        gx = gy Wᵀ,  gW = Σ_rows xᵀ gy,  gb = Σ_rows gy.
+        """
+        gy2 = gy.reshape(-1, gy.shape[-1])                           # (rows, out)
+        gx = (gy2 @ self.weight.T).reshape(self.x.shape)
+        gw = self.x.reshape(-1, self.x.shape[-1]).T @ gy2            # (in, out)
+        return (gx, gw, gy2.sum(axis=0)) if self.has_bias else (gx, gw)
+
+
+def linear(x, weight, bias=None):
+    """``x @ weight + bias`` for x (..., in), weight (in, out), bias (out,): one fused node."""
+    if weight.ndim != 2 or x.shape[-1] != weight.shape[0] or (
+            bias is not None and bias.shape != weight.shape[1:]):
+        raise ValueError(f"linear: x {x.shape}, weight {weight.shape} and bias "
+                         f"{None if bias is None else bias.shape} do not fit: need x (..., in), "
+                         "weight (in, out), bias (out,)")
+    return Linear()(x, weight) if bias is None else Linear()(x, weight, bias)
+
+
 class LayerNorm(Function):
     def __init__(self, eps):
         self.eps = eps

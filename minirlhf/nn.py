@@ -224,8 +224,7 @@ class Linear(Module):
         self.bias = Parameter(np.zeros(out_features, dtype=dtype)) if bias else None
 
     def forward(self, x):
-        y = x @ self.weight                                  # (..., in) @ (in, out) -> (..., out)
-        return y + self.bias if self.bias is not None else y
+        return F.linear(x, self.weight, self.bias)          # (..., in) @ (in, out) + (out,)
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}"
