@@ -96,7 +96,8 @@ class CrossEntropy(Function):
         elif self.reduction == "sum":
             scale = gy * self.valid[:, None]
         else:
-            scale = (gy / self.count) * self.valid[:, None]
+            # no valid row: the loss is nan (as in PyTorch) but the gradient is 0, not nan
+            scale = (gy / max(self.count, 1)) * self.valid[:, None]
         return ((g * scale).reshape(self.shape),)
 
 

@@ -52,26 +52,32 @@ def gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-3, seed=0, mode="full"):
             o.backward(v, retain_graph=i < len(outs) - 1)
     analytic = [_grad_or_zeros(args[i]) for i in checked]
 
-    def phi():
+    def f():
         with no_grad():
-            return float(sum((o.data * v).sum() for o, v in zip(_outputs(fn(*args)), cotangents)))
+            return [o.data.copy() for o in _outputs(fn(*args))]
 
-    phi0 = phi()
+    def diff(ys, zs):
+        """φ(ys) - φ(zs) = Σ v ⊙ (ys - zs): subtracting before summing keeps large outputs from
+        cancelling away the small difference (as it would in φ(ys) - φ(zs) summed first)."""
+        return float(sum((v * (y - z)).sum() for v, y, z in zip(cotangents, ys, zs)))
+
+    y0 = f()
     for i, ga in zip(checked, analytic):
         x = args[i].data
         if mode == "directional":
             d = _like(rng.standard_normal(x.shape), x)
             d /= max(float(np.sqrt((d * d).sum())), 1e-12)
             x += eps * d
-            plus = phi()
+            plus = f()
             x -= 2 * eps * d
-            minus = phi()
+            minus = f()
             x += eps * d
-            numeric = (plus - minus) / (2 * eps)
+            numeric = diff(plus, minus) / (2 * eps)
             value = float((ga * d).sum())
             if abs(value - numeric) > atol + rtol * abs(numeric):
                 raise GradcheckError(_report(i, "along a random direction", value, numeric,
-                                             plus, minus, phi0, eps, atol, rtol))
+                                             diff(y0, minus) / eps, diff(plus, y0) / eps,
+                                             eps, atol, rtol))
             continue
 
         flat = x.reshape(-1)  # a view: writing it perturbs the input in place
@@ -80,18 +86,18 @@ def gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-3, seed=0, mode="full"):
         for j in range(flat.size):
             old = flat[j].item()
             flat[j] = old + eps
-            plus = phi()
+            plus = f()
             flat[j] = old - eps
-            minus = phi()
+            minus = f()
             flat[j] = old
-            numeric = (plus - minus) / (2 * eps)
+            numeric = diff(plus, minus) / (2 * eps)
             excess = abs(ga_flat[j] - numeric) - (atol + rtol * abs(numeric))
             if excess > 0 and (worst is None or excess > worst[0]):
-                worst = (excess, j, ga_flat[j], numeric, plus, minus)
+                worst = (excess, j, ga_flat[j], numeric, diff(y0, minus) / eps, diff(plus, y0) / eps)
         if worst is not None:
-            _, j, value, numeric, plus, minus = worst
+            _, j, value, numeric, left, right = worst
             where = f"element {tuple(int(k) for k in np.unravel_index(j, x.shape))}"
-            raise GradcheckError(_report(i, where, value, numeric, plus, minus, phi0, eps, atol, rtol))
+            raise GradcheckError(_report(i, where, value, numeric, left, right, eps, atol, rtol))
     return True
 
 
@@ -132,8 +138,8 @@ def _grad_or_zeros(t):
     return t.grad
 
 
-def _report(i, where, value, numeric, plus, minus, phi0, eps, atol, rtol):
-    left, right = (phi0 - minus) / eps, (plus - phi0) / eps
+def _report(i, where, value, numeric, left, right, eps, atol, rtol):
+    """``left``/``right``: the one-sided differences (φ(x) - φ(x-ε))/ε and (φ(x+ε) - φ(x))/ε."""
     kink = ""
     if abs(left - right) > 10 * (atol + rtol * abs(numeric)):
         kink = (f"\n  one-sided differences disagree (left {left:.6g}, right {right:.6g}): "

@@ -54,6 +54,11 @@ def _expand_reduced(g, shape, axis, keepdims):
 
 
 def _binary(fn_cls, a, b):
+    # an integer tensor meeting a Python float becomes float32 (PyTorch's rule), not float64
+    if isinstance(a, float) and isinstance(b, Tensor) and b.dtype.kind in "iub":
+        b = Tensor._wrap(b.data.astype(np.float32))
+    if isinstance(b, float) and isinstance(a, Tensor) and a.dtype.kind in "iub":
+        a = Tensor._wrap(a.data.astype(np.float32))
     if not isinstance(a, Tensor):
         a = as_tensor(a, like=b)
     if not isinstance(b, Tensor):
@@ -145,6 +150,9 @@ def mul(a, b):
 
 
 def div(a, b):
+    # true division of integers gives float32 (PyTorch's rule), not float64
+    if isinstance(a, Tensor) and a.dtype.kind in "iub":
+        a = Tensor._wrap(a.data.astype(np.float32))
     return _binary(Div, a, b)
 
 
@@ -554,14 +562,15 @@ def matmul(a, b):
         b = as_tensor(b, like=a)
     if a.ndim == 0 or b.ndim == 0:
         raise _shape_error("matmul", a.shape, b.shape, "matmul needs at least 1-d operands")
+    inner_b = b.shape[0] if b.ndim == 1 else b.shape[-2]
+    if a.shape[-1] != inner_b:
+        raise _shape_error("matmul", a.shape, b.shape,
+                           f"inner dimensions {a.shape[-1]} and {inner_b} differ")
     squeeze_front, squeeze_back = a.ndim == 1, b.ndim == 1
     if squeeze_front:
         a = a.reshape(1, a.shape[0])
     if squeeze_back:
         b = b.reshape(b.shape[0], 1)
-    if a.shape[-1] != b.shape[-2]:
-        raise _shape_error("matmul", a.shape, b.shape,
-                            f"inner dimensions {a.shape[-1]} and {b.shape[-2]} differ")
     y = MatMul()(a, b)
     if squeeze_front and squeeze_back:
         return y.reshape(y.shape[:-2])

@@ -49,6 +49,8 @@ class Function:
 
     Subclasses write ``forward(*arrays) -> array`` on raw NumPy/CuPy arrays, saving what backward
     needs on ``self``, and ``backward(gy) -> tuple of gx`` (one per input, ``None`` for no gradient).
+    A backward may return ``gy`` itself or a view of it, but never writes into ``gy`` and never
+    returns an array it keeps (the engine hands gradients to leaves without copying them).
     Calling a Function on Tensors runs forward and, when a gradient is wanted, links the output to it.
     """
 
@@ -221,13 +223,19 @@ class Tensor:
                                  f"tensor shape {self.shape}")
 
         grads = {id(self): grad}
+        kept = set()  # ids of the arrays now held as some leaf's .grad
         for t in reversed(_topological_order(self)):
             gy = grads.pop(id(t), None)
             if gy is None:
                 continue
             fn = t._ctx
-            if fn is None:  # a leaf: keep the gradient (a copy: gy may be shared with other leaves)
-                gy = gy.astype(t.data.dtype, copy=True)
+            if fn is None:  # a leaf: keep the gradient
+                # a leaf must own its .grad (optimisers and clipping update it in place): copy it
+                # when it is a view, the caller's array, another leaf's, or of another dtype
+                if (gy.dtype != t.data.dtype or gy.base is not None or gy is grad
+                        or id(gy) in kept):
+                    gy = gy.astype(t.data.dtype, copy=True)
+                kept.add(id(gy))
                 t.grad = gy if t.grad is None else t.grad + gy
                 continue
             gxs = fn.backward(gy)
@@ -237,7 +245,7 @@ class Tensor:
                 key = id(x)
                 grads[key] = gx if key not in grads else grads[key] + gx
             if not retain_graph:
-                t._ctx = None
+                t._ctx = _FREED
                 fn.inputs = ()
 
     # ----- arithmetic (the Functions live in ops.py) ------------------------------------------------
@@ -342,6 +350,18 @@ class Tensor:
 
     def masked_fill(self, mask, value):
         return ops.masked_fill(self, mask, value)
+
+
+class _Freed(Function):
+    """Stands where a Function was once ``backward()`` has released it."""
+
+    def backward(self, gy):
+        raise RuntimeError("backward() through a graph that was already freed by an earlier "
+                           "backward(): pass backward(retain_graph=True) the first time to go "
+                           "through it twice")
+
+
+_FREED = _Freed()
 
 
 def _raw(x):
