@@ -314,6 +314,9 @@ def embedding(ids, weight):
 
 
 class CausalAttention(Function):
+    def __init__(self, allowed=None):
+        self.allowed = allowed
+
     def forward(self, q, k, v):
         xp = backend.get_array_module(q)
         # heads split out of one (B, T, 3C) projection are views whose rows are far apart; batched
@@ -325,7 +328,10 @@ class CausalAttention(Function):
         self.scale = q.dtype.type(1 / math.sqrt(hs))
         att = q @ xp.swapaxes(k, -1, -2)                             # (B, nh, Tq, Tk)
         att *= self.scale
-        att += _causal_bias(xp, Tq, Tk, att.dtype)                   # -inf on future keys
+        if self.allowed is None:
+            att += _causal_bias(xp, Tq, Tk, att.dtype)               # -inf on future keys
+        else:
+            att = xp.where(self.allowed, att, att.dtype.type(-xp.inf))
         att -= att.max(axis=-1, keepdims=True)
         xp.exp(att, out=att)
         att /= att.sum(axis=-1, keepdims=True)                       # softmax, in place
@@ -335,7 +341,8 @@ class CausalAttention(Function):
     def backward(self, gy):
         """y = P v,  P = softmax(s),  s = q kᵀ / √hs with future keys masked out:
 
-        gv = Pᵀ gy,  gP = gy vᵀ,  gs = P ⊙ (gP - Σ_j gP_j P_j),  gq = gs k / √hs,  gk = gsᵀ q / √hs.
+        gv = Pᵀ gy,  gP = gy vᵀ,  gs = P ⊙ (gP - Σ_j gP_j P_j),  gq = gs k / √hs,  gk = gsᵀ q / √hs
+        (masked places have P = 0, so they pass no gradient).
         """
         xp = backend.get_array_module(gy)
         P = self.att
@@ -361,12 +368,15 @@ def _causal_bias(xp, Tq, Tk, dtype):
     return _CAUSAL_BIAS[key]
 
 
-def causal_attention(q, k, v):
+def causal_attention(q, k, v, mask=None):
     """softmax(q kᵀ / √hs + causal mask) v for q (..., Tq, hs) and k, v (..., Tk, hs), Tq <= Tk.
 
-    With a KV cache the Tq new queries are the last Tq positions of the Tk keys.
+    With a KV cache the Tq new queries are the last Tq positions of the Tk keys. ``mask``, a
+    boolean array broadcastable to (..., Tq, Tk) that is True where a query may attend, replaces
+    the causal mask (it must include causality; generation uses it to keep left padding out of
+    attention). Every query must be allowed at least one key.
     """
     if q.shape[-2] > k.shape[-2] or k.shape != v.shape or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"causal_attention: q {q.shape}, k {k.shape}, v {v.shape} do not fit "
                          "(need Tq <= Tk, k and v of one shape, one head size)")
-    return CausalAttention()(as_tensor(q), as_tensor(k), as_tensor(v))
+    return CausalAttention(mask)(as_tensor(q), as_tensor(k), as_tensor(v))

@@ -28,7 +28,7 @@ import numpy as np
 from . import backend
 from . import functional as F
 from .nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList
-from .tensor import Function, Tensor, no_grad
+from .tensor import Tensor, no_grad
 
 
 @dataclass
@@ -50,46 +50,6 @@ class GPTConfig:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-
-# ===================================================================================================
-# attention with a padding mask (for left-padded batches in generation)
-
-
-class MaskedAttention(Function):
-    """softmax(q kᵀ/√hs where allowed, -inf elsewhere) v: `F.causal_attention` with any mask.
-
-    ``allowed`` (B, 1, Tq, Tk) is True where a query may look at a key. Generation uses it to keep
-    left padding out of every real token's attention; each row must allow at least one key.
-    """
-
-    def __init__(self, allowed):
-        self.allowed = allowed
-
-    def forward(self, q, k, v):
-        xp = backend.get_array_module(q)
-        self.scale = q.dtype.type(1 / math.sqrt(q.shape[-1]))
-        att = (q @ xp.swapaxes(k, -1, -2)) * self.scale              # (B, nh, Tq, Tk)
-        att = xp.where(self.allowed, att, q.dtype.type(-xp.inf))
-        att -= att.max(axis=-1, keepdims=True)
-        xp.exp(att, out=att)
-        att /= att.sum(axis=-1, keepdims=True)                       # P, 0 where not allowed
-        self.q, self.k, self.v, self.att = q, k, v, att
-        return att @ v                                               # (B, nh, Tq, hs)
-
-    def backward(self, gy):
-        """y = P v, P = softmax(s), s = q kᵀ/√hs (masked):
-
-        gv = Pᵀ gy,  gP = gy vᵀ,  gs = P ⊙ (gP - Σ_j gP_j P_j),  gq = gs k/√hs,  gk = gsᵀ q/√hs
-        (masked places have P = 0, so they pass no gradient).
-        """
-        xp = backend.get_array_module(gy)
-        P = self.att
-        gv = xp.swapaxes(P, -1, -2) @ gy
-        gP = gy @ xp.swapaxes(self.v, -1, -2)
-        gs = P * (gP - (gP * P).sum(axis=-1, keepdims=True))
-        gs *= self.scale
-        return gs @ self.k, xp.swapaxes(gs, -1, -2) @ self.q, gv
 
 
 # ===================================================================================================
@@ -177,10 +137,7 @@ class CausalSelfAttention(Module):
         q, k, v = qkv[0], qkv[1], qkv[2]                             # (B, nh, T, hs)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)                      # (B, nh, T_so_far, hs)
-        if mask is None:
-            y = F.causal_attention(q, k, v)                          # (B, nh, T, hs)
-        else:
-            y = MaskedAttention(mask)(q, k, v)                       # (B, nh, T, hs)
+        y = F.causal_attention(q, k, v, mask)                        # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)                       # (B, T, C): heads side by side
         return self.resid_dropout(self.c_proj(y))
 

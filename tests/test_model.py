@@ -7,7 +7,7 @@ import pytest
 
 import minirlhf as mr
 import minirlhf.functional as F
-from minirlhf.model import GPT, GPTConfig, KVCache, MaskedAttention, RewardModel
+from minirlhf.model import GPT, GPTConfig, KVCache, RewardModel
 from minirlhf.optim import AdamW, param_groups
 
 TINY = dict(n_layer=2, n_embd=16, n_head=2, block_size=8, vocab_size=11)
@@ -188,15 +188,15 @@ def test_logits_with_the_kv_cache_match_a_full_forward(device, rng):
     np.testing.assert_allclose(np.concatenate(parts, axis=1), full, atol=1e-5, rtol=0)
 
 
-def test_masked_attention_is_causal_attention_under_a_causal_mask_and_its_gradient_checks(rng):
+def test_attention_with_a_causal_mask_is_causal_attention_and_any_mask_gradient_checks(rng):
     q, k, v = (rng.standard_normal((2, 2, 3, 4)) for _ in range(3))
     causal = np.tril(np.ones((3, 3), dtype=bool))[None, None]
     args = [mr.tensor(a) for a in (q, k, v)]
-    np.testing.assert_allclose(MaskedAttention(causal)(*args).data, F.causal_attention(*args).data,
-                               rtol=1e-12)
+    np.testing.assert_allclose(F.causal_attention(*args, mask=causal).data,
+                               F.causal_attention(*args).data, rtol=1e-12)
     mask = rng.random((2, 1, 3, 3)) < 0.5
     mask[..., 0] = True                                                # every row sees a key
-    assert mr.gradcheck(lambda q, k, v: MaskedAttention(mask)(q, k, v), [q, k, v])
+    assert mr.gradcheck(lambda q, k, v: F.causal_attention(q, k, v, mask=mask), [q, k, v])
 
 
 def test_left_padding_in_the_cache_changes_nothing_for_the_real_tokens(rng):

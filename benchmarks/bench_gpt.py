@@ -1,0 +1,318 @@
+"""GPT training and sampling speed, ours against the same model in PyTorch, side by side.
+
+    python benchmarks/bench_gpt.py                              # tiny, small, medium on the CPU
+    python benchmarks/bench_gpt.py --configs small --rounds 3
+    python benchmarks/bench_gpt.py --device cuda --configs medium gpt2
+
+Each measurement runs in its own process, alternating ours and PyTorch (A B A B ...): NumPy's and
+PyTorch's BLAS thread pools in one process slow each other down by up to 100x, and a shared machine
+drifts, so only ratios measured in one run mean anything. Per config it reports:
+
+- training tokens/s: forward, cross-entropy, backward and an AdamW step, float32;
+- sampling tokens/s: batched generation with the KV cache (and ours without it);
+- peak memory of training: the peak resident set above what the process held before its first step
+  (CPU), or the allocator's peak (GPU);
+- our share of the float32 matmul peak, measured in the same run with one large GEMM.
+
+PyTorch is optional (`pip install torch==2.13.0`); without it only our numbers are printed.
+"""
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+CONFIGS = {  # name: (n_layer, n_embd, n_head, block_size, batch_size, vocab_size)
+    "tiny": (2, 64, 4, 64, 16, 256),
+    "small": (4, 128, 4, 128, 16, 256),
+    "medium": (6, 384, 6, 256, 8, 256),
+    "gpt2": (12, 768, 12, 1024, 8, 50304),
+}
+SAMPLE_PROMPTS, SAMPLE_NEW = 8, 112      # 8 prompts of 16 tokens, 112 new tokens each
+
+
+def flops_per_token(L, C, T, V):
+    """Training FLOPs per token: 6 per parameter-token (forward 2, backward 4) plus attention."""
+    params = 12 * L * C * C + V * C
+    return 6 * params + 12 * L * T * C
+
+
+# ----- workers: one measurement each, in a fresh process --------------------------------------------
+
+def rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def cpu_peak_above(base):
+    """The process's peak resident set, in bytes above ``base``."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+
+
+def timed_steps(step, sync, steps):
+    """Seconds for ``steps`` calls of ``step`` after one untimed warm-up call."""
+    step()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    return time.perf_counter() - t0
+
+
+def worker_ours(cfg_name, what, device, steps):
+    import numpy as np
+
+    import minirlhf.functional as F
+    from minirlhf.model import GPT, GPTConfig, generate
+    from minirlhf.optim import AdamW, param_groups
+    from minirlhf.tensor import Tensor
+
+    L, C, H, T, B, V = CONFIGS[cfg_name]
+    model = GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=L, n_head=H, n_embd=C), seed=0).to(device)
+    rng = np.random.default_rng(0)
+    if what == "train":
+        opt = AdamW(param_groups(model, 0.1), lr=1e-4)
+        x = Tensor(rng.integers(0, V, (B, T))).to(device)
+        y = Tensor(rng.integers(0, V, (B, T))).to(device)
+        sync = _sync(device)
+
+        def step():
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            return loss
+
+        base = rss_bytes()
+        if device == "cuda":
+            import cupy
+            pool = cupy.get_default_memory_pool()
+            base = pool.used_bytes()
+        seconds = timed_steps(step, sync, steps)
+        peak = pool.total_bytes() - base if device == "cuda" else cpu_peak_above(base)
+        return {"tokens_per_s": steps * B * T / seconds, "peak_mb": peak / 2**20}
+    prompts = rng.integers(0, V, (SAMPLE_PROMPTS, 16)).tolist()
+    use_cache = what == "sample"
+    generate(model, prompts, 4, temperature=1.0, seed=0, use_cache=use_cache)
+    t0 = time.perf_counter()
+    generate(model, prompts, SAMPLE_NEW, temperature=1.0, seed=0, use_cache=use_cache)
+    return {"tokens_per_s": SAMPLE_PROMPTS * SAMPLE_NEW / (time.perf_counter() - t0)}
+
+
+def _sync(device):
+    if device == "cuda":
+        import cupy
+        return cupy.cuda.Device().synchronize
+    return lambda: None
+
+
+def worker_torch(cfg_name, what, device, steps):
+    import torch
+    import torch.nn as nn
+    from torch.nn import functional as TF
+
+    L, C, H, T, B, V = CONFIGS[cfg_name]
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_1, self.ln_2 = nn.LayerNorm(C), nn.LayerNorm(C)
+            self.c_attn, self.c_proj = nn.Linear(C, 3 * C), nn.Linear(C, C)
+            self.c_fc, self.mlp_proj = nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
+
+        def forward(self, x, cache=None):
+            B_, T_, _ = x.shape
+            q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
+            q, k, v = (t.view(B_, T_, H, C // H).transpose(1, 2) for t in (q, k, v))
+            if cache is not None:
+                if cache:
+                    k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
+                cache[:] = [k, v]
+            Tk = k.shape[2]
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(C // H)       # explicit attention
+            mask = torch.ones(T_, Tk, dtype=torch.bool, device=x.device).tril(Tk - T_)
+            att = att.masked_fill(~mask, float("-inf")).softmax(-1)
+            y = (att @ v).transpose(1, 2).reshape(B_, T_, C)
+            x = x + self.c_proj(y)
+            return x + self.mlp_proj(TF.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+    class GPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte, self.wpe = nn.Embedding(V, C), nn.Embedding(T, C)
+            self.h = nn.ModuleList(Block() for _ in range(L))
+            self.ln_f = nn.LayerNorm(C)
+
+        def forward(self, idx, caches=None, start=0):
+            pos = torch.arange(start, start + idx.shape[1], device=idx.device)
+            x = self.wte(idx) + self.wpe(pos)
+            for i, block in enumerate(self.h):
+                x = block(x, None if caches is None else caches[i])
+            return self.ln_f(x) @ self.wte.weight.T
+
+    model = GPT().to(device)
+    if what == "train":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+        x = torch.randint(0, V, (B, T), device=device)
+        y = torch.randint(0, V, (B, T), device=device)
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+        def step():
+            loss = TF.cross_entropy(model(x).view(-1, V), y.view(-1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        base = rss_bytes() if device == "cpu" else torch.cuda.memory_allocated()
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        seconds = timed_steps(step, sync, steps)
+        peak = torch.cuda.max_memory_allocated() - base if device == "cuda" else cpu_peak_above(base)
+        return {"tokens_per_s": steps * B * T / seconds, "peak_mb": peak / 2**20}
+
+    prompts = torch.randint(0, V, (SAMPLE_PROMPTS, 16), device=device)
+
+    @torch.no_grad()
+    def sample(n):
+        caches = [[] for _ in range(L)]
+        logits = model(prompts, caches)
+        pos = prompts.shape[1]
+        for _ in range(n):
+            probs = logits[:, -1].softmax(-1)
+            tok = torch.multinomial(probs, 1)
+            logits = model(tok, caches, start=pos)
+            pos += 1
+
+    sample(4)
+    t0 = time.perf_counter()
+    sample(SAMPLE_NEW)
+    return {"tokens_per_s": SAMPLE_PROMPTS * SAMPLE_NEW / (time.perf_counter() - t0)}
+
+
+def worker_matmul(device):
+    """float32 GEMM throughput of the array library: the peak our training is measured against."""
+    import numpy as np
+    n = 2048 if device == "cpu" else 8192
+    if device == "cuda":
+        import cupy as xp
+    else:
+        xp = np
+    a = xp.asarray(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
+    b = a.copy()
+    sync = _sync(device)
+    a @ b
+    sync()
+    best = math.inf
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return {"gflops": 2 * n ** 3 / best / 1e9}
+
+
+# ----- the driver: alternate processes, collect, print ------------------------------------------------
+
+def run_worker(args_list, timeout):
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", *args_list]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def torch_available():
+    return subprocess.run([sys.executable, "-c", "import torch"], capture_output=True).returncode == 0
+
+
+def median_of(results, key):
+    values = [r[key] for r in results if key in r]
+    return statistics.median(values) if values else float("nan")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--configs", nargs="+", default=["tiny", "small", "medium"], choices=list(CONFIGS))
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--rounds", type=int, default=2, help="A B rounds per measurement (median taken)")
+    p.add_argument("--steps", type=int, default=None, help="timed training steps (default per config)")
+    p.add_argument("--no-torch", action="store_true", help="only our numbers")
+    p.add_argument("--timeout", type=int, default=600)
+    p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.worker:
+        kind, *rest = args.worker
+        if kind == "matmul":
+            result = worker_matmul(rest[0])
+        else:
+            cfg_name, what, device, steps = rest
+            fn = worker_ours if kind == "ours" else worker_torch
+            result = fn(cfg_name, what, device, int(steps))
+        print(json.dumps(result))
+        return
+
+    with_torch = not args.no_torch and torch_available()
+    frameworks = ["ours", "torch"] if with_torch else ["ours"]
+    peak = statistics.median(run_worker(["matmul", args.device], args.timeout)["gflops"]
+                             for _ in range(3))
+    print(f"device {args.device}; float32 matmul peak {peak:.1f} GFLOP/s; "
+          f"PyTorch {'found' if with_torch else 'not installed: ours only'}\n")
+
+    rows = []
+    for name in args.configs:
+        L, C, H, T, B, V = CONFIGS[name]
+        steps = args.steps or {"tiny": 20, "small": 10, "medium": 4, "gpt2": 5}[name]
+        results = {(fw, what): [] for fw in frameworks for what in ("train", "sample", "sample_nocache")}
+        for _ in range(args.rounds):
+            for what in ("train", "sample", "sample_nocache"):
+                for fw in frameworks:
+                    if fw == "torch" and what == "sample_nocache":
+                        continue
+                    r = run_worker([fw, name, what, args.device, str(steps)], args.timeout)
+                    if "error" in r:
+                        print(f"  {fw} {name} {what}: {r['error']}", file=sys.stderr)
+                    else:
+                        results[(fw, what)].append(r)
+        ours_train = median_of(results[("ours", "train")], "tokens_per_s")
+        row = {"config": name, "ours_train": ours_train,
+               "ours_peak_mb": median_of(results[("ours", "train")], "peak_mb"),
+               "ours_sample": median_of(results[("ours", "sample")], "tokens_per_s"),
+               "ours_sample_nocache": median_of(results[("ours", "sample_nocache")], "tokens_per_s"),
+               "matmul_share": ours_train * flops_per_token(L, C, T, V) / (peak * 1e9)}
+        if with_torch:
+            row.update({"torch_train": median_of(results[("torch", "train")], "tokens_per_s"),
+                        "torch_peak_mb": median_of(results[("torch", "train")], "peak_mb"),
+                        "torch_sample": median_of(results[("torch", "sample")], "tokens_per_s")})
+        rows.append(row)
+        print_table(rows, with_torch)
+        print()
+
+
+def print_table(rows, with_torch):
+    head = "| config | train tok/s (ours) | share of matmul peak | sample tok/s (ours, cache) | " \
+           "sample tok/s (ours, no cache) | peak MB (ours) |"
+    if with_torch:
+        head += " train tok/s (torch) | train ratio | sample tok/s (torch) | sample ratio | " \
+                "peak MB (torch) | memory ratio |"
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for r in rows:
+        line = (f"| {r['config']} | {r['ours_train']:,.0f} | {r['matmul_share']:.2f} | "
+                f"{r['ours_sample']:,.0f} | {r['ours_sample_nocache']:,.0f} | {r['ours_peak_mb']:,.0f} |")
+        if with_torch:
+            line += (f" {r['torch_train']:,.0f} | {r['ours_train'] / r['torch_train']:.2f} | "
+                     f"{r['torch_sample']:,.0f} | {r['ours_sample'] / r['torch_sample']:.2f} | "
+                     f"{r['torch_peak_mb']:,.0f} | {r['ours_peak_mb'] / max(r['torch_peak_mb'], 1e-9):.2f} |")
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
