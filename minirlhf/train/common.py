@@ -160,6 +160,8 @@ def optimise(model, optimizer, loss, grad_clip):
     return norm
 
 
-def means(rows):
-    """Average a list of metric dicts key by key."""
-    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]} if rows else {}
+def weighted_means(rows, weights):
+    """Average metric dicts key by key, each weighted (by its batch's size): a last batch of one
+    pair must not count as much as a full one."""
+    total = sum(weights)
+    return {k: sum(w * r[k] for r, w in zip(rows, weights)) / total for k in rows[0]} if rows else {}

@@ -22,8 +22,8 @@ from ..losses import dpo_loss
 from ..optim import AdamW, lr_schedule, param_groups
 from ..tensor import no_grad
 from ..tokenizer import ByteTokenizer
-from .common import (RunLog, check_common, config_summary, encode_rows, load_policy, means, opt,
-                     optimise, require, split_holdout, to_device)
+from .common import (RunLog, check_common, config_summary, encode_rows, load_policy, opt, optimise,
+                     require, split_holdout, to_device, weighted_means)
 
 
 @dataclass
@@ -92,10 +92,12 @@ def dpo(cfg):
 
     def evaluate():
         policy.eval()
+        batches = [val_idx[i:i + cfg.batch_size] for i in range(0, len(val_idx), cfg.batch_size)]
         with no_grad():
-            rows = [loss_of(val_idx[i:i + cfg.batch_size]) for i in range(0, len(val_idx), cfg.batch_size)]
+            rows = [loss_of(batch) for batch in batches]
         policy.train()
-        return means([{"loss": loss.item(), **m} for loss, m in rows])
+        return weighted_means([{"loss": loss.item(), **m} for loss, m in rows],
+                              [len(b) for b in batches])
 
     optimizer = AdamW(param_groups(policy, 0.0), lr=cfg.lr)
     log = RunLog(cfg.out_dir, cfg.max_steps, "dpo", quiet=cfg.quiet)

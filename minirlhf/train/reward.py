@@ -22,8 +22,8 @@ from ..model import RewardModel
 from ..optim import AdamW, lr_schedule, param_groups
 from ..tensor import no_grad
 from ..tokenizer import ByteTokenizer
-from .common import (RunLog, check_common, config_summary, encode_rows, load_policy, means, opt,
-                     optimise, split_holdout, to_device)
+from .common import (RunLog, check_common, config_summary, encode_rows, load_policy, opt, optimise,
+                     split_holdout, to_device, weighted_means)
 
 
 @dataclass
@@ -60,11 +60,11 @@ def pair_loss(rm, pairs, cfg):
 
 def evaluate(rm, pairs, cfg):
     rm.eval()
+    batches = [pairs[i:i + cfg.batch_size] for i in range(0, len(pairs), cfg.batch_size)]
     with no_grad():
-        rows = [pair_loss(rm, pairs[i:i + cfg.batch_size], cfg)
-                for i in range(0, len(pairs), cfg.batch_size)]
+        rows = [pair_loss(rm, batch, cfg) for batch in batches]
     rm.train()
-    return means([{"loss": loss.item(), **m} for loss, m in rows])
+    return weighted_means([{"loss": loss.item(), **m} for loss, m in rows], [len(b) for b in batches])
 
 
 def reward(cfg):

@@ -51,11 +51,13 @@ def evaluate(model, rows, cfg):
     if not rows:
         return None
     model.eval()
+    batches = [collate(rows[i:i + cfg.batch_size]) for i in range(0, len(rows), cfg.batch_size)]
     with no_grad():
-        losses = [batch_loss(model, collate(rows[i:i + cfg.batch_size]), cfg.device).item()
-                  for i in range(0, len(rows), cfg.batch_size)]
+        losses = [batch_loss(model, batch, cfg.device).item() for batch in batches]
     model.train()
-    return float(np.mean(losses))
+    # the mean over all completion tokens: weight each batch's mean by its number of tokens
+    tokens = [batch["completion_mask"][:, 1:].sum() for batch in batches]
+    return float(np.average(losses, weights=tokens))
 
 
 def sft(cfg):
