@@ -34,7 +34,7 @@ class PretrainConfig:
     block_size: int = opt(128, "context length in tokens (bytes)")
     dropout: float = opt(0.0, "dropout probability")
     batch_size: int = opt(16, "windows per step")
-    max_steps: int = opt(2000, "optimisation steps")
+    max_steps: int = opt(1500, "optimisation steps")
     lr: float = opt(3e-3, "peak learning rate")
     min_lr: float = opt(3e-4, "learning rate at the end of the cosine decay")
     warmup_steps: int = opt(100, "steps of linear warm-up")
