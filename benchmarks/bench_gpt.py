@@ -33,7 +33,12 @@ CONFIGS = {  # name: (n_layer, n_embd, n_head, block_size, batch_size, vocab_siz
     "medium": (6, 384, 6, 256, 8, 256),
     "gpt2": (12, 768, 12, 1024, 8, 50304),
 }
-SAMPLE_PROMPTS, SAMPLE_NEW = 8, 112      # 8 prompts of 16 tokens, 112 new tokens each
+SAMPLE_PROMPTS, SAMPLE_NEW = 8, 112      # 8 prompts of 16 tokens, up to 112 new tokens each
+
+
+def new_tokens(block_size):
+    """Tokens to sample: 112, or fewer when the context would overflow (tiny's is 64)."""
+    return min(SAMPLE_NEW, block_size - 16)
 
 
 def flops_per_token(L, C, T, V):
@@ -101,8 +106,8 @@ def worker_ours(cfg_name, what, device, steps):
     use_cache = what == "sample"
     generate(model, prompts, 4, temperature=1.0, seed=0, use_cache=use_cache)
     t0 = time.perf_counter()
-    generate(model, prompts, SAMPLE_NEW, temperature=1.0, seed=0, use_cache=use_cache)
-    return {"tokens_per_s": SAMPLE_PROMPTS * SAMPLE_NEW / (time.perf_counter() - t0)}
+    generate(model, prompts, new_tokens(T), temperature=1.0, seed=0, use_cache=use_cache)
+    return {"tokens_per_s": SAMPLE_PROMPTS * new_tokens(T) / (time.perf_counter() - t0)}
 
 
 def _sync(device):
@@ -192,8 +197,8 @@ def worker_torch(cfg_name, what, device, steps):
 
     sample(4)
     t0 = time.perf_counter()
-    sample(SAMPLE_NEW)
-    return {"tokens_per_s": SAMPLE_PROMPTS * SAMPLE_NEW / (time.perf_counter() - t0)}
+    sample(new_tokens(T))
+    return {"tokens_per_s": SAMPLE_PROMPTS * new_tokens(T) / (time.perf_counter() - t0)}
 
 
 def worker_matmul(device):
