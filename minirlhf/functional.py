@@ -326,8 +326,8 @@ class CausalAttention(Function):
                    else xp.ascontiguousarray(a) for a in (q, k, v))
         Tq, Tk, hs = q.shape[-2], k.shape[-2], q.shape[-1]
         self.scale = q.dtype.type(1 / math.sqrt(hs))
-        att = q @ xp.swapaxes(k, -1, -2)                             # (B, nh, Tq, Tk)
-        att *= self.scale
+        # s = (q / √hs) kᵀ: scaling q (…, T, hs) is cheaper than scaling s (…, T, T)
+        att = (q * self.scale) @ xp.swapaxes(k, -1, -2)              # (B, nh, Tq, Tk)
         if self.allowed is None:
             att += _causal_bias(xp, Tq, Tk, att.dtype)               # -inf on future keys
         else:
@@ -346,12 +346,14 @@ class CausalAttention(Function):
         """
         xp = backend.get_array_module(gy)
         P = self.att
-        gv = xp.swapaxes(P, -1, -2) @ gy
-        gP = gy @ xp.swapaxes(self.v, -1, -2)
-        gs = P * (gP - (gP * P).sum(axis=-1, keepdims=True))
-        gs *= self.scale
-        gq = gs @ self.k
+        gv = xp.swapaxes(P, -1, -2) @ gy                             # (B, nh, Tk, hs)
+        gs = gy @ xp.swapaxes(self.v, -1, -2)                        # gP, (B, nh, Tq, Tk)
+        gs -= (gs * P).sum(axis=-1, keepdims=True)                   # gs = P ⊙ (gP - Σ gP P), in place
+        gs *= P
+        gq = gs @ self.k                                             # 1/√hs applied to the small
+        gq *= self.scale                                             # (…, T, hs) results
         gk = xp.swapaxes(gs, -1, -2) @ self.q
+        gk *= self.scale
         return gq, gk, gv
 
 
