@@ -59,7 +59,7 @@ class Function:
     def __call__(self, *inputs):
         arrays = [t.data for t in inputs]
         if backend.cupy is not None and len(arrays) > 1:
-            _check_same_device(type(self).__name__, arrays)
+            _check_same_device(self.name(), arrays)
         try:
             y = self.forward(*arrays)
         except ValueError as e:
