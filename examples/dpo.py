@@ -1,6 +1,7 @@
 """DPO, the loop written out: preferences straight into the policy, no reward model, no sampling.
 
-    python examples/dpo.py            # ~1-2 minutes
+    python examples/dpo.py            # under a minute (the first example run also trains the tiny
+                                      # pretrained and SFT models it starts from, ~1 minute)
     python examples/dpo.py --smoke
 
     L_DPO = -mean log σ(β·[(log p_θ(y_w) - log p_ref(y_w)) - (log p_θ(y_l) - log p_ref(y_l))])

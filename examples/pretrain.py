@@ -1,6 +1,6 @@
 """Pretraining, the loop written out: next-token cross-entropy on Shakespeare, then a sample.
 
-    python examples/pretrain.py             # ~2 minutes on 2 CPU cores
+    python examples/pretrain.py             # ~20 seconds on 2 CPU cores
     python examples/pretrain.py --smoke     # a few steps
 
     L(θ) = -1/(B·T) Σ_b Σ_t log p_θ(x_{t+1} | x_≤t)

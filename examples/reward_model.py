@@ -1,6 +1,7 @@
 """Step 2, a Bradley-Terry reward model, the loop written out.
 
-    python examples/reward_model.py            # ~1-2 minutes
+    python examples/reward_model.py            # under a minute (the first example run also trains the tiny
+                                      # pretrained and SFT models it starts from, ~1 minute)
     python examples/reward_model.py --smoke
 
     P(y_w ≻ y_l | x) = σ(r(x, y_w) - r(x, y_l))          L_BT = -mean log σ(r_w - r_l)

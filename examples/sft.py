@@ -1,6 +1,6 @@
 """Step 1, supervised fine-tuning, the loop written out: learn the completions, never the prompts.
 
-    python examples/sft.py             # ~1-2 minutes (pretrains a tiny model first if needed)
+    python examples/sft.py             # under a minute (pretrains a tiny model first if needed)
     python examples/sft.py --smoke
 
     L_SFT = -(1/N) Σ_t m_t · log p_θ(y_t | x, y_<t)      m = completion_mask (prompt and padding are 0)

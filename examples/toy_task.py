@@ -73,5 +73,5 @@ def ensure_sft(smoke=False):
     if not path.exists():
         files = make_files()
         sft(SFTConfig(data=files["sft"], init=ensure_pretrained(smoke), out_dir=str(path.parent),
-                      max_steps=3 if smoke else 150, lr=1e-3, quiet=True))
+                      max_steps=3 if smoke else 400, lr=2e-3, quiet=True))
     return str(path)
