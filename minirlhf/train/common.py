@@ -45,10 +45,9 @@ def check_common(cfg):
         require(cfg.beta > 0, f"beta must be positive, got {cfg.beta}")
 
 
-def to_device(array, device, dtype=None):
-    """A NumPy batch array as a Tensor on ``device`` (no gradient)."""
-    t = Tensor(array if dtype is None else array.astype(dtype))
-    return t.to(device)
+def batch_tensor(array, device):
+    """A NumPy batch array (token ids, masks) as a Tensor on ``device``, with no gradient."""
+    return Tensor(array).to(device)
 
 
 class RunLog:

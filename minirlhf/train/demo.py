@@ -50,7 +50,7 @@ from ..logprobs import sequence_logprobs
 from ..model import generate
 from ..tensor import no_grad
 from ..tokenizer import ByteTokenizer
-from .common import ConfigError, check_common, opt, require, to_device
+from .common import ConfigError, check_common, opt, require, batch_tensor
 from .dpo import DPOConfig, dpo
 from .pretrain import PretrainConfig, pretrain
 from .reward import RewardConfig, reward
@@ -289,8 +289,8 @@ def batched_logprobs(model, rows, device, batch_size=64):
     with no_grad():
         for i in range(0, len(rows), batch_size):
             batch = collate(rows[i:i + batch_size])
-            _, logp = sequence_logprobs(model, to_device(batch["input_ids"], device),
-                                        to_device(batch["completion_mask"], device))
+            _, logp = sequence_logprobs(model, batch_tensor(batch["input_ids"], device),
+                                        batch_tensor(batch["completion_mask"], device))
             out.append(to_numpy(logp.data).astype(np.float64))
     return np.concatenate(out)
 
@@ -302,7 +302,7 @@ def batched_rewards(rm, rows, device, batch_size=64):
     with no_grad():
         for i in range(0, len(rows), batch_size):
             batch = collate(rows[i:i + batch_size])
-            r = rm(to_device(batch["input_ids"], device), batch["lengths"])
+            r = rm(batch_tensor(batch["input_ids"], device), batch["lengths"])
             out.append(to_numpy(r.data).astype(np.float64))
     return np.concatenate(out)
 

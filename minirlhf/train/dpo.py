@@ -23,7 +23,7 @@ from ..optim import AdamW, lr_schedule, param_groups
 from ..tensor import no_grad
 from ..tokenizer import ByteTokenizer
 from .common import (RunLog, check_common, config_summary, encode_rows, load_policy, opt, optimise,
-                     require, split_holdout, to_device, weighted_means)
+                     require, split_holdout, batch_tensor, weighted_means)
 
 
 @dataclass
@@ -49,8 +49,8 @@ class DPOConfig:
 def pair_logps(model, pairs, device):
     """log p(y_w|x) and log p(y_l|x) (each (B,)) of a batch of (chosen row, rejected row) pairs."""
     batch = collate([c for c, _ in pairs] + [r for _, r in pairs])
-    _, logp = sequence_logprobs(model, to_device(batch["input_ids"], device),
-                                to_device(batch["completion_mask"], device))        # (2B,)
+    _, logp = sequence_logprobs(model, batch_tensor(batch["input_ids"], device),
+                                batch_tensor(batch["completion_mask"], device))        # (2B,)
     B = len(pairs)
     return logp[:B], logp[B:]
 

@@ -21,7 +21,7 @@ from ..model import GPT, GPTConfig, generate
 from ..optim import AdamW, clip_grad_norm_, lr_schedule, param_groups
 from ..tensor import no_grad
 from ..tokenizer import ByteTokenizer
-from .common import RunLog, check_common, config_summary, opt, require, to_device
+from .common import RunLog, check_common, config_summary, opt, require, batch_tensor
 
 
 @dataclass
@@ -75,8 +75,8 @@ def evaluate(model, tokens, cfg):
             s = starts[i:i + B]
             x = np.stack([tokens[j:j + T] for j in s])                   # (B, T)
             y = np.stack([tokens[j + 1:j + T + 1] for j in s])           # (B, T)
-            logits = model(to_device(x, cfg.device))                     # (B, T, V)
-            losses.append(F.cross_entropy(logits, to_device(y, cfg.device)).item())
+            logits = model(batch_tensor(x, cfg.device))                     # (B, T, V)
+            losses.append(F.cross_entropy(logits, batch_tensor(y, cfg.device)).item())
     model.train()
     return float(np.mean(losses))
 
@@ -127,8 +127,8 @@ def pretrain(cfg):
     for step in range(start, cfg.max_steps):
         optimizer.lr = lr_schedule(step + 1, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr)
         x, y = get_batch(train_tokens, cfg.block_size, cfg.batch_size, data_rng)
-        logits = model(to_device(x, cfg.device))                     # (B, T, V)
-        loss_t = F.cross_entropy(logits, to_device(y, cfg.device))
+        logits = model(batch_tensor(x, cfg.device))                     # (B, T, V)
+        loss_t = F.cross_entropy(logits, batch_tensor(y, cfg.device))
         optimizer.zero_grad()
         loss_t.backward()
         grad_norm = clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None

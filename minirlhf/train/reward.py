@@ -23,7 +23,7 @@ from ..optim import AdamW, lr_schedule, param_groups
 from ..tensor import no_grad
 from ..tokenizer import ByteTokenizer
 from .common import (RunLog, check_common, config_summary, encode_rows, load_policy, opt, optimise,
-                     split_holdout, to_device, weighted_means)
+                     split_holdout, batch_tensor, weighted_means)
 
 
 @dataclass
@@ -48,7 +48,7 @@ class RewardConfig:
 def score(rm, rows, device):
     """Rewards (B,) of ``(ids, n_prompt)`` rows: the head read at each row's last real token."""
     batch = collate(rows)
-    return rm(to_device(batch["input_ids"], device), batch["lengths"])
+    return rm(batch_tensor(batch["input_ids"], device), batch["lengths"])
 
 
 def pair_loss(rm, pairs, cfg):

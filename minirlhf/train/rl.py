@@ -31,7 +31,7 @@ from ..optim import AdamW, param_groups
 from ..tensor import no_grad
 from ..tokenizer import ByteTokenizer
 from .common import (ConfigError, RunLog, check_common, config_summary, load_policy, opt, optimise,
-                     require, to_device)
+                     require, batch_tensor)
 
 
 class RewardFunctionError(RuntimeError):
@@ -113,7 +113,7 @@ class Rewarder:
         if self.rm is not None:
             with no_grad():
                 batch = collate(rows)
-                r = self.rm(to_device(batch["input_ids"], self.device), batch["lengths"])
+                r = self.rm(batch_tensor(batch["input_ids"], self.device), batch["lengths"])
             return to_numpy(r.data).astype(np.float64)
         return np.array([self._call_fn(p, c) for p, c in zip(prompts, completions)])
 
@@ -184,14 +184,14 @@ def rl(cfg, metrics_fn=None):
         R = rewarder(rows, row_prompts, completions)                         # (N,)
 
         batch = collate(rows)
-        input_ids = to_device(batch["input_ids"], cfg.device)               # (N, T)
-        mask = to_device(batch["completion_mask"], cfg.device)              # (N, T)
+        input_ids = batch_tensor(batch["input_ids"], cfg.device)               # (N, T)
+        mask = batch_tensor(batch["completion_mask"], cfg.device)              # (N, T)
         logits = policy(input_ids)                                          # (N, T, V)
         _, logp = logprobs_from_logits(logits, input_ids, mask)             # (N,) log p_θ(y|x)
         with no_grad():
             _, ref_logp = sequence_logprobs(ref, input_ids, mask)           # (N,) log p_ref(y|x)
             entropy = token_entropy(logits, mask).data.sum() / batch["completion_mask"].sum()
-        loss, metrics = reinforce_kl_loss(logp, ref_logp.data, to_device(R, cfg.device).data,
+        loss, metrics = reinforce_kl_loss(logp, ref_logp.data, R,
                                           cfg.beta, baseline=cfg.baseline, group=group)
         optimise(policy, optimizer, loss, cfg.grad_clip)
 

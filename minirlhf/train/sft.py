@@ -20,7 +20,7 @@ from ..optim import AdamW, lr_schedule, param_groups
 from ..tensor import no_grad
 from ..tokenizer import ByteTokenizer
 from .common import (RunLog, check_common, config_summary, encode_rows, load_policy, opt,
-                     optimise, split_holdout, to_device)
+                     optimise, split_holdout, batch_tensor)
 
 
 @dataclass
@@ -42,9 +42,9 @@ class SFTConfig:
 
 
 def batch_loss(model, batch, device):
-    input_ids = to_device(batch["input_ids"], device)                   # (B, T)
+    input_ids = batch_tensor(batch["input_ids"], device)                   # (B, T)
     logits = model(input_ids)                                            # (B, T, V)
-    return sft_loss(logits, input_ids, to_device(batch["completion_mask"], device))
+    return sft_loss(logits, input_ids, batch_tensor(batch["completion_mask"], device))
 
 
 def evaluate(model, rows, cfg):
