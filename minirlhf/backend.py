@@ -84,13 +84,15 @@ def to_numpy(array):
 def scatter_add(target, indices, values):
     """``target[indices] += values`` with repeated indices adding up (in place).
 
-    NumPy spells it ``np.add.at``, CuPy ``cupyx.scatter_add``. Plain ``target[indices] += values``
-    would keep only one of the repeated writes, which is the classic wrong embedding gradient.
+    Both libraries spell it ``add.at`` (CuPy from version 13; older CuPy only has
+    ``cupyx.scatter_add``). Plain ``target[indices] += values`` would keep only one of the repeated
+    writes, which is the classic wrong embedding gradient.
     """
-    if device_of(target) == "cuda":
+    xp = get_array_module(target)
+    if xp is np or hasattr(xp.add, "at"):
+        xp.add.at(target, indices, values)
+    else:  # pragma: no cover - CuPy < 13
         cupyx.scatter_add(target, indices, values)
-    else:
-        np.add.at(target, indices, values)
     return target
 
 
