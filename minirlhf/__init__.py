@@ -6,6 +6,7 @@
 """
 
 from .backend import DeviceError, cupy_available
+from .cpu import get_num_threads, set_num_threads
 from .gradcheck import GradcheckError, gradcheck
 from .ops import concatenate, matmul, stack, where
 from .tensor import ShapeError, Tensor, is_grad_enabled, no_grad, tensor
@@ -15,4 +16,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Tensor", "tensor", "no_grad", "is_grad_enabled", "gradcheck", "GradcheckError",
     "ShapeError", "DeviceError", "cupy_available", "concatenate", "stack", "where", "matmul",
+    "get_num_threads", "set_num_threads",
 ]

@@ -9,7 +9,7 @@ backward is written from its derivative, stated in the docstring, and checked by
 
 import math
 
-from . import backend
+from . import backend, cpu
 from .ops import as_tensor, stable_sigmoid
 from .tensor import Function, Tensor
 
@@ -73,7 +73,14 @@ class CrossEntropy(Function):
         t = self.targets.reshape(-1)                                  # (N,)
         self.valid = t != self.ignore_index
         safe_t = xp.where(self.valid, t, 0)
-        logp = _log_softmax(flat, axis=-1)                            # (N, V)
+        logp = xp.empty(flat.shape, flat.dtype)                       # (N, V)
+
+        def rows(lo, hi):                                             # log softmax of rows lo:hi
+            z, out = flat[lo:hi], logp[lo:hi]
+            xp.subtract(z, z.max(axis=-1, keepdims=True), out=out)
+            out -= xp.log(xp.exp(out).sum(axis=-1, keepdims=True))
+
+        cpu.for_rows(rows, flat.shape[0], V, xp=xp)
         nll = -logp[xp.arange(t.shape[0]), safe_t] * self.valid       # (N,)
         self.logp, self.safe_t, self.shape = logp, safe_t, logits.shape
         if self.reduction == "none":
@@ -89,8 +96,6 @@ class CrossEntropy(Function):
         With the mean over the N valid rows, each row's gradient is also divided by N.
         """
         xp = backend.get_array_module(gy)
-        g = xp.exp(self.logp)                                         # softmax, (N, V)
-        g[xp.arange(g.shape[0]), self.safe_t] -= 1
         if self.reduction == "none":
             scale = gy.reshape(-1, 1) * self.valid[:, None]
         elif self.reduction == "sum":
@@ -98,7 +103,16 @@ class CrossEntropy(Function):
         else:
             # no valid row: the loss is nan (as in PyTorch) but the gradient is 0, not nan
             scale = (gy / max(self.count, 1)) * self.valid[:, None]
-        return ((g * scale).reshape(self.shape),)
+        scale = xp.broadcast_to(scale, (self.logp.shape[0], 1)).astype(self.logp.dtype)  # (N, 1)
+        g = xp.empty(self.logp.shape, self.logp.dtype)                # (N, V)
+
+        def rows(lo, hi):                                             # softmax · scale, rows lo:hi
+            xp.exp(self.logp[lo:hi], out=g[lo:hi])
+            g[lo:hi] *= scale[lo:hi]
+
+        cpu.for_rows(rows, g.shape[0], g.shape[1], xp=xp)
+        g[xp.arange(g.shape[0]), self.safe_t] -= scale[:, 0]          # - onehot · scale
+        return (g.reshape(self.shape),)
 
 
 def cross_entropy(logits, targets, ignore_index=-100, reduction="mean"):
@@ -162,10 +176,17 @@ def sigmoid(x):
 
 class Linear(Function):
     def forward(self, x, weight, bias=None):
+        xp = backend.get_array_module(x)
         self.x, self.weight, self.has_bias = x, weight, bias is not None
-        y = x.reshape(-1, x.shape[-1]) @ weight                      # (rows, out): one GEMM
-        if bias is not None:
-            y += bias                                                # in place: no extra copy
+        x2 = x.reshape(-1, x.shape[-1])                              # (rows, in)
+        y = xp.empty((x2.shape[0], weight.shape[1]), xp.result_type(x, weight))   # (rows, out)
+
+        def rows(lo, hi):                                            # one GEMM per block of rows
+            xp.matmul(x2[lo:hi], weight, out=y[lo:hi])
+            if bias is not None:
+                y[lo:hi] += bias                                     # in place: no extra copy
+
+        cpu.for_rows(rows, x2.shape[0], weight.size, blas=True, shared_weight=True, xp=xp)
         return y.reshape(x.shape[:-1] + weight.shape[-1:])
 
     def backward(self, gy):
@@ -173,10 +194,19 @@ class Linear(Function):
 
         gx = gy Wᵀ,  gW = Σ_rows xᵀ gy,  gb = Σ_rows gy.
         """
+        xp = backend.get_array_module(gy)
         gy2 = gy.reshape(-1, gy.shape[-1])                           # (rows, out)
-        gx = (gy2 @ self.weight.T).reshape(self.x.shape)
-        gw = self.x.reshape(-1, self.x.shape[-1]).T @ gy2            # (in, out)
-        return (gx, gw, gy2.sum(axis=0)) if self.has_bias else (gx, gw)
+        x2 = self.x.reshape(-1, self.x.shape[-1])                    # (rows, in)
+        gx = xp.empty(x2.shape, xp.result_type(gy, self.weight))
+
+        def rows(lo, hi):                                            # gx's rows, and the rows'
+            xp.matmul(gy2[lo:hi], self.weight.T, out=gx[lo:hi])      # share of the sums gW, gb
+            gw = x2[lo:hi].T @ gy2[lo:hi]
+            return (gw, gy2[lo:hi].sum(axis=0)) if self.has_bias else (gw,)
+
+        sums = cpu.add_up(cpu.for_rows(rows, gy2.shape[0], self.weight.size, blas=True,
+                                       shared_weight=True, xp=xp))
+        return (gx.reshape(self.x.shape),) + sums
 
 
 def linear(x, weight, bias=None):
@@ -247,17 +277,24 @@ class GELU(Function):
     def forward(self, x):
         xp = backend.get_array_module(x)
         c, a = x.dtype.type(_GELU_C), x.dtype.type(0.044715)
-        # (out= keeps 0-d inputs as arrays: x * x of a 0-d array is a NumPy scalar)
-        e = xp.multiply(x, x, out=xp.empty_like(x))  # -2u = -2√(2/π)(x + a x³) = x(-2c - 2c·a·x²)
-        e *= -2 * c * a
-        e -= 2 * c
-        e *= x
-        xp.clip(e, -80, 80, out=e)                 # exp(80) is finite in float32; σ is 0 or 1 there
-        xp.exp(e, out=e)
-        e += 1
-        s = xp.divide(1, e, out=e)                 # s = σ(2u) = 1 / (1 + e^(-2u))
-        self.x, self.s = x, s
-        return x * s
+        self.x = x
+        x, s, y = x.reshape(-1), xp.empty(x.size, x.dtype), xp.empty(x.size, x.dtype)   # flat
+
+        def rows(lo, hi):                          # elements lo:hi, in cache-sized blocks
+            xb, e = x[lo:hi], s[lo:hi]
+            xp.multiply(xb, xb, out=e)             # -2u = -2√(2/π)(x + a x³) = x(-2c - 2c·a·x²)
+            e *= -2 * c * a
+            e -= 2 * c
+            e *= xb
+            xp.clip(e, -80, 80, out=e)             # exp(80) is finite in float32; σ is 0 or 1 there
+            xp.exp(e, out=e)
+            e += 1
+            xp.divide(1, e, out=e)                 # s = σ(2u) = 1 / (1 + e^(-2u))
+            xp.multiply(xb, e, out=y[lo:hi])       # y = x σ(2u)
+
+        cpu.for_rows(rows, x.size, 1, xp=xp)
+        self.s = s
+        return y.reshape(self.x.shape)
 
     def backward(self, gy):
         """y = ½ x (1 + tanh u) = x σ(2u),  u = √(2/π) (x + 0.044715 x³):
@@ -266,17 +303,23 @@ class GELU(Function):
         (the same as ½ (1 + tanh u) + ½ x (1 - tanh² u) u', since tanh u = 2σ(2u) - 1).
         """
         xp = backend.get_array_module(gy)
-        x, s = self.x, self.s
+        x, s, gy = self.x.reshape(-1), self.s, gy.reshape(-1)
         c, a = x.dtype.type(_GELU_C), x.dtype.type(0.044715)
-        g = xp.multiply(x, x, out=xp.empty_like(x))  # 2x · c(1 + 3a x²)
-        g *= 6 * c * a
-        g += 2 * c
-        g *= x
-        g *= s                                     # · σ(1 - σ)
-        g *= 1 - s
-        g += s                                     # + σ
-        g *= gy
-        return (g,)
+        gx = xp.empty(x.size, x.dtype)
+
+        def rows(lo, hi):
+            xb, sb, g = x[lo:hi], s[lo:hi], gx[lo:hi]
+            xp.multiply(xb, xb, out=g)             # 2x · c(1 + 3a x²)
+            g *= 6 * c * a
+            g += 2 * c
+            g *= xb
+            g *= sb                                # · σ(1 - σ)
+            g *= 1 - sb
+            g += sb                                # + σ
+            g *= gy[lo:hi]
+
+        cpu.for_rows(rows, x.size, 1, xp=xp)
+        return (gx.reshape(self.x.shape),)
 
 
 def gelu(x):
@@ -326,17 +369,26 @@ class CausalAttention(Function):
                    else xp.ascontiguousarray(a) for a in (q, k, v))
         Tq, Tk, hs = q.shape[-2], k.shape[-2], q.shape[-1]
         self.scale = q.dtype.type(1 / math.sqrt(hs))
-        # s = (q / √hs) kᵀ: scaling q (…, T, hs) is cheaper than scaling s (…, T, T)
-        att = (q * self.scale) @ xp.swapaxes(k, -1, -2)              # (B, nh, Tq, Tk)
-        if self.allowed is None:
-            att += _causal_bias(xp, Tq, Tk, att.dtype)               # -inf on future keys
-        else:
-            att = xp.where(self.allowed, att, att.dtype.type(-xp.inf))
-        att -= att.max(axis=-1, keepdims=True)
-        xp.exp(att, out=att)
-        att /= att.sum(axis=-1, keepdims=True)                       # softmax, in place
-        self.q, self.k, self.v, self.att = q, k, v, att
-        return att @ v                                               # (B, nh, Tq, hs)
+        self.q, self.k, self.v = q, k, v
+        self.att = xp.empty(q.shape[:-1] + (Tk,), q.dtype)           # P, (B, nh, Tq, Tk)
+        y = xp.empty(q.shape, q.dtype)                               # (B, nh, Tq, hs)
+
+        def rows(lo, hi):                                            # batch rows lo:hi
+            q, k, v, att = self._rows(lo, hi, self.q, self.k, self.v, self.att)
+            # s = (q / √hs) kᵀ: scaling q (…, T, hs) is cheaper than scaling s (…, T, T)
+            xp.matmul(q * self.scale, xp.swapaxes(k, -1, -2), out=att)
+            if self.allowed is None:
+                att += _causal_bias(xp, Tq, Tk, att.dtype)           # -inf on future keys
+            else:
+                allowed, = self._rows(lo, hi, self.allowed)
+                att[...] = xp.where(allowed, att, att.dtype.type(-xp.inf))
+            att -= att.max(axis=-1, keepdims=True)
+            xp.exp(att, out=att)
+            att /= att.sum(axis=-1, keepdims=True)                   # softmax, in place
+            xp.matmul(att, v, out=self._rows(lo, hi, y)[0])          # y = P v
+
+        self._for_batch_rows(rows, xp)
+        return y
 
     def backward(self, gy):
         """y = P v,  P = softmax(s),  s = q kᵀ / √hs with future keys masked out:
@@ -345,16 +397,40 @@ class CausalAttention(Function):
         (masked places have P = 0, so they pass no gradient).
         """
         xp = backend.get_array_module(gy)
-        P = self.att
-        gv = xp.swapaxes(P, -1, -2) @ gy                             # (B, nh, Tk, hs)
-        gs = gy @ xp.swapaxes(self.v, -1, -2)                        # gP, (B, nh, Tq, Tk)
-        gs -= (gs * P).sum(axis=-1, keepdims=True)                   # gs = P ⊙ (gP - Σ gP P), in place
-        gs *= P
-        gq = gs @ self.k                                             # 1/√hs applied to the small
-        gq *= self.scale                                             # (…, T, hs) results
-        gk = xp.swapaxes(gs, -1, -2) @ self.q
-        gk *= self.scale
+        gq, gk, gv = xp.empty_like(self.q), xp.empty_like(self.k), xp.empty_like(self.v)
+
+        def rows(lo, hi):                                            # batch rows lo:hi
+            q, k, v, P, gy_, gq_, gk_, gv_ = self._rows(lo, hi, self.q, self.k, self.v, self.att,
+                                                       gy, gq, gk, gv)
+            xp.matmul(xp.swapaxes(P, -1, -2), gy_, out=gv_)          # (B, nh, Tk, hs)
+            gs = gy_ @ xp.swapaxes(v, -1, -2)                        # gP, (B, nh, Tq, Tk)
+            gs -= (gs * P).sum(axis=-1, keepdims=True)               # gs = P ⊙ (gP - Σ gP P), in place
+            gs *= P
+            xp.matmul(gs, k, out=gq_)                                # 1/√hs applied to the small
+            gq_ *= self.scale                                        # (…, T, hs) results
+            xp.matmul(xp.swapaxes(gs, -1, -2), q, out=gk_)
+            gk_ *= self.scale
+
+        self._for_batch_rows(rows, xp)
         return gq, gk, gv
+
+    def _for_batch_rows(self, rows, xp):
+        """Run ``rows(lo, hi)`` over blocks of the leading (batch) axis, on CPU threads."""
+        q, k = self.q, self.k
+        splittable = q.ndim >= 3 and q.shape[:-2] == k.shape[:-2]
+        if not splittable:
+            rows(0, None)                                            # everything in one block
+            return
+        per_row = self.att[:1].size * q.shape[-1]                    # multiply-adds of one row
+        cpu.for_rows(rows, q.shape[0], per_row, blas=True, xp=xp)
+
+    def _rows(self, lo, hi, *arrays):
+        """Each array's batch rows lo:hi; an array (a mask) broadcast along that axis is kept."""
+        if hi is None:
+            return arrays
+        n = self.q.shape[0]
+        return tuple(a[lo:hi] if a.ndim == self.q.ndim and a.shape[0] == n and n > 1 else a
+                     for a in arrays)
 
 
 _CAUSAL_BIAS = {}

@@ -259,7 +259,7 @@ class GPT(_Seeded):
         """Logits (B, T, vocab). With ``kv_cache``, ``idx`` holds only the new tokens: they are
         placed after the cached positions and their keys/values are appended to the cache."""
         x = self.transformer(idx, kv_cache)                          # (B, T, C)
-        return x @ self.transformer.wte.weight.T                     # (B, T, vocab): tied head
+        return F.linear(x, self.transformer.wte.weight.T)            # (B, T, vocab): tied head
 
     def hidden_states(self, idx, kv_cache=None):
         """The final hidden states (B, T, C), after ``ln_f`` and before the LM head."""

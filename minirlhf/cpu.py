@@ -1,0 +1,188 @@
+"""Running fast on CPU cores: threads for the big row-wise kernels, the BLAS, and freed memory.
+
+Threads. NumPy runs each ufunc on one core. The large fused ops of a GPT step (the linear layers,
+attention, GELU, cross-entropy) work on rows that do not depend on each other, so they are cut into
+blocks of rows and the blocks run on a few threads at once: NumPy and the BLAS release Python's GIL
+while they compute. Each op writes the loop body it would write for all rows at once:
+
+    def rows(lo, hi):                       # rows lo:hi of x (N, C) and of the output y
+        xp.exp(x[lo:hi], out=y[lo:hi])
+    cpu.for_rows(rows, N, row_size=C)
+
+Elementwise blocks hold about 64K numbers (256 KB of float32), so an op's several passes over a
+block find it still in the core's cache. Work that calls the BLAS (matrix products) takes one block
+per thread instead. On CuPy arrays, small inputs or one thread, ``fn`` is simply called once.
+
+The BLAS. Two thread pools on the same cores fight, so while our threads run matrix products
+OpenBLAS is held to one thread each (and set back after). The products minirlhf splits are the big
+ones; small ones (sampling a few rows at a time) are left to OpenBLAS's own threads.
+
+Freed memory. glibc gives freed blocks larger than 128 KB back to the operating system, and the next
+training step, which allocates the same activations again, faults them back in page by page (about
+15% of a small GPT's step on a 2-core machine). On first use minirlhf tells glibc to keep freed
+memory below 32 MB for reuse (``mallopt``), as PyTorch's and CuPy's GPU memory pools do. The cost:
+the process does not shrink after its peak. ``MINIRLHF_KEEP_MEMORY=0`` turns this off.
+
+``MINIRLHF_NUM_THREADS`` (or ``set_num_threads``) sets the number of threads; by default, the CPUs
+this process may use, at most 8.
+"""
+
+import ctypes
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
+
+BLOCK_NUMBERS = 1 << 16          # numbers per block of an elementwise op: 256 KB of float32
+MIN_PARALLEL_NUMBERS = 1 << 17   # below this, threads cost more than they save ...
+MIN_PARALLEL_PRODUCTS = 1 << 22  # ... and for matrix work, below this many multiply-adds
+MIN_ROWS_PER_WEIGHT = 64         # rows per block when every block reads one shared weight
+
+_state = {"threads": None, "pool": None, "blas": None, "memory_kept": None}
+_lock = threading.Lock()
+
+
+def get_num_threads():
+    """The number of threads minirlhf's row-wise kernels use."""
+    if _state["threads"] is None:
+        keep_freed_memory()
+        env = os.environ.get("MINIRLHF_NUM_THREADS")
+        if env is not None:
+            if not env.strip().isdigit() or int(env) < 1:
+                raise ValueError(f"MINIRLHF_NUM_THREADS must be a positive integer, got {env!r}")
+            set_num_threads(int(env))
+        else:
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+            set_num_threads(min(cpus or 1, 8))
+    return _state["threads"]
+
+
+def set_num_threads(n):
+    """Use ``n`` threads for minirlhf's row-wise kernels (1: blocks run one after another)."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"set_num_threads: need a positive int, got {n!r}")
+    with _lock:
+        if _state["pool"] is not None:
+            _state["pool"].shutdown()
+        _state["threads"] = n
+        _state["pool"] = ThreadPoolExecutor(n - 1, thread_name_prefix="minirlhf") if n > 1 else None
+
+
+def for_rows(fn, n_rows, row_size, blas=False, shared_weight=False, xp=None):
+    """Call ``fn(lo, hi)`` on blocks of rows that cover ``range(n_rows)``; its results, in order.
+
+    ``row_size``: numbers per row, which sets the block size (for BLAS work, multiply-adds per row).
+    ``fn`` must only write its own rows of its outputs; what it returns (a partial sum, say) comes
+    back as a list, one per block.
+    ``blas=True``: ``fn`` calls the BLAS, so each thread gets one block.
+    ``shared_weight=True``: every block multiplies by the same weight, so each block needs
+    ``MIN_ROWS_PER_WEIGHT`` rows (a few rows by a shared weight read the whole weight for little work).
+    ``xp``: the array module; on CuPy ``fn(0, n_rows)`` runs once, the GPU being parallel already.
+    """
+    if xp is not None and xp.__name__ != "numpy":
+        return [fn(0, n_rows)]
+    threads, total = get_num_threads(), n_rows * row_size
+    if blas:  # one block per thread, if the product is big enough and OpenBLAS can be held to one
+        worth_it = threads > 1 and total >= MIN_PARALLEL_PRODUCTS and _openblas() is not None
+        min_rows = MIN_ROWS_PER_WEIGHT if shared_weight else 1
+        n_blocks = min(threads, n_rows // min_rows) if worth_it else 1
+    else:     # blocks that fit in a core's cache
+        n_blocks = min(n_rows, total // BLOCK_NUMBERS) if total >= MIN_PARALLEL_NUMBERS else 1
+    if n_blocks <= 1:
+        return [fn(0, n_rows)]
+    bounds = [n_rows * i // n_blocks for i in range(n_blocks + 1)]
+    blocks = list(zip(bounds[:-1], bounds[1:]))
+    if threads == 1 or threading.current_thread().name.startswith("minirlhf"):
+        return [fn(lo, hi) for lo, hi in blocks]              # one after another, each in cache
+
+    # thread t takes blocks t, t + threads, t + 2·threads, ...; this thread is thread 0
+    groups = [blocks[t::threads] for t in range(min(threads, n_blocks))]
+
+    def run(group):
+        return [fn(lo, hi) for lo, hi in group]
+
+    with _OpenBLASOnOneThread(blas):
+        futures = [_state["pool"].submit(run, group) for group in groups[1:]]
+        try:
+            results = [run(groups[0])]
+        finally:
+            wait(futures)               # no thread is still writing when we return or raise
+        results += [f.result() for f in futures]
+    by_block = {}
+    for group, group_results in zip(groups, results):
+        by_block.update(zip(group, group_results))
+    return [by_block[b] for b in blocks]
+
+
+def add_up(parts):
+    """Sum per-block results elementwise: ``[(gw, gb), (gw, gb)] -> (gw + gw, gb + gb)``."""
+    total = list(parts[0])
+    for part in parts[1:]:
+        for i, value in enumerate(part):
+            total[i] += value
+    return tuple(total)
+
+
+# ----- OpenBLAS's thread count ----------------------------------------------------------------------
+
+def _openblas():
+    """(get, set) of the thread count of the OpenBLAS that NumPy loaded, or None when it cannot be
+    found (MKL, Apple's Accelerate, a platform without /proc): then matrix products are not split
+    and the BLAS threads them on its own."""
+    if _state["blas"] is None:
+        _state["blas"] = _find_openblas() or False
+    return _state["blas"] or None
+
+
+def _find_openblas():
+    # NumPy is imported by now (backend.py), so its BLAS shows in the process's memory map
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "openblas" in line.lower()}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        lib = ctypes.CDLL(path)
+        for prefix, suffix in (("scipy_", "64_"), ("", "64_"), ("scipy_", ""), ("", "")):
+            get = getattr(lib, f"{prefix}openblas_get_num_threads{suffix}", None)
+            put = getattr(lib, f"{prefix}openblas_set_num_threads{suffix}", None)
+            if get is not None and put is not None:
+                get.restype, put.argtypes = ctypes.c_int, [ctypes.c_int]
+                return get, put
+    return None
+
+
+class _OpenBLASOnOneThread:
+    """``with _OpenBLASOnOneThread(True):`` OpenBLAS runs single-threaded inside; as before after."""
+
+    def __init__(self, active):
+        self.blas = _openblas() if active else None
+
+    def __enter__(self):
+        if self.blas is not None:
+            self.before = self.blas[0]()
+            self.blas[1](1)
+
+    def __exit__(self, *exc):
+        if self.blas is not None:
+            self.blas[1](self.before)
+
+
+# ----- freed memory ---------------------------------------------------------------------------------
+
+def keep_freed_memory():
+    """Ask glibc to keep freed blocks under 32 MB for reuse instead of returning them to the OS.
+
+    True when glibc took the settings; False elsewhere (another C library, MINIRLHF_KEEP_MEMORY=0).
+    """
+    if _state["memory_kept"] is None:
+        _state["memory_kept"] = False
+        if os.environ.get("MINIRLHF_KEEP_MEMORY", "1") != "0":
+            try:
+                mallopt = ctypes.CDLL(None).mallopt
+            except (OSError, AttributeError):  # not glibc
+                return False
+            mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+            M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3    # from glibc's <malloc.h>
+            _state["memory_kept"] = bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)
+                                         and mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    return _state["memory_kept"]

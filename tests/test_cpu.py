@@ -1,0 +1,219 @@
+"""CPU threads: every row is computed exactly once, split ops equal unsplit ones, gradients hold.
+
+The thresholds in `minirlhf.cpu` keep small arrays in one block; the `split_everything` fixture
+lowers them so that even the tiny arrays of a gradient check are cut into several blocks and run on
+several threads.
+"""
+
+import threading
+
+import numpy as np
+import pytest
+
+import minirlhf as mr
+import minirlhf.functional as F
+from minirlhf import cpu
+from minirlhf.tensor import Tensor
+
+
+@pytest.fixture
+def threads():
+    """Set the thread count for one test; the previous count comes back after."""
+    before = cpu.get_num_threads()
+    yield cpu.set_num_threads
+    cpu.set_num_threads(before)
+
+
+@pytest.fixture
+def split_everything(monkeypatch, threads):
+    monkeypatch.setattr(cpu, "BLOCK_NUMBERS", 8)
+    monkeypatch.setattr(cpu, "MIN_PARALLEL_NUMBERS", 1)
+    monkeypatch.setattr(cpu, "MIN_PARALLEL_PRODUCTS", 1)
+    monkeypatch.setattr(cpu, "MIN_ROWS_PER_WEIGHT", 1)
+    threads(3)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+@pytest.mark.parametrize("blas", [False, True])
+@pytest.mark.parametrize("n_rows", [2, 5, 64, 1000])
+def test_for_rows_covers_each_row_once_and_returns_in_order(monkeypatch, threads, n_threads,
+                                                            blas, n_rows):
+    monkeypatch.setattr(cpu, "BLOCK_NUMBERS", 16)
+    monkeypatch.setattr(cpu, "MIN_PARALLEL_NUMBERS", 1)
+    monkeypatch.setattr(cpu, "MIN_PARALLEL_PRODUCTS", 1)
+    threads(n_threads)
+    hits = np.zeros(n_rows, dtype=int)
+
+    def rows(lo, hi):
+        hits[lo:hi] += 1
+        return lo, hi
+
+    blocks = cpu.for_rows(rows, n_rows, row_size=4, blas=blas)
+    assert (hits == 1).all()
+    assert blocks[0][0] == 0 and blocks[-1][1] == n_rows
+    assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))        # contiguous, in order
+    if n_threads > 1 and n_rows >= 64 and (not blas or cpu._openblas() is not None):
+        assert len(blocks) > 1                                          # it did split
+
+
+def test_small_work_is_one_call(threads):
+    threads(2)
+    calls = []
+    cpu.for_rows(lambda lo, hi: calls.append((lo, hi)), 100, row_size=10)
+    cpu.for_rows(lambda lo, hi: calls.append((lo, hi)), 100, row_size=10, blas=True)
+    assert calls == [(0, 100), (0, 100)]
+
+
+def test_a_gpu_array_module_is_one_call(split_everything):
+    class FakeCupy:
+        __name__ = "cupy"
+
+    calls = []
+    cpu.for_rows(lambda lo, hi: calls.append((lo, hi)), 1000, row_size=1000, xp=FakeCupy())
+    assert calls == [(0, 1000)]
+
+
+def test_a_few_rows_by_a_shared_weight_are_not_split(threads):
+    threads(2)
+    calls = []
+    record = lambda lo, hi: calls.append((lo, hi))  # noqa: E731
+    cpu.for_rows(record, 8, row_size=10**6, blas=True, shared_weight=True)    # sampling 8 rows
+    assert calls == [(0, 8)]
+    if cpu._openblas() is not None:
+        cpu.for_rows(record, 2048, row_size=10**4, blas=True, shared_weight=True)   # training
+        assert len(calls) == 3
+
+
+def test_work_runs_on_several_threads(split_everything):
+    names = set()
+    lock = threading.Lock()
+
+    def rows(lo, hi):
+        with lock:
+            names.add(threading.current_thread().name)
+
+    cpu.for_rows(rows, 300, row_size=1)
+    assert "MainThread" in names and len(names) >= 2   # an idle pool thread may take two groups
+
+
+def test_an_error_in_a_block_reaches_the_caller(split_everything):
+    def rows(lo, hi):
+        if lo > 0:
+            raise RuntimeError(f"block {lo}:{hi} failed")
+
+    with pytest.raises(RuntimeError, match="failed"):
+        cpu.for_rows(rows, 300, row_size=1)
+
+
+def test_openblas_runs_on_one_thread_inside_and_is_restored_after(split_everything):
+    blas = cpu._openblas()
+    if blas is None:
+        pytest.skip("NumPy's BLAS here is not an OpenBLAS whose threads can be set")
+    get, _ = blas
+    before = get()
+    seen = []
+    cpu.for_rows(lambda lo, hi: seen.append(get()), 300, row_size=1, blas=True)
+    assert set(seen) == {1}
+    assert get() == before
+
+
+def test_set_num_threads_refuses_nonsense():
+    for bad in (0, -1, 1.5, "2"):
+        with pytest.raises(ValueError, match="positive int"):
+            cpu.set_num_threads(bad)
+
+
+def test_bad_thread_count_in_the_environment_is_named(monkeypatch):
+    monkeypatch.setitem(cpu._state, "threads", None)
+    monkeypatch.setenv("MINIRLHF_NUM_THREADS", "many")
+    with pytest.raises(ValueError, match="MINIRLHF_NUM_THREADS.*'many'"):
+        cpu.get_num_threads()
+
+
+def test_keeping_freed_memory_can_be_turned_off(monkeypatch):
+    monkeypatch.setitem(cpu._state, "memory_kept", None)
+    monkeypatch.setenv("MINIRLHF_KEEP_MEMORY", "0")
+    assert cpu.keep_freed_memory() is False
+    monkeypatch.setitem(cpu._state, "memory_kept", None)
+    monkeypatch.delenv("MINIRLHF_KEEP_MEMORY")
+    assert cpu.keep_freed_memory() in (True, False)    # True on glibc, False on other C libraries
+
+
+def test_add_up_sums_each_position():
+    parts = [(np.ones(2), np.full(3, 2.0)), (np.ones(2), np.full(3, 5.0))]
+    total = cpu.add_up(parts)
+    assert np.array_equal(total[0], [2, 2]) and np.array_equal(total[1], [7, 7, 7])
+
+
+# ----- the split ops: same values as unsplit, and gradients that check -----------------------------
+
+def _ops(rng):
+    """(name, function of Tensors, float64 inputs) for each op that splits its rows."""
+    x = rng.standard_normal((4, 6, 5))
+    w, b = rng.standard_normal((5, 7)), rng.standard_normal(7)
+    q, k, v = (rng.standard_normal((3, 2, 6, 4)) for _ in range(3))
+    allowed = rng.random((3, 1, 6, 6)) < 0.7
+    allowed[..., 0] = True                                        # every query sees a key
+    targets = rng.integers(0, 7, (4, 6))
+    targets[0, 0] = -100
+    return [
+        ("linear", lambda x, w, b: F.linear(x, w, b), [x, w, b]),
+        ("linear no bias", lambda x, w: F.linear(x, w), [x, w]),
+        ("gelu", F.gelu, [x]),
+        ("attention", F.causal_attention, [q, k, v]),
+        ("attention with mask", lambda q, k, v: F.causal_attention(q, k, v, mask=allowed), [q, k, v]),
+        ("cross entropy", lambda z: F.cross_entropy(z, targets), [rng.standard_normal((4, 6, 7))]),
+    ]
+
+
+def _value_and_grads(fn, arrays, seed=0):
+    inputs = [Tensor(a.copy(), requires_grad=True) for a in arrays]
+    out = fn(*inputs)
+    cotangent = np.random.default_rng(seed).standard_normal(out.shape)
+    (out * Tensor(cotangent)).sum().backward()
+    return out.numpy(), [t.grad for t in inputs]
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_split_ops_equal_unsplit_ones(index, monkeypatch, threads):
+    name, fn, arrays = _ops(np.random.default_rng(index))[index]
+    threads(1)
+    whole, whole_grads = _value_and_grads(fn, arrays)
+    monkeypatch.setattr(cpu, "BLOCK_NUMBERS", 8)
+    monkeypatch.setattr(cpu, "MIN_PARALLEL_NUMBERS", 1)
+    monkeypatch.setattr(cpu, "MIN_PARALLEL_PRODUCTS", 1)
+    monkeypatch.setattr(cpu, "MIN_ROWS_PER_WEIGHT", 1)
+    monkeypatch.setattr(cpu, "for_rows", _counting(cpu.for_rows))
+    threads(3)
+    split, split_grads = _value_and_grads(fn, arrays)
+    assert cpu.for_rows.split_calls > 0, f"{name} never split its rows"
+    np.testing.assert_allclose(split, whole, rtol=1e-12, atol=1e-12)
+    for g_split, g_whole in zip(split_grads, whole_grads):
+        np.testing.assert_allclose(g_split, g_whole, rtol=1e-12, atol=1e-12)
+
+
+def _counting(for_rows):
+    def wrapper(fn, n_rows, row_size, **kwargs):
+        calls = []
+        result = for_rows(lambda lo, hi: calls.append((lo, hi)) or fn(lo, hi), n_rows, row_size,
+                          **kwargs)
+        wrapper.split_calls += len(calls) > 1
+        return result
+
+    wrapper.split_calls = 0
+    return wrapper
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_split_ops_pass_gradcheck(index, split_everything):
+    name, fn, arrays = _ops(np.random.default_rng(10 + index))[index]
+    mr.gradcheck(fn, arrays)
+
+
+def test_float32_stays_float32_when_split(split_everything):
+    rng = np.random.default_rng(0)
+    x = Tensor(rng.standard_normal((4, 6, 5)).astype(np.float32), requires_grad=True)
+    w = Tensor(rng.standard_normal((5, 7)).astype(np.float32), requires_grad=True)
+    y = F.gelu(F.linear(x, w))
+    y.sum().backward()
+    assert y.dtype == np.float32 and x.grad.dtype == np.float32 and w.grad.dtype == np.float32
