@@ -37,7 +37,7 @@ MIN_PARALLEL_NUMBERS = 1 << 17   # below this, threads cost more than they save 
 MIN_PARALLEL_PRODUCTS = 1 << 22  # ... and for matrix work, below this many multiply-adds
 MIN_ROWS_PER_WEIGHT = 64         # rows per block when every block reads one shared weight
 
-_state = {"threads": None, "pool": None, "blas": None, "memory_kept": None}
+_state = {"threads": None, "pool": None, "pool_pid": None, "blas": None, "memory_kept": None}
 _lock = threading.Lock()
 
 
@@ -61,10 +61,11 @@ def set_num_threads(n):
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"set_num_threads: need a positive int, got {n!r}")
     with _lock:
-        if _state["pool"] is not None:
+        if _state["pool"] is not None and _state["pool_pid"] == os.getpid():
             _state["pool"].shutdown()
         _state["threads"] = n
         _state["pool"] = ThreadPoolExecutor(n - 1, thread_name_prefix="minirlhf") if n > 1 else None
+        _state["pool_pid"] = os.getpid()
 
 
 def for_rows(fn, n_rows, row_size, blas=False, shared_weight=False, xp=None):
@@ -81,6 +82,8 @@ def for_rows(fn, n_rows, row_size, blas=False, shared_weight=False, xp=None):
     if xp is not None and xp.__name__ != "numpy":
         return [fn(0, n_rows)]
     threads, total = get_num_threads(), n_rows * row_size
+    if threads > 1 and _state["pool_pid"] != os.getpid():
+        set_num_threads(threads)        # a forked child: the parent's pool threads did not come along
     if blas:  # one block per thread, if the product is big enough and OpenBLAS can be held to one
         worth_it = threads > 1 and total >= MIN_PARALLEL_PRODUCTS and _openblas() is not None
         min_rows = MIN_ROWS_PER_WEIGHT if shared_weight else 1

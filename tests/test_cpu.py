@@ -117,6 +117,20 @@ def test_openblas_runs_on_one_thread_inside_and_is_restored_after(split_everythi
     assert get() == before
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_a_forked_child_gets_its_own_pool(split_everything):
+    import multiprocessing
+    cpu.for_rows(lambda lo, hi: None, 300, row_size=1)               # the parent's pool exists
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:                                     # would hang on the dead pool
+        assert pool.apply_async(_sum_rows_in_threads).get(timeout=60) == 300
+
+
+def _sum_rows_in_threads():
+    counts = cpu.for_rows(lambda lo, hi: hi - lo, 300, row_size=1)
+    return sum(counts)
+
+
 def test_set_num_threads_refuses_nonsense():
     for bad in (0, -1, 1.5, "2"):
         with pytest.raises(ValueError, match="positive int"):
