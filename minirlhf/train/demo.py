@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import cpu
 from ..backend import to_numpy
 from ..checkpoint import load_checkpoint, load_model
 from ..datasets import (collate, encode_prompt, encode_prompt_completion, load_preferences,
@@ -564,11 +565,11 @@ def _count_lines(path):
 
 
 def _threads_note():
-    """The BLAS thread settings, which change CPU timings a lot on a busy machine."""
+    """The thread settings, which change CPU timings a lot on a busy machine."""
     names = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
     set_ = [f"{n}={os.environ[n]}" for n in names if n in os.environ]
-    return (f"BLAS threads: {', '.join(set_)}; {os.cpu_count()} CPUs." if set_ else
-            f"BLAS threads: the library's default; {os.cpu_count()} CPUs.")
+    blas = f"BLAS threads: {', '.join(set_)}" if set_ else "BLAS threads: the library's default"
+    return f"{blas}; minirlhf threads: {cpu.get_num_threads()}; {os.cpu_count()} CPUs."
 
 
 def _read_metrics(folder):
