@@ -37,7 +37,8 @@ MIN_PARALLEL_NUMBERS = 1 << 17   # below this, threads cost more than they save 
 MIN_PARALLEL_PRODUCTS = 1 << 22  # ... and for matrix work, below this many multiply-adds
 MIN_ROWS_PER_WEIGHT = 64         # rows per block when every block reads one shared weight
 
-_state = {"threads": None, "pool": None, "pool_pid": None, "blas": None, "memory_kept": None}
+_state = {"threads": None, "pool": None, "pool_pid": None, "memory_kept": None,
+          "blas": None, "blas_regions": 0, "blas_before": None}
 _lock = threading.Lock()
 
 
@@ -155,19 +156,29 @@ def _find_openblas():
 
 
 class _OpenBLASOnOneThread:
-    """``with _OpenBLASOnOneThread(True):`` OpenBLAS runs single-threaded inside; as before after."""
+    """``with _OpenBLASOnOneThread(True):`` OpenBLAS runs single-threaded inside; as before after.
+
+    Regions may overlap (ops called from several threads of the user's): the first to enter saves
+    OpenBLAS's setting, the last to leave puts it back.
+    """
 
     def __init__(self, active):
         self.blas = _openblas() if active else None
 
     def __enter__(self):
         if self.blas is not None:
-            self.before = self.blas[0]()
-            self.blas[1](1)
+            with _lock:
+                if _state["blas_regions"] == 0:
+                    _state["blas_before"] = self.blas[0]()
+                    self.blas[1](1)
+                _state["blas_regions"] += 1
 
     def __exit__(self, *exc):
         if self.blas is not None:
-            self.blas[1](self.before)
+            with _lock:
+                _state["blas_regions"] -= 1
+                if _state["blas_regions"] == 0:
+                    self.blas[1](_state["blas_before"])
 
 
 # ----- freed memory ---------------------------------------------------------------------------------

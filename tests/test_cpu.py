@@ -131,6 +131,26 @@ def _sum_rows_in_threads():
     return sum(counts)
 
 
+def test_overlapping_regions_from_user_threads_restore_openblas(split_everything):
+    blas = cpu._openblas()
+    if blas is None:
+        pytest.skip("NumPy's BLAS here is not an OpenBLAS whose threads can be set")
+    get, _ = blas
+    before = get()
+    barrier = threading.Barrier(2)
+
+    def user_thread():
+        cpu.for_rows(lambda lo, hi: barrier.wait(timeout=10) if lo == 0 else None, 300,
+                     row_size=1, blas=True)
+
+    callers = [threading.Thread(target=user_thread) for _ in range(2)]   # both inside at once
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    assert get() == before
+
+
 def test_set_num_threads_refuses_nonsense():
     for bad in (0, -1, 1.5, "2"):
         with pytest.raises(ValueError, match="positive int"):
