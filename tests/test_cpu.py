@@ -105,11 +105,18 @@ def test_an_error_in_a_block_reaches_the_caller(split_everything):
         cpu.for_rows(rows, 300, row_size=1)
 
 
-def test_openblas_runs_on_one_thread_inside_and_is_restored_after(split_everything):
+@pytest.fixture
+def openblas_threads():
+    """OpenBLAS's thread-count getter; skips where NumPy's BLAS is not a settable OpenBLAS."""
     blas = cpu._openblas()
     if blas is None:
         pytest.skip("NumPy's BLAS here is not an OpenBLAS whose threads can be set")
-    get, _ = blas
+    return blas[0]
+
+
+def test_openblas_runs_on_one_thread_inside_and_is_restored_after(split_everything,
+                                                                    openblas_threads):
+    get = openblas_threads
     before = get()
     seen = []
     cpu.for_rows(lambda lo, hi: seen.append(get()), 300, row_size=1, blas=True)
@@ -122,7 +129,7 @@ def test_a_forked_child_gets_its_own_pool(split_everything):
     import multiprocessing
     cpu.for_rows(lambda lo, hi: None, 300, row_size=1)               # the parent's pool exists
     context = multiprocessing.get_context("fork")
-    with context.Pool(1) as pool:                                     # would hang on the dead pool
+    with context.Pool(1) as pool:                # the child's work must not wait on parent threads
         assert pool.apply_async(_sum_rows_in_threads).get(timeout=60) == 300
 
 
@@ -131,11 +138,9 @@ def _sum_rows_in_threads():
     return sum(counts)
 
 
-def test_overlapping_regions_from_user_threads_restore_openblas(split_everything):
-    blas = cpu._openblas()
-    if blas is None:
-        pytest.skip("NumPy's BLAS here is not an OpenBLAS whose threads can be set")
-    get, _ = blas
+def test_overlapping_regions_from_user_threads_restore_openblas(split_everything,
+                                                               openblas_threads):
+    get = openblas_threads
     before = get()
     barrier = threading.Barrier(2)
 
