@@ -17,11 +17,13 @@ from .tensor import Function, Tensor
 # softmax family
 
 
-def _log_softmax(x, axis):
-    """log softmax of a raw array, shifting by the max so ``exp`` never overflows."""
+def _log_softmax(x, axis, out=None):
+    """log softmax(x) = (x - max x) - log Σ exp(x - max x) of a raw array: shifting by the max
+    keeps ``exp`` from overflowing. ``out``: an array to write the result into."""
     xp = backend.get_array_module(x)
-    shifted = x - x.max(axis=axis, keepdims=True)
-    return shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+    shifted = xp.subtract(x, x.max(axis=axis, keepdims=True), out=out)
+    shifted -= xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+    return shifted
 
 
 class Softmax(Function):
@@ -76,9 +78,7 @@ class CrossEntropy(Function):
         logp = xp.empty(flat.shape, flat.dtype)                       # (N, V)
 
         def rows(lo, hi):                                             # log softmax of rows lo:hi
-            z, out = flat[lo:hi], logp[lo:hi]
-            xp.subtract(z, z.max(axis=-1, keepdims=True), out=out)
-            out -= xp.log(xp.exp(out).sum(axis=-1, keepdims=True))
+            _log_softmax(flat[lo:hi], axis=-1, out=logp[lo:hi])
 
         cpu.for_rows(rows, flat.shape[0], V, xp=xp)
         nll = -logp[xp.arange(t.shape[0]), safe_t] * self.valid       # (N,)

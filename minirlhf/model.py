@@ -382,7 +382,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
                 if not np.isfinite(last).all():
                     raise FloatingPointError("generate: the model produced non-finite logits "
                                              "(has training diverged?)")
-                logp = _log_softmax(last)
+                logp = F._log_softmax(last, axis=-1)
                 tok = _sample(last, temperature, top_k, top_p, rng)  # (B,)
                 for b in np.flatnonzero(~done):
                     new_tokens[b].append(int(tok[b]))
@@ -418,11 +418,6 @@ def _check_generate_args(prompts, max_new_tokens, temperature, top_k, top_p, cfg
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"generate: top_p must lie in (0, 1] or be None, got {top_p}")
     return prompts
-
-
-def _log_softmax(z):
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
 def _sample(logits, temperature, top_k, top_p, rng):
