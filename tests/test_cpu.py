@@ -5,6 +5,7 @@ lowers them so that even the tiny arrays of a gradient check are cut into severa
 several threads.
 """
 
+import sys
 import threading
 
 import numpy as np
@@ -106,12 +107,29 @@ def test_an_error_in_a_block_reaches_the_caller(split_everything):
 
 
 @pytest.fixture
-def openblas_threads():
-    """OpenBLAS's thread-count getter; skips where NumPy's BLAS is not a settable OpenBLAS."""
-    blas = cpu._openblas()
-    if blas is None:
-        pytest.skip("NumPy's BLAS here is not an OpenBLAS whose threads can be set")
-    return blas[0]
+def openblas_threads(monkeypatch):
+    """A stand-in for OpenBLAS's thread count, (get, set), so the region logic is tested on every
+    machine; `test_numpys_openblas_is_found` checks the real library is found where there is one."""
+    setting = {"threads": 4}
+
+    def put(n):
+        setting["threads"] = n
+
+    monkeypatch.setitem(cpu._state, "blas", (lambda: setting["threads"], put))
+    return lambda: setting["threads"]
+
+
+def test_numpys_openblas_is_found():
+    blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"].lower()
+    if "openblas" in blas and sys.platform.startswith("linux"):
+        get, put = cpu._openblas()
+        before = get()
+        put(1)
+        assert get() == 1
+        put(before)
+        assert get() == before
+    else:
+        assert cpu._openblas() is None      # then products are left to the BLAS, not split
 
 
 def test_openblas_runs_on_one_thread_inside_and_is_restored_after(split_everything,
