@@ -9,9 +9,11 @@ while they compute. Each op writes the loop body it would write for all rows at 
         xp.exp(x[lo:hi], out=y[lo:hi])
     cpu.for_rows(rows, N, row_size=C)
 
-Elementwise blocks hold about 64K numbers (256 KB of float32), so an op's several passes over a
-block find it still in the core's cache. Work that calls the BLAS (matrix products) takes one block
-per thread instead. On CuPy arrays, small inputs or one thread, ``fn`` is simply called once.
+Elementwise blocks hold about 256K numbers (1 MB of float32). Smaller blocks would stay in a core's
+cache between an op's passes, but every NumPy call hands Python's GIL from one thread to the other,
+and a thread that has to wait for the GIL is put to sleep and woken later (~0.1 ms on the 2-core VM
+the benchmarks run on): fewer, longer calls win. Work that calls the BLAS (matrix products) takes one
+block per thread. On CuPy arrays, small inputs or one thread, ``fn`` is simply called once.
 
 The BLAS. Two thread pools on the same cores fight, so while our threads run matrix products
 OpenBLAS is held to one thread each (and set back after). The products minirlhf splits are the big
@@ -32,8 +34,8 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 
-BLOCK_NUMBERS = 1 << 16          # numbers per block of an elementwise op: 256 KB of float32
-MIN_PARALLEL_NUMBERS = 1 << 17   # below this, threads cost more than they save ...
+BLOCK_NUMBERS = 1 << 18          # numbers per block of an elementwise op: 1 MB of float32
+MIN_PARALLEL_NUMBERS = 1 << 19   # below two blocks, threads cost more than they save ...
 MIN_PARALLEL_PRODUCTS = 1 << 22  # ... and for matrix work, below this many multiply-adds
 MIN_ROWS_PER_WEIGHT = 64         # rows per block when every block reads one shared weight
 
