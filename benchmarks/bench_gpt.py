@@ -242,6 +242,14 @@ def median_of(results, key):
     return statistics.median(values) if values else float("nan")
 
 
+def paired_ratios(ours, theirs, key):
+    """ours / theirs of each round: the two ran back to back, so a slow spell of a shared machine
+    moves both. Falls back to one ratio of medians when a round failed on either side."""
+    if len(ours) == len(theirs) and ours:
+        return [a[key] / b[key] for a, b in zip(ours, theirs)]
+    return [median_of(ours, key) / median_of(theirs, key)]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", nargs="+", default=["tiny", "small", "medium"], choices=list(CONFIGS))
@@ -295,7 +303,11 @@ def main():
         if with_torch:
             row.update({"torch_train": median_of(results[("torch", "train")], "tokens_per_s"),
                         "torch_peak_mb": median_of(results[("torch", "train")], "peak_mb"),
-                        "torch_sample": median_of(results[("torch", "sample")], "tokens_per_s")})
+                        "torch_sample": median_of(results[("torch", "sample")], "tokens_per_s"),
+                        "train_ratios": paired_ratios(results[("ours", "train")],
+                                                      results[("torch", "train")], "tokens_per_s"),
+                        "sample_ratios": paired_ratios(results[("ours", "sample")],
+                                                       results[("torch", "sample")], "tokens_per_s")})
         rows.append(row)
         print_table(rows, with_torch)
         print()
@@ -313,10 +325,19 @@ def print_table(rows, with_torch):
         line = (f"| {r['config']} | {r['ours_train']:,.0f} | {r['matmul_share']:.2f} | "
                 f"{r['ours_sample']:,.0f} | {r['ours_sample_nocache']:,.0f} | {r['ours_peak_mb']:,.0f} |")
         if with_torch:
-            line += (f" {r['torch_train']:,.0f} | {r['ours_train'] / r['torch_train']:.2f} | "
-                     f"{r['torch_sample']:,.0f} | {r['ours_sample'] / r['torch_sample']:.2f} | "
+            line += (f" {r['torch_train']:,.0f} | {ratio_cell(r['train_ratios'])} | "
+                     f"{r['torch_sample']:,.0f} | {ratio_cell(r['sample_ratios'])} | "
                      f"{r['torch_peak_mb']:,.0f} | {r['ours_peak_mb'] / max(r['torch_peak_mb'], 1e-9):.2f} |")
         print(line)
+    if with_torch:
+        print("\nratios: the median over rounds of ours / PyTorch measured back to back "
+              "(lowest–highest round in brackets)")
+
+
+def ratio_cell(ratios):
+    if len(ratios) == 1:
+        return f"{ratios[0]:.2f}"
+    return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})"
 
 
 if __name__ == "__main__":

@@ -30,14 +30,16 @@ this process may use, at most 8.
 """
 
 import ctypes
+import itertools
 import os
+import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor, wait
 
 BLOCK_NUMBERS = 1 << 18          # numbers per block of an elementwise op: 1 MB of float32
 MIN_PARALLEL_NUMBERS = 1 << 19   # below two blocks, threads cost more than they save ...
 MIN_PARALLEL_PRODUCTS = 1 << 22  # ... and for matrix work, below this many multiply-adds
 MIN_ROWS_PER_WEIGHT = 64         # rows per block when every block reads one shared weight
+BLAS_BLOCKS_PER_THREAD = 2       # matrix work: blocks per thread (see "Sharing the blocks")
 
 _state = {"threads": None, "pool": None, "pool_pid": None, "memory_kept": None,
           "blas": None, "blas_regions": 0, "blas_before": None}
@@ -67,7 +69,7 @@ def set_num_threads(n):
         if _state["pool"] is not None and _state["pool_pid"] == os.getpid():
             _state["pool"].shutdown()
         _state["threads"] = n
-        _state["pool"] = ThreadPoolExecutor(n - 1, thread_name_prefix="minirlhf") if n > 1 else None
+        _state["pool"] = _Pool(n - 1) if n > 1 else None
         _state["pool_pid"] = os.getpid()
 
 
@@ -77,7 +79,7 @@ def for_rows(fn, n_rows, row_size, blas=False, shared_weight=False, xp=None):
     ``row_size``: numbers per row, which sets the block size (for BLAS work, multiply-adds per row).
     ``fn`` must only write its own rows of its outputs; what it returns (a partial sum, say) comes
     back as a list, one per block.
-    ``blas=True``: ``fn`` calls the BLAS, so each thread gets one block.
+    ``blas=True``: ``fn`` calls the BLAS, so blocks are few and large (a couple per thread).
     ``shared_weight=True``: every block multiplies by the same weight, so each block needs
     ``MIN_ROWS_PER_WEIGHT`` rows (a few rows by a shared weight read the whole weight for little work).
     ``xp``: the array module; on CuPy ``fn(0, n_rows)`` runs once, the GPU being parallel already.
@@ -87,36 +89,84 @@ def for_rows(fn, n_rows, row_size, blas=False, shared_weight=False, xp=None):
     threads, total = get_num_threads(), n_rows * row_size
     if threads > 1 and _state["pool_pid"] != os.getpid():
         set_num_threads(threads)        # a forked child: the parent's pool threads did not come along
-    if blas:  # one block per thread, if the product is big enough and OpenBLAS can be held to one
+    if blas:  # a few blocks per thread, if the product is big enough and OpenBLAS can be held to one
         worth_it = threads > 1 and total >= MIN_PARALLEL_PRODUCTS and _openblas() is not None
         min_rows = MIN_ROWS_PER_WEIGHT if shared_weight else 1
-        n_blocks = min(threads, n_rows // min_rows) if worth_it else 1
-    else:     # blocks that fit in a core's cache
+        n_blocks = min(BLAS_BLOCKS_PER_THREAD * threads, n_rows // min_rows) if worth_it else 1
+    else:     # blocks of BLOCK_NUMBERS numbers
         n_blocks = min(n_rows, total // BLOCK_NUMBERS) if total >= MIN_PARALLEL_NUMBERS else 1
     if n_blocks <= 1:
         return [fn(0, n_rows)]
     bounds = [n_rows * i // n_blocks for i in range(n_blocks + 1)]
-    blocks = list(zip(bounds[:-1], bounds[1:]))
+    job = _Job(fn, list(zip(bounds[:-1], bounds[1:])))
     if threads == 1 or threading.current_thread().name.startswith("minirlhf"):
-        return [fn(lo, hi) for lo, hi in blocks]              # one after another, each in cache
+        job.work()                                            # one after another
+    else:
+        with _OpenBLASOnOneThread(blas):
+            _state["pool"].wake(job)
+            job.work()                                        # this thread takes blocks too
+            job.all_done.acquire()                            # no block is still running
+    if job.error is not None:
+        raise job.error
+    return job.results
 
-    # thread t takes blocks t, t + threads, t + 2·threads, ...; this thread is thread 0
-    groups = [blocks[t::threads] for t in range(min(threads, n_blocks))]
 
-    def run(group):
-        return [fn(lo, hi) for lo, hi in group]
+# ----- sharing the blocks ---------------------------------------------------------------------------
+#
+# A thread woken from sleep starts ~0.1 ms later on the 2-core VM the benchmarks run on (an idle
+# virtual CPU is halted, and waking it goes through the hypervisor). Handing each thread a fixed
+# share made the caller wait for the late one at the end of every call (~0.3 ms; a GPT step makes
+# ~50 calls). Instead the blocks sit in a `_Job` and each thread takes the next one when it is free:
+# the caller starts at once, and a pool thread that wakes late finds fewer blocks left.
 
-    with _OpenBLASOnOneThread(blas):
-        futures = [_state["pool"].submit(run, group) for group in groups[1:]]
-        try:
-            results = [run(groups[0])]
-        finally:
-            wait(futures)               # no thread is still writing when we return or raise
-        results += [f.result() for f in futures]
-    by_block = {}
-    for group, group_results in zip(groups, results):
-        by_block.update(zip(group, group_results))
-    return [by_block[b] for b in blocks]
+class _Job:
+    """One call of `for_rows`: its blocks, taken one at a time by whichever thread is free."""
+
+    def __init__(self, fn, blocks):
+        self.fn, self.blocks = fn, blocks
+        self.results = [None] * len(blocks)
+        self.error = None
+        self._next = itertools.count()             # next() on a count is atomic under the GIL
+        self._finished = itertools.count(1)
+        self.all_done = threading.Lock()           # held until the last block has finished
+        self.all_done.acquire()
+
+    def work(self):
+        """Run blocks until none is left to take."""
+        for i in self._next:
+            if i >= len(self.blocks):
+                return
+            try:
+                self.results[i] = self.fn(*self.blocks[i])
+            except BaseException as e:             # kept for the caller, who raises it
+                self.error = e
+            if next(self._finished) == len(self.blocks):
+                self.all_done.release()
+
+
+class _Pool:
+    """``n`` threads that sleep until a job is handed to them, then take its blocks."""
+
+    def __init__(self, n):
+        self.jobs = queue.SimpleQueue()
+        self.threads = [threading.Thread(target=self._run, name=f"minirlhf-{i}", daemon=True)
+                        for i in range(n)]
+        for t in self.threads:
+            t.start()
+
+    def wake(self, job):
+        for _ in self.threads:
+            self.jobs.put(job)
+
+    def shutdown(self):
+        for _ in self.threads:
+            self.jobs.put(None)
+        for t in self.threads:
+            t.join()
+
+    def _run(self):
+        while (job := self.jobs.get()) is not None:
+            job.work()
 
 
 def add_up(parts):

@@ -389,7 +389,7 @@ class CausalAttention(Function):
                 att[...] = xp.where(allowed, att, att.dtype.type(-xp.inf))
             att -= att.max(axis=-1, keepdims=True)
             xp.exp(att, out=att)
-            att /= att.sum(axis=-1, keepdims=True)                   # softmax, in place
+            att /= _sum_last(att)[..., None]                         # softmax, in place
             xp.matmul(att, v, out=self._rows(lo, hi, y)[0])          # y = P v
 
         self._for_batch_rows(rows, xp)
@@ -409,7 +409,7 @@ class CausalAttention(Function):
                                                        gy, gq, gk, gv)
             xp.matmul(xp.swapaxes(P, -1, -2), gy_, out=gv_)          # (B, nh, Tk, hs)
             gs = gy_ @ xp.swapaxes(v, -1, -2)                        # gP, (B, nh, Tq, Tk)
-            gs -= (gs * P).sum(axis=-1, keepdims=True)               # gs = P ⊙ (gP - Σ gP P), in place
+            gs -= _sum_last(gs * P)[..., None]                       # gs = P ⊙ (gP - Σ gP P), in place
             gs *= P
             xp.matmul(gs, k, out=gq_)                                # 1/√hs applied to the small
             gq_ *= self.scale                                        # (…, T, hs) results
@@ -436,6 +436,12 @@ class CausalAttention(Function):
         n = self.q.shape[0]
         return tuple(a[lo:hi] if a.ndim == self.q.ndim and a.shape[0] == n and n > 1 else a
                      for a in arrays)
+
+
+def _sum_last(a):
+    """Σ over the last axis, as the matrix-vector product ``a @ (1, ..., 1)``: NumPy's ``a.sum(-1)``
+    over rows as short as attention's (T = 128) is about 3 times slower."""
+    return a @ backend.get_array_module(a).ones(a.shape[-1], a.dtype)
 
 
 _CAUSAL_BIAS = {}

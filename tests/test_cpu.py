@@ -7,6 +7,7 @@ several threads.
 
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -82,7 +83,7 @@ def test_a_few_rows_by_a_shared_weight_are_not_split(threads):
     assert calls == [(0, 8)]
     if cpu._openblas() is not None:
         cpu.for_rows(record, 2048, row_size=10**4, blas=True, shared_weight=True)   # training
-        assert len(calls) == 3
+        assert len(calls) == 1 + 2 * cpu.BLAS_BLOCKS_PER_THREAD
 
 
 def test_work_runs_on_several_threads(split_everything):
@@ -92,9 +93,27 @@ def test_work_runs_on_several_threads(split_everything):
     def rows(lo, hi):
         with lock:
             names.add(threading.current_thread().name)
+        time.sleep(0.002)        # long enough blocks that the pool threads wake before all are taken
 
     cpu.for_rows(rows, 300, row_size=1)
-    assert "MainThread" in names and len(names) >= 2   # an idle pool thread may take two groups
+    assert "MainThread" in names and len(names) >= 2
+
+
+def test_blocks_are_shared_out_so_a_late_thread_delays_nothing(threads, monkeypatch):
+    # a pool thread that wakes late (here: never, it is kept busy) leaves its blocks to the caller
+    monkeypatch.setattr(cpu, "BLOCK_NUMBERS", 10)
+    monkeypatch.setattr(cpu, "MIN_PARALLEL_NUMBERS", 1)
+    threads(2)
+    release = threading.Event()
+    blocker = cpu._Job(lambda lo, hi: release.wait(timeout=10), [(0, 1)])
+    cpu._state["pool"].wake(blocker)                   # the only pool thread is now stuck
+    try:
+        done = []
+        cpu.for_rows(lambda lo, hi: done.append(threading.current_thread().name), 100, row_size=1)
+        assert done == ["MainThread"] * 10
+    finally:
+        release.set()
+        blocker.all_done.acquire(timeout=10)
 
 
 def test_an_error_in_a_block_reaches_the_caller(split_everything):
