@@ -2,8 +2,8 @@
 
 Threads. NumPy runs each ufunc on one core. The large fused ops of a GPT step (the linear layers,
 attention, GELU, cross-entropy) work on rows that do not depend on each other, so they are cut into
-blocks of rows and the blocks run on a few threads at once: NumPy and the BLAS release Python's GIL
-while they compute. Each op writes the loop body it would write for all rows at once:
+blocks of rows, and the caller's thread and a small pool take the blocks one at a time until none
+is left (NumPy and the BLAS release Python's GIL while they compute). Each op writes the loop body it would write for all rows at once:
 
     def rows(lo, hi):                       # rows lo:hi of x (N, C) and of the output y
         xp.exp(x[lo:hi], out=y[lo:hi])
@@ -12,8 +12,8 @@ while they compute. Each op writes the loop body it would write for all rows at 
 Elementwise blocks hold about 256K numbers (1 MB of float32). Smaller blocks would stay in a core's
 cache between an op's passes, but every NumPy call hands Python's GIL from one thread to the other,
 and a thread that has to wait for the GIL is put to sleep and woken later (~0.1 ms on the 2-core VM
-the benchmarks run on): fewer, longer calls win. Work that calls the BLAS (matrix products) takes one
-block per thread. On CuPy arrays, small inputs or one thread, ``fn`` is simply called once.
+the benchmarks run on): fewer, longer calls win. Work that calls the BLAS (matrix products) is cut
+into two blocks per thread. On CuPy arrays, small inputs or one thread, ``fn`` is simply called once.
 
 The BLAS. Two thread pools on the same cores fight, so while our threads run matrix products
 OpenBLAS is held to one thread each (and set back after). The products minirlhf splits are the big
@@ -205,6 +205,16 @@ def _find_openblas():
                 get.restype, put.argtypes = ctypes.c_int, [ctypes.c_int]
                 return get, put
     return None
+
+
+def blas_on_one_thread():
+    """``with cpu.blas_on_one_thread():`` OpenBLAS computes on the calling thread only inside.
+
+    For matrix-vector products outside `for_rows`: OpenBLAS would split them across its threads,
+    which then spin for a while waiting for more work and hold the cores that the next op's threads
+    need (LayerNorm's products did this to a medium GPT step: 1.5 -> 2.3 s).
+    """
+    return _OpenBLASOnOneThread(True)
 
 
 class _OpenBLASOnOneThread:

@@ -224,7 +224,8 @@ def linear(x, weight, bias=None):
 
 class LayerNorm(Function):
     """Row means and column sums here are matrix-vector products (``x @ (1/C, ..., 1/C)``): NumPy's
-    ``.mean(axis=-1)`` over rows as short as a GPT's (C = 128) is about 4 times slower."""
+    ``.mean(axis=-1)`` over rows as short as a GPT's (C = 128) is about 4 times slower. They run on
+    one OpenBLAS thread (`cpu.blas_on_one_thread` says why)."""
 
     def __init__(self, eps):
         self.eps = eps
@@ -233,8 +234,9 @@ class LayerNorm(Function):
         xp = backend.get_array_module(x)
         x2 = x.reshape(-1, x.shape[-1])                              # (N, C): one row per position
         to_mean = xp.full(x2.shape[-1], 1 / x2.shape[-1], x.dtype)   # (C,): x2 @ to_mean = row means
-        xhat = x2 - (x2 @ to_mean)[:, None]                          # x - μ
-        var = xp.square(xhat) @ to_mean                              # σ², (N,)
+        with cpu.blas_on_one_thread():
+            xhat = x2 - (x2 @ to_mean)[:, None]                      # x - μ
+            var = xp.square(xhat) @ to_mean                          # σ², (N,)
         self.rstd = (1 / xp.sqrt(var + x.dtype.type(self.eps)))[:, None]   # (N, 1)
         xhat *= self.rstd                                            # x̂, in place
         self.xhat, self.weight = xhat, weight
@@ -253,9 +255,10 @@ class LayerNorm(Function):
         gy2 = gy.reshape(-1, C)                                      # (N, C)
         gy_xhat = gy2 * xhat                                         # (N, C)
         ones = xp.ones(gy2.shape[0], gy.dtype)                       # (N,): ones @ a = Σ_rows a
-        gw, gb = ones @ gy_xhat, ones @ gy2
-        mean_g = gy2 @ (w / C)                                       # mean(g), (N,)
-        mean_g_xhat = gy_xhat @ (w / C)                              # mean(g x̂), (N,)
+        with cpu.blas_on_one_thread():
+            gw, gb = ones @ gy_xhat, ones @ gy2
+            mean_g = gy2 @ (w / C)                                   # mean(g), (N,)
+            mean_g_xhat = gy_xhat @ (w / C)                          # mean(g x̂), (N,)
         gx = gy2 * w                                                 # g
         gx -= mean_g[:, None]
         gx -= xp.multiply(xhat, mean_g_xhat[:, None], out=gy_xhat)  # x̂ · mean(g x̂)

@@ -161,6 +161,34 @@ def test_openblas_runs_on_one_thread_inside_and_is_restored_after(split_everythi
     assert get() == before
 
 
+def test_layer_norm_keeps_openblas_on_one_thread(openblas_threads, monkeypatch):
+    # LayerNorm's matrix-vector products would otherwise wake OpenBLAS's threads, which then spin
+    get = openblas_threads
+    before = get()
+    with cpu.blas_on_one_thread():
+        assert get() == 1
+    assert get() == before
+
+    seen = []
+    real = cpu.blas_on_one_thread
+
+    class Spy:
+        def __enter__(self):
+            self.region = real()
+            self.region.__enter__()
+            seen.append(get())
+
+        def __exit__(self, *exc):
+            self.region.__exit__(*exc)
+
+    monkeypatch.setattr(cpu, "blas_on_one_thread", Spy)
+    x = Tensor(np.random.default_rng(0).normal(size=(64, 8)), requires_grad=True)
+    w, b = Tensor(np.ones(8), requires_grad=True), Tensor(np.zeros(8), requires_grad=True)
+    F.layer_norm(x, w, b).sum().backward()
+    assert seen == [1, 1]                                # forward's products, then backward's
+    assert get() == before
+
+
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
 def test_a_forked_child_gets_its_own_pool(split_everything):
     import multiprocessing
