@@ -34,6 +34,7 @@ CONFIGS = {  # name: (n_layer, n_embd, n_head, block_size, batch_size, vocab_siz
     "gpt2": (12, 768, 12, 1024, 8, 50304),
 }
 SAMPLE_PROMPTS, SAMPLE_NEW = 8, 112      # 8 prompts of 16 tokens, up to 112 new tokens each
+SAMPLE_REPEATS = 3                      # sampling runs timed per process (median taken)
 
 
 def new_tokens(block_size):
@@ -57,6 +58,19 @@ def rss_bytes():
 def cpu_peak_above(base):
     """The process's peak resident set, in bytes above ``base``."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+
+
+def median_seconds(run, sync, repeats):
+    """The median time of ``repeats`` calls of ``run``: one sampling run is under a second, short
+    enough for a slow spell of a shared machine to halve it."""
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        run()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def timed_steps(step, sync, steps):
@@ -105,9 +119,10 @@ def worker_ours(cfg_name, what, device, steps):
     prompts = rng.integers(0, V, (SAMPLE_PROMPTS, 16)).tolist()
     use_cache = what == "sample"
     generate(model, prompts, 4, temperature=1.0, seed=0, use_cache=use_cache)
-    t0 = time.perf_counter()
-    generate(model, prompts, new_tokens(T), temperature=1.0, seed=0, use_cache=use_cache)
-    return {"tokens_per_s": SAMPLE_PROMPTS * new_tokens(T) / (time.perf_counter() - t0)}
+    repeats = SAMPLE_REPEATS if use_cache else 1      # without the cache one run takes seconds
+    seconds = median_seconds(lambda: generate(model, prompts, new_tokens(T), temperature=1.0,
+                                              seed=0, use_cache=use_cache), _sync(device), repeats)
+    return {"tokens_per_s": SAMPLE_PROMPTS * new_tokens(T) / seconds}
 
 
 def _sync(device):
@@ -163,11 +178,11 @@ def worker_torch(cfg_name, what, device, steps):
             return self.ln_f(x) @ self.wte.weight.T
 
     model = GPT().to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if what == "train":
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
         x = torch.randint(0, V, (B, T), device=device)
         y = torch.randint(0, V, (B, T), device=device)
-        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
         def step():
             loss = TF.cross_entropy(model(x).view(-1, V), y.view(-1))
@@ -196,9 +211,8 @@ def worker_torch(cfg_name, what, device, steps):
             pos += 1
 
     sample(4)
-    t0 = time.perf_counter()
-    sample(new_tokens(T))
-    return {"tokens_per_s": SAMPLE_PROMPTS * new_tokens(T) / (time.perf_counter() - t0)}
+    seconds = median_seconds(lambda: sample(new_tokens(T)), sync, SAMPLE_REPEATS)
+    return {"tokens_per_s": SAMPLE_PROMPTS * new_tokens(T) / seconds}
 
 
 def worker_matmul(device):
@@ -282,7 +296,7 @@ def main():
     rows = []
     for name in args.configs:
         L, C, H, T, B, V = CONFIGS[name]
-        steps = args.steps or {"tiny": 20, "small": 10, "medium": 4, "gpt2": 5}[name]
+        steps = args.steps or {"tiny": 40, "small": 30, "medium": 4, "gpt2": 5}[name]
         results = {(fw, what): [] for fw in frameworks for what in ("train", "sample", "sample_nocache")}
         for _ in range(args.rounds):
             for what in ("train", "sample", "sample_nocache"):
