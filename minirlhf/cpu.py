@@ -3,7 +3,8 @@
 Threads. NumPy runs each ufunc on one core. The large fused ops of a GPT step (the linear layers,
 attention, GELU, cross-entropy) work on rows that do not depend on each other, so they are cut into
 blocks of rows, and the caller's thread and a small pool take the blocks one at a time until none
-is left (NumPy and the BLAS release Python's GIL while they compute). Each op writes the loop body it would write for all rows at once:
+is left (NumPy and the BLAS release Python's GIL while they compute). Each op writes the loop body
+it would write for all rows at once:
 
     def rows(lo, hi):                       # rows lo:hi of x (N, C) and of the output y
         xp.exp(x[lo:hi], out=y[lo:hi])
