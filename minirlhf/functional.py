@@ -444,6 +444,54 @@ class CausalAttention(Function):
                      for a in arrays)
 
 
+class SelfAttention(Function):
+    """Multi-head causal self-attention from one packed projection, as one node.
+
+    The same as splitting ``qkv`` (B, T, 3C) into q, k, v and those into heads, `causal_attention`
+    per head, and putting the heads side by side again (B, T, C); but as three slices of ``qkv``,
+    q, k and v would each send back a zero-filled (B, T, 3C) gradient for the engine to add up.
+    """
+
+    def __init__(self, n_head):
+        self.n_head = n_head
+
+    def forward(self, qkv):
+        xp = backend.get_array_module(qkv)
+        B, T, C3 = qkv.shape
+        nh, hs = self.n_head, C3 // 3 // self.n_head
+        heads = qkv.reshape(B, T, 3, nh, hs).transpose(2, 0, 3, 1, 4)   # (3, B, nh, T, hs)
+        heads = xp.ascontiguousarray(heads)                          # compact rows for the GEMMs
+        self.attention = CausalAttention()
+        y = self.attention.forward(heads[0], heads[1], heads[2])    # (B, nh, T, hs)
+        return y.transpose(0, 2, 1, 3).reshape(B, T, C3 // 3)       # (B, T, C): heads side by side
+
+    def backward(self, gy):
+        """y = merge_heads(attention(q, k, v)),  (q, k, v) = split_heads(qkv):
+
+        gq, gk, gv = `CausalAttention.backward` of split_heads(gy), and g_qkv puts them back where
+        q, k and v came from (the inverse of the split: every number of qkv is in exactly one of them).
+        """
+        xp = backend.get_array_module(gy)
+        B, T, C = gy.shape
+        nh, hs = self.n_head, C // self.n_head
+        grads = self.attention.backward(gy.reshape(B, T, nh, hs).transpose(0, 2, 1, 3))
+        g_qkv = xp.empty((B, T, 3, nh, hs), gy.dtype)
+        for i, g in enumerate(grads):                               # gq, gk, gv: (B, nh, T, hs)
+            g_qkv[:, :, i] = g.transpose(0, 2, 1, 3)
+        return (g_qkv.reshape(B, T, 3 * C),)
+
+
+def self_attention(qkv, n_head):
+    """Causal self-attention of ``qkv`` (B, T, 3C), q, k and v side by side as a GPT's ``c_attn``
+    makes them, with ``n_head`` heads: (B, T, C). One fused node; see `causal_attention` for one
+    head's formula and for attention with a KV cache or a mask."""
+    B, T, C3 = qkv.shape
+    if C3 % 3 or (C3 // 3) % n_head:
+        raise ValueError(f"self_attention: the last axis of qkv {qkv.shape} must be 3·C with C "
+                         f"divisible by n_head={n_head}")
+    return SelfAttention(n_head)(as_tensor(qkv))
+
+
 def _sum_last(a):
     """Σ over the last axis, as the matrix-vector product ``a @ (1, ..., 1)``: NumPy's ``a.sum(-1)``
     over rows as short as attention's (T = 128) is about 3 times slower."""

@@ -130,16 +130,21 @@ class CausalSelfAttention(Module):
         self.resid_dropout = Dropout(config.dropout, rng=dropout_rng)
 
     def forward(self, x, kv_cache=None, layer=0, mask=None):
-        B, T, C = x.shape
-        nh, hs = self.n_head, C // self.n_head
         qkv = self.c_attn(x)                                         # (B, T, 3C)
+        if kv_cache is None:
+            y = F.self_attention(qkv, self.n_head)                   # (B, T, C): the steps below,
+        else:                                                        # fused into one node
+            y = self._attend_with_cache(qkv, kv_cache, layer, mask)
+        return self.resid_dropout(self.c_proj(y))
+
+    def _attend_with_cache(self, qkv, kv_cache, layer, mask):
+        B, T, C3 = qkv.shape
+        nh, hs = self.n_head, C3 // 3 // self.n_head
         qkv = qkv.reshape(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4)    # (3, B, nh, T, hs)
         q, k, v = qkv[0], qkv[1], qkv[2]                             # (B, nh, T, hs)
-        if kv_cache is not None:
-            k, v = kv_cache.update(layer, k, v)                      # (B, nh, T_so_far, hs)
+        k, v = kv_cache.update(layer, k, v)                          # (B, nh, T_so_far, hs)
         y = F.causal_attention(q, k, v, mask)                        # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, C)                       # (B, T, C): heads side by side
-        return self.resid_dropout(self.c_proj(y))
+        return y.transpose(1, 2).reshape(B, T, C3 // 3)              # (B, T, C): heads side by side
 
 
 class MLP(Module):

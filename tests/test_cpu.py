@@ -267,6 +267,7 @@ def _ops(rng):
         ("attention", F.causal_attention, [q, k, v]),
         ("attention with mask", lambda q, k, v: F.causal_attention(q, k, v, mask=allowed), [q, k, v]),
         ("cross entropy", lambda z: F.cross_entropy(z, targets), [rng.standard_normal((4, 6, 7))]),
+        ("self attention", lambda qkv: F.self_attention(qkv, 2), [rng.standard_normal((3, 6, 12))]),
     ]
 
 
@@ -278,7 +279,7 @@ def _value_and_grads(fn, arrays, seed=0):
     return out.numpy(), [t.grad for t in inputs]
 
 
-@pytest.mark.parametrize("index", range(6))
+@pytest.mark.parametrize("index", range(7))
 def test_split_ops_equal_unsplit_ones(index, monkeypatch, threads):
     name, fn, arrays = _ops(np.random.default_rng(index))[index]
     threads(1)
@@ -308,7 +309,7 @@ def _counting(for_rows):
     return wrapper
 
 
-@pytest.mark.parametrize("index", range(6))
+@pytest.mark.parametrize("index", range(7))
 def test_split_ops_pass_gradcheck(index, split_everything):
     name, fn, arrays = _ops(np.random.default_rng(10 + index))[index]
     mr.gradcheck(fn, arrays)

@@ -188,6 +188,42 @@ def test_logits_with_the_kv_cache_match_a_full_forward(device, rng):
     np.testing.assert_allclose(np.concatenate(parts, axis=1), full, atol=1e-5, rtol=0)
 
 
+def test_fused_self_attention_is_the_split_heads_attention_merged(rng):
+    # F.self_attention: one node for split q, k, v -> heads -> causal attention -> heads merged
+    B, T, nh, hs = 2, 5, 3, 4
+    qkv = rng.standard_normal((B, T, 3 * nh * hs))
+    cotangent = rng.standard_normal((B, T, nh * hs))
+
+    def composed(qkv):
+        heads = qkv.reshape(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
+        y = F.causal_attention(heads[0], heads[1], heads[2])
+        return y.transpose(1, 2).reshape(B, T, nh * hs)
+
+    results = []
+    for fn in (composed, lambda qkv: F.self_attention(qkv, nh)):
+        x = mr.tensor(qkv, requires_grad=True)
+        y = fn(x)
+        (y * mr.tensor(cotangent)).sum().backward()
+        results.append((y.numpy(), x.grad))
+    (y_composed, g_composed), (y_fused, g_fused) = results
+    np.testing.assert_allclose(y_fused, y_composed, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(g_fused, g_composed, rtol=1e-12, atol=1e-12)
+    assert mr.gradcheck(lambda qkv: F.self_attention(qkv, nh), [qkv])
+    with pytest.raises(ValueError, match="divisible by n_head"):
+        F.self_attention(mr.tensor(qkv), 5)
+
+
+def test_the_model_attends_the_same_with_and_without_the_fused_op(rng):
+    # training (no cache) takes F.self_attention; the KV-cache path splits q, k, v itself
+    model = GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=2, n_head=2, n_embd=8,
+                          dtype="float64"), seed=0)
+    idx = rng.integers(0, 11, (2, 8))
+    with mr.no_grad():
+        fused = model(idx).numpy()
+        cached = model(idx, kv_cache=model.new_kv_cache(2)).numpy()     # the whole prompt at once
+    np.testing.assert_allclose(cached, fused, rtol=1e-12, atol=1e-12)
+
+
 def test_attention_with_a_causal_mask_is_causal_attention_and_any_mask_gradient_checks(rng):
     q, k, v = (rng.standard_normal((2, 2, 3, 4)) for _ in range(3))
     causal = np.tril(np.ones((3, 3), dtype=bool))[None, None]
