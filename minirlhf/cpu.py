@@ -85,17 +85,19 @@ def for_rows(fn, n_rows, row_size, blas=False, shared_weight=False, xp=None):
     ``MIN_ROWS_PER_WEIGHT`` rows (a few rows by a shared weight read the whole weight for little work).
     ``xp``: the array module; on CuPy ``fn(0, n_rows)`` runs once, the GPU being parallel already.
     """
-    if xp is not None and xp.__name__ != "numpy":
-        return [fn(0, n_rows)]
-    threads, total = get_num_threads(), n_rows * row_size
+    total = n_rows * row_size
+    if (xp is not None and xp.__name__ != "numpy") or total < (
+            MIN_PARALLEL_PRODUCTS if blas else MIN_PARALLEL_NUMBERS):
+        return [fn(0, n_rows)]                                # GPU, or too little work to split
+    threads = get_num_threads()
     if threads > 1 and _state["pool_pid"] != os.getpid():
         set_num_threads(threads)        # a forked child: the parent's pool threads did not come along
     if blas:  # a few blocks per thread, if the product is big enough and OpenBLAS can be held to one
-        worth_it = threads > 1 and total >= MIN_PARALLEL_PRODUCTS and _openblas() is not None
+        worth_it = threads > 1 and _openblas() is not None
         min_rows = MIN_ROWS_PER_WEIGHT if shared_weight else 1
         n_blocks = min(BLAS_BLOCKS_PER_THREAD * threads, n_rows // min_rows) if worth_it else 1
     else:     # blocks of BLOCK_NUMBERS numbers
-        n_blocks = min(n_rows, total // BLOCK_NUMBERS) if total >= MIN_PARALLEL_NUMBERS else 1
+        n_blocks = min(n_rows, total // BLOCK_NUMBERS)
     if n_blocks <= 1:
         return [fn(0, n_rows)]
     bounds = [n_rows * i // n_blocks for i in range(n_blocks + 1)]

@@ -389,7 +389,8 @@ class CausalAttention(Function):
             # s = (q / √hs) kᵀ: scaling q (…, T, hs) is cheaper than scaling s (…, T, T)
             xp.matmul(q * self.scale, xp.swapaxes(k, -1, -2), out=att)
             if self.allowed is None:
-                att += _causal_bias(xp, Tq, Tk, att.dtype)           # -inf on future keys
+                if Tq > 1:                                           # (one new query sees all keys)
+                    att += _causal_bias(xp, Tq, Tk, att.dtype)       # -inf on future keys
             else:
                 allowed, = self._rows(lo, hi, self.allowed)
                 att[...] = xp.where(allowed, att, att.dtype.type(-xp.inf))
