@@ -34,7 +34,7 @@ CONFIGS = {  # name: (n_layer, n_embd, n_head, block_size, batch_size, vocab_siz
     "gpt2": (12, 768, 12, 1024, 8, 50304),
 }
 SAMPLE_PROMPTS, SAMPLE_NEW = 8, 112      # 8 prompts of 16 tokens, up to 112 new tokens each
-SAMPLE_REPEATS = 3                      # sampling runs timed per process (median taken)
+SAMPLE_REPEATS = 5                      # sampling runs timed per process (median taken)
 
 
 def new_tokens(block_size):
