@@ -131,18 +131,20 @@ class CausalSelfAttention(Module):
 
     def forward(self, x, kv_cache=None, layer=0, mask=None):
         qkv = self.c_attn(x)                                         # (B, T, 3C)
-        if kv_cache is None:
-            y = F.self_attention(qkv, self.n_head)                   # (B, T, C): the steps below,
-        else:                                                        # fused into one node
-            y = self._attend_with_cache(qkv, kv_cache, layer, mask)
+        if kv_cache is None and mask is None:
+            y = F.self_attention(qkv, self.n_head)                   # (B, T, C): the steps of
+        else:                                                        # _attend, as one node
+            y = self._attend(qkv, kv_cache, layer, mask)
         return self.resid_dropout(self.c_proj(y))
 
-    def _attend_with_cache(self, qkv, kv_cache, layer, mask):
+    def _attend(self, qkv, kv_cache, layer, mask):
+        """Split q, k, v into heads, add k and v to the cache, attend, put the heads side by side."""
         B, T, C3 = qkv.shape
         nh, hs = self.n_head, C3 // 3 // self.n_head
         qkv = qkv.reshape(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4)    # (3, B, nh, T, hs)
         q, k, v = qkv[0], qkv[1], qkv[2]                             # (B, nh, T, hs)
-        k, v = kv_cache.update(layer, k, v)                          # (B, nh, T_so_far, hs)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)                      # (B, nh, T_so_far, hs)
         y = F.causal_attention(q, k, v, mask)                        # (B, nh, T, hs)
         return y.transpose(1, 2).reshape(B, T, C3 // 3)              # (B, T, C): heads side by side
 

@@ -222,6 +222,9 @@ def test_the_model_attends_the_same_with_and_without_the_fused_op(rng):
         fused = model(idx).numpy()
         cached = model(idx, kv_cache=model.new_kv_cache(2)).numpy()     # the whole prompt at once
     np.testing.assert_allclose(cached, fused, rtol=1e-12, atol=1e-12)
+    attn, x = model.transformer.h[0].attn, mr.tensor(rng.standard_normal((2, 8, 8)))
+    causal = np.tril(np.ones((8, 8), dtype=bool))
+    np.testing.assert_allclose(attn(x, mask=causal).numpy(), attn(x).numpy(), rtol=1e-12, atol=1e-12)
 
 
 def test_attention_with_a_causal_mask_is_causal_attention_and_any_mask_gradient_checks(rng):
