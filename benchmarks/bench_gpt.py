@@ -84,7 +84,7 @@ def timed_steps(step, sync, steps):
     return time.perf_counter() - t0
 
 
-def worker_ours(cfg_name, what, device, steps):
+def worker_ours(cfg_name, what, device, steps, repeats=SAMPLE_REPEATS):
     import numpy as np
 
     import minirlhf.functional as F
@@ -119,7 +119,7 @@ def worker_ours(cfg_name, what, device, steps):
     prompts = rng.integers(0, V, (SAMPLE_PROMPTS, 16)).tolist()
     use_cache = what == "sample"
     generate(model, prompts, 4, temperature=1.0, seed=0, use_cache=use_cache)
-    repeats = SAMPLE_REPEATS if use_cache else 1      # without the cache one run takes seconds
+    repeats = repeats if use_cache else 1             # without the cache one run takes seconds
     seconds = median_seconds(lambda: generate(model, prompts, new_tokens(T), temperature=1.0,
                                               seed=0, use_cache=use_cache), _sync(device), repeats)
     return {"tokens_per_s": SAMPLE_PROMPTS * new_tokens(T) / seconds}
@@ -132,7 +132,7 @@ def _sync(device):
     return lambda: None
 
 
-def worker_torch(cfg_name, what, device, steps):
+def worker_torch(cfg_name, what, device, steps, repeats=SAMPLE_REPEATS):
     import torch
     import torch.nn as nn
     from torch.nn import functional as TF
@@ -211,7 +211,7 @@ def worker_torch(cfg_name, what, device, steps):
             pos += 1
 
     sample(4)
-    seconds = median_seconds(lambda: sample(new_tokens(T)), sync, SAMPLE_REPEATS)
+    seconds = median_seconds(lambda: sample(new_tokens(T)), sync, repeats)
     return {"tokens_per_s": SAMPLE_PROMPTS * new_tokens(T) / seconds}
 
 
@@ -270,6 +270,8 @@ def main():
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--rounds", type=int, default=2, help="A B rounds per measurement (median taken)")
     p.add_argument("--steps", type=int, default=None, help="timed training steps (default per config)")
+    p.add_argument("--sample-repeats", type=int, default=SAMPLE_REPEATS,
+                   help="timed sampling runs per process (median taken)")
     p.add_argument("--no-torch", action="store_true", help="only our numbers")
     p.add_argument("--timeout", type=int, default=600)
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
@@ -280,9 +282,9 @@ def main():
         if kind == "matmul":
             result = worker_matmul(rest[0])
         else:
-            cfg_name, what, device, steps = rest
+            cfg_name, what, device, steps, repeats = rest
             fn = worker_ours if kind == "ours" else worker_torch
-            result = fn(cfg_name, what, device, int(steps))
+            result = fn(cfg_name, what, device, int(steps), int(repeats))
         print(json.dumps(result))
         return
 
@@ -303,7 +305,8 @@ def main():
                 for fw in frameworks:
                     if fw == "torch" and what == "sample_nocache":
                         continue
-                    r = run_worker([fw, name, what, args.device, str(steps)], args.timeout)
+                    r = run_worker([fw, name, what, args.device, str(steps), str(args.sample_repeats)],
+                                   args.timeout)
                     if "error" in r:
                         print(f"  {fw} {name} {what}: {r['error']}", file=sys.stderr)
                     else:

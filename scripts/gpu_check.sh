@@ -25,5 +25,5 @@ $PY -c "import cupy, numpy; print('cupy', cupy.__version__, 'numpy', numpy.__ver
 MINIRLHF_TEST_DEVICE=cuda CI=true timeout 200 $PY -m pytest -q -p no:cacheprovider --maxfail=40 2>&1 \
     | tee "$out/tests_cuda.txt" | grep -E "FAILED|ERROR|passed|failed" | tail -n 45
 
-timeout 220 $PY benchmarks/bench_gpt.py --device cuda --configs medium gpt2 --rounds 1 2>&1 \
+timeout 220 $PY benchmarks/bench_gpt.py --device cuda --configs medium gpt2 --rounds 1 --sample-repeats 2 2>&1 \
     | tee "$out/bench_gpu.txt" | tail -n 30
