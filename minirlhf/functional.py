@@ -14,6 +14,23 @@ from .ops import as_tensor, stable_sigmoid
 from .tensor import Function, Tensor
 
 # ===================================================================================================
+# sums as matrix-vector products
+#
+# NumPy's ``a.sum(axis)`` over rows as short as a GPT's (128 numbers) is 2-4 times slower than the
+# same sum as a product with a vector of ones, which the BLAS computes in one pass.
+
+
+def _sum_last(a):
+    """Σ over the last axis: ``a @ (1, ..., 1)``, the sum of each row."""
+    return a @ backend.get_array_module(a).ones(a.shape[-1], a.dtype)
+
+
+def _sum_first(a):
+    """Σ over the first axis of a (N, C) array: ``(1, ..., 1) @ a``, the sum of each column."""
+    return backend.get_array_module(a).ones(a.shape[0], a.dtype) @ a
+
+
+# ===================================================================================================
 # softmax family
 
 
@@ -202,10 +219,7 @@ class Linear(Function):
         def rows(lo, hi):                                            # gx's rows, and the rows'
             xp.matmul(gy2[lo:hi], self.weight.T, out=gx[lo:hi])      # share of the sums gW, gb
             gw = x2[lo:hi].T @ gy2[lo:hi]
-            if not self.has_bias:
-                return (gw,)
-            return gw, xp.ones(hi - lo, gy2.dtype) @ gy2[lo:hi]      # Σ_rows gy (a vector-matrix
-                                                                     # product is faster than .sum)
+            return (gw, _sum_first(gy2[lo:hi])) if self.has_bias else (gw,)
 
         sums = cpu.add_up(cpu.for_rows(rows, gy2.shape[0], self.weight.size, blas=True,
                                        shared_weight=True, xp=xp))
@@ -223,9 +237,8 @@ def linear(x, weight, bias=None):
 
 
 class LayerNorm(Function):
-    """Row means and column sums here are matrix-vector products (``x @ (1/C, ..., 1/C)``): NumPy's
-    ``.mean(axis=-1)`` over rows as short as a GPT's (C = 128) is about 4 times slower. They run on
-    one OpenBLAS thread (`cpu.blas_on_one_thread` says why)."""
+    """Its sums are matrix-vector products (`_sum_last`, `_sum_first`), run on one OpenBLAS thread
+    (`cpu.blas_on_one_thread` says why)."""
 
     def __init__(self, eps):
         self.eps = eps
@@ -233,10 +246,10 @@ class LayerNorm(Function):
     def forward(self, x, weight, bias):
         xp = backend.get_array_module(x)
         x2 = x.reshape(-1, x.shape[-1])                              # (N, C): one row per position
-        to_mean = xp.full(x2.shape[-1], 1 / x2.shape[-1], x.dtype)   # (C,): x2 @ to_mean = row means
+        C = x2.shape[-1]
         with cpu.blas_on_one_thread():
-            xhat = x2 - (x2 @ to_mean)[:, None]                      # x - μ
-            var = xp.square(xhat) @ to_mean                          # σ², (N,)
+            xhat = x2 - (_sum_last(x2) / C)[:, None]                 # x - μ
+            var = _sum_last(xp.square(xhat)) / C                     # σ², (N,)
         self.rstd = (1 / xp.sqrt(var + x.dtype.type(self.eps)))[:, None]   # (N, 1)
         xhat *= self.rstd                                            # x̂, in place
         self.xhat, self.weight = xhat, weight
@@ -254,10 +267,9 @@ class LayerNorm(Function):
         xhat, w, C = self.xhat, self.weight, self.xhat.shape[-1]
         gy2 = gy.reshape(-1, C)                                      # (N, C)
         gy_xhat = gy2 * xhat                                         # (N, C)
-        ones = xp.ones(gy2.shape[0], gy.dtype)                       # (N,): ones @ a = Σ_rows a
         with cpu.blas_on_one_thread():
-            gw, gb = ones @ gy_xhat, ones @ gy2
-            mean_g = gy2 @ (w / C)                                   # mean(g), (N,)
+            gw, gb = _sum_first(gy_xhat), _sum_first(gy2)            # Σ_rows gy x̂, Σ_rows gy
+            mean_g = gy2 @ (w / C)                                   # mean(g), (N,): g = gy w
             mean_g_xhat = gy_xhat @ (w / C)                          # mean(g x̂), (N,)
         gx = gy2 * w                                                 # g
         gx -= mean_g[:, None]
@@ -491,12 +503,6 @@ def self_attention(qkv, n_head):
         raise ValueError(f"self_attention: the last axis of qkv {qkv.shape} must be 3·C with C "
                          f"divisible by n_head={n_head}")
     return SelfAttention(n_head)(as_tensor(qkv))
-
-
-def _sum_last(a):
-    """Σ over the last axis, as the matrix-vector product ``a @ (1, ..., 1)``: NumPy's ``a.sum(-1)``
-    over rows as short as attention's (T = 128) is about 3 times slower."""
-    return a @ backend.get_array_module(a).ones(a.shape[-1], a.dtype)
 
 
 _CAUSAL_BIAS = {}
