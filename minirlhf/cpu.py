@@ -30,6 +30,7 @@ the process does not shrink after its peak. ``MINIRLHF_KEEP_MEMORY=0`` turns thi
 this process may use, at most 8.
 """
 
+import contextlib
 import ctypes
 import itertools
 import os
@@ -105,7 +106,7 @@ def for_rows(fn, n_rows, row_size, blas=False, shared_weight=False, xp=None):
     if threads == 1 or threading.current_thread().name.startswith("minirlhf"):
         job.work()                                            # one after another
     else:
-        with _OpenBLASOnOneThread(blas):
+        with blas_on_one_thread() if blas else contextlib.nullcontext():
             _state["pool"].wake(job)
             job.work()                                        # this thread takes blocks too
             job.all_done.acquire()                            # no block is still running
@@ -210,40 +211,34 @@ def _find_openblas():
     return None
 
 
+@contextlib.contextmanager
 def blas_on_one_thread():
-    """``with cpu.blas_on_one_thread():`` OpenBLAS computes on the calling thread only inside.
+    """``with cpu.blas_on_one_thread():`` OpenBLAS computes on the calling thread only inside, and
+    as before after.
 
-    For matrix-vector products outside `for_rows`: OpenBLAS would split them across its threads,
-    which then spin for a while waiting for more work and hold the cores that the next op's threads
-    need (LayerNorm's products did this to a medium GPT step: 1.5 -> 2.3 s).
+    `for_rows` holds it while its threads run matrix products. Outside, LayerNorm's matrix-vector
+    products use it: OpenBLAS would split them across its threads, which then spin for a while
+    waiting for more work and hold the cores that the next op's threads need (this took a medium
+    GPT step from 1.5 to 2.3 s). Regions may overlap (ops called from several threads of the
+    user's): the first to enter saves OpenBLAS's setting, the last to leave puts it back.
     """
-    return _OpenBLASOnOneThread(True)
-
-
-class _OpenBLASOnOneThread:
-    """``with _OpenBLASOnOneThread(True):`` OpenBLAS runs single-threaded inside; as before after.
-
-    Regions may overlap (ops called from several threads of the user's): the first to enter saves
-    OpenBLAS's setting, the last to leave puts it back.
-    """
-
-    def __init__(self, active):
-        self.blas = _openblas() if active else None
-
-    def __enter__(self):
-        if self.blas is not None:
-            with _lock:
-                if _state["blas_regions"] == 0:
-                    _state["blas_before"] = self.blas[0]()
-                    self.blas[1](1)
-                _state["blas_regions"] += 1
-
-    def __exit__(self, *exc):
-        if self.blas is not None:
-            with _lock:
-                _state["blas_regions"] -= 1
-                if _state["blas_regions"] == 0:
-                    self.blas[1](_state["blas_before"])
+    blas = _openblas()
+    if blas is None:
+        yield
+        return
+    get, put = blas
+    with _lock:
+        if _state["blas_regions"] == 0:
+            _state["blas_before"] = get()
+            put(1)
+        _state["blas_regions"] += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _state["blas_regions"] -= 1
+            if _state["blas_regions"] == 0:
+                put(_state["blas_before"])
 
 
 # ----- freed memory ---------------------------------------------------------------------------------
