@@ -1,6 +1,6 @@
 """Step 2, a Bradley-Terry reward model, the loop written out.
 
-    python examples/reward_model.py            # under a minute (the first example run also trains the tiny
+    python examples/reward_model.py   # under a minute (the first example run also trains the tiny
                                       # pretrained and SFT models it starts from, ~1 minute)
     python examples/reward_model.py --smoke
 

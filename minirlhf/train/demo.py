@@ -51,7 +51,7 @@ from ..logprobs import sequence_logprobs
 from ..model import generate
 from ..tensor import no_grad
 from ..tokenizer import ByteTokenizer
-from .common import ConfigError, check_common, opt, require, batch_tensor
+from .common import ConfigError, batch_tensor, check_common, opt, require
 from .dpo import DPOConfig, dpo
 from .pretrain import PretrainConfig, pretrain
 from .reward import RewardConfig, reward

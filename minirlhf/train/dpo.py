@@ -22,8 +22,8 @@ from ..losses import dpo_loss
 from ..optim import AdamW, lr_schedule, param_groups
 from ..tensor import no_grad
 from ..tokenizer import ByteTokenizer
-from .common import (RunLog, check_common, config_summary, encode_rows, load_policy, opt, optimise,
-                     require, split_holdout, batch_tensor, weighted_means)
+from .common import (RunLog, batch_tensor, check_common, config_summary, encode_rows, load_policy,
+                     opt, optimise, require, split_holdout, weighted_means)
 
 
 @dataclass
@@ -50,7 +50,7 @@ def pair_logps(model, pairs, device):
     """log p(y_w|x) and log p(y_l|x) (each (B,)) of a batch of (chosen row, rejected row) pairs."""
     batch = collate([c for c, _ in pairs] + [r for _, r in pairs])
     _, logp = sequence_logprobs(model, batch_tensor(batch["input_ids"], device),
-                                batch_tensor(batch["completion_mask"], device))        # (2B,)
+                                batch_tensor(batch["completion_mask"], device))     # (2B,)
     B = len(pairs)
     return logp[:B], logp[B:]
 

@@ -21,7 +21,7 @@ from ..model import GPT, GPTConfig, generate
 from ..optim import AdamW, clip_grad_norm_, lr_schedule, param_groups
 from ..tensor import no_grad
 from ..tokenizer import ByteTokenizer
-from .common import RunLog, check_common, config_summary, opt, require, batch_tensor
+from .common import RunLog, batch_tensor, check_common, config_summary, opt, require
 
 
 @dataclass
@@ -75,7 +75,7 @@ def evaluate(model, tokens, cfg):
             s = starts[i:i + B]
             x = np.stack([tokens[j:j + T] for j in s])                   # (B, T)
             y = np.stack([tokens[j + 1:j + T + 1] for j in s])           # (B, T)
-            logits = model(batch_tensor(x, cfg.device))                     # (B, T, V)
+            logits = model(batch_tensor(x, cfg.device))                  # (B, T, V)
             losses.append(F.cross_entropy(logits, batch_tensor(y, cfg.device)).item())
     model.train()
     return float(np.mean(losses))
@@ -127,7 +127,7 @@ def pretrain(cfg):
     for step in range(start, cfg.max_steps):
         optimizer.lr = lr_schedule(step + 1, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr)
         x, y = get_batch(train_tokens, cfg.block_size, cfg.batch_size, data_rng)
-        logits = model(batch_tensor(x, cfg.device))                     # (B, T, V)
+        logits = model(batch_tensor(x, cfg.device))                  # (B, T, V)
         loss_t = F.cross_entropy(logits, batch_tensor(y, cfg.device))
         optimizer.zero_grad()
         loss_t.backward()

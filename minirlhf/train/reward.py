@@ -22,8 +22,8 @@ from ..model import RewardModel
 from ..optim import AdamW, lr_schedule, param_groups
 from ..tensor import no_grad
 from ..tokenizer import ByteTokenizer
-from .common import (RunLog, check_common, config_summary, encode_rows, load_policy, opt, optimise,
-                     split_holdout, batch_tensor, weighted_means)
+from .common import (RunLog, batch_tensor, check_common, config_summary, encode_rows, load_policy,
+                     opt, optimise, split_holdout, weighted_means)
 
 
 @dataclass

@@ -30,8 +30,8 @@ from ..model import RewardModel, generate
 from ..optim import AdamW, param_groups
 from ..tensor import no_grad
 from ..tokenizer import ByteTokenizer
-from .common import (ConfigError, RunLog, check_common, config_summary, load_policy, opt, optimise,
-                     require, batch_tensor)
+from .common import (ConfigError, RunLog, batch_tensor, check_common, config_summary, load_policy,
+                     opt, optimise, require)
 
 
 class RewardFunctionError(RuntimeError):
@@ -184,8 +184,8 @@ def rl(cfg, metrics_fn=None):
         R = rewarder(rows, row_prompts, completions)                         # (N,)
 
         batch = collate(rows)
-        input_ids = batch_tensor(batch["input_ids"], cfg.device)               # (N, T)
-        mask = batch_tensor(batch["completion_mask"], cfg.device)              # (N, T)
+        input_ids = batch_tensor(batch["input_ids"], cfg.device)            # (N, T)
+        mask = batch_tensor(batch["completion_mask"], cfg.device)           # (N, T)
         logits = policy(input_ids)                                          # (N, T, V)
         _, logp = logprobs_from_logits(logits, input_ids, mask)             # (N,) log p_θ(y|x)
         with no_grad():

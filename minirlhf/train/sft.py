@@ -19,8 +19,8 @@ from ..losses import sft_loss
 from ..optim import AdamW, lr_schedule, param_groups
 from ..tensor import no_grad
 from ..tokenizer import ByteTokenizer
-from .common import (RunLog, check_common, config_summary, encode_rows, load_policy, opt,
-                     optimise, split_holdout, batch_tensor)
+from .common import (RunLog, batch_tensor, check_common, config_summary, encode_rows, load_policy,
+                     opt, optimise, split_holdout)
 
 
 @dataclass
@@ -42,7 +42,7 @@ class SFTConfig:
 
 
 def batch_loss(model, batch, device):
-    input_ids = batch_tensor(batch["input_ids"], device)                   # (B, T)
+    input_ids = batch_tensor(batch["input_ids"], device)                 # (B, T)
     logits = model(input_ids)                                            # (B, T, V)
     return sft_loss(logits, input_ids, batch_tensor(batch["completion_mask"], device))
 
