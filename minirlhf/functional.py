@@ -303,7 +303,7 @@ class GELU(Function):
         self.x = x
         x, s, y = x.reshape(-1), xp.empty(x.size, x.dtype), xp.empty(x.size, x.dtype)   # flat
 
-        def rows(lo, hi):                          # elements lo:hi, in cache-sized blocks
+        def rows(lo, hi):                          # elements lo:hi (blocks of cpu.BLOCK_NUMBERS)
             xb, e = x[lo:hi], s[lo:hi]
             xp.multiply(xb, xb, out=e)             # -2u = -2√(2/π)(x + a x³) = x(-2c - 2c·a·x²)
             e *= -2 * c * a
