@@ -5,6 +5,8 @@ import math
 import numpy as np
 import pytest
 
+from minirlhf import cpu
+from minirlhf.backend import to_device, to_numpy
 from minirlhf.model import GPT, GPTConfig
 from minirlhf.nn import Embedding, LayerNorm, Linear, Module, Parameter
 from minirlhf.optim import SGD, AdamW, clip_grad_norm_, lr_schedule, param_groups
@@ -52,6 +54,99 @@ def test_adamw_updates_in_place_and_float32_stays_float32():
         opt.step()
     assert w.data is array and w.dtype == np.float32
     assert opt.state[0]["m"].dtype == np.float32 and opt.state[0]["v"].dtype == np.float32
+
+
+SHAPES = [(3, 4), (4,), (4, 2), (2,), (5, 3), (3,), (1,), (2, 2, 2)]
+
+
+def _params(device, dtype=np.float32, shapes=SHAPES, seed=3):
+    rng = np.random.default_rng(seed)
+    return [Parameter(to_device(rng.standard_normal(s).astype(dtype), device)) for s in shapes]
+
+
+def _set_grads(params, t, skip=()):
+    for i, (p, g) in enumerate(zip(params, grads_for(t, [p.shape for p in params]))):
+        p.grad = None if i in skip else to_device(g.astype(p.dtype), p.device)
+
+
+MAKERS = {"AdamW": lambda ps, wd: AdamW(ps, lr=0.1, weight_decay=wd),
+          "SGD": lambda ps, wd: SGD(ps, lr=0.1, momentum=0.9, weight_decay=wd)}
+
+
+@pytest.mark.parametrize("name", sorted(MAKERS))
+def test_a_group_updated_as_one_vector_equals_each_parameter_updated_alone(device, name):
+    """The group path (parameters laid end to end) against one optimizer per parameter, to the bit;
+    in step 3 two parameters have no gradient: they and their state stay as they were."""
+    make = MAKERS[name]
+    together, alone = _params(device), _params(device)
+    opt = make([{"params": together[:5], "weight_decay": 0.1},
+                {"params": together[5:], "weight_decay": 0.0}], 0)
+    singles = [make([p], 0.1 if i < 5 else 0.0) for i, p in enumerate(alone)]
+    for t in range(1, 6):
+        skip = (1, 6) if t == 3 else ()
+        for params in (together, alone):
+            _set_grads(params, t, skip)
+        before = [to_numpy(p.data).copy() for p in together]
+        opt.step()
+        for single, p in zip(singles, alone):
+            if p.grad is not None:
+                single.step()
+        for i, (a, b) in enumerate(zip(together, alone)):
+            np.testing.assert_array_equal(to_numpy(a.data), to_numpy(b.data))
+            if i in skip:
+                np.testing.assert_array_equal(to_numpy(a.data), before[i])
+            for k, v in singles[i].state[0].items():
+                np.testing.assert_array_equal(to_numpy(opt.state[i][k]), to_numpy(v))
+
+
+def test_each_parameters_state_is_its_slice_of_the_groups_vector():
+    params = _params("cpu")
+    opt = AdamW(params, lr=0.1)
+    _set_grads(params, 1)
+    opt.step()
+    m = opt.state[2]["m"]
+    assert m.shape == params[2].shape and np.shares_memory(m, opt.state[0]["m"].base)
+    m_before = m.copy()
+    _set_grads(params, 2)
+    opt.step()                                  # the update writes through to the slice
+    assert not np.array_equal(opt.state[2]["m"], m_before) and opt.state[2]["m"] is m
+
+
+def test_a_group_of_mixed_dtypes_is_updated_parameter_by_parameter():
+    mixed = _params("cpu")[:2] + _params("cpu", dtype=np.float64)[2:4]
+    alone = _params("cpu")[:2] + _params("cpu", dtype=np.float64)[2:4]
+    opt, singles = AdamW(mixed, lr=0.1), [AdamW([p], lr=0.1) for p in alone]
+    for t in range(1, 3):
+        for params in (mixed, alone):
+            _set_grads(params, t)
+        opt.step()
+        for single in singles:
+            single.step()
+    for a, b in zip(mixed, alone):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a.data, b.data)
+
+
+def test_the_group_vector_split_across_threads_equals_it_whole(monkeypatch):
+    whole, split = _params("cpu", shapes=[(40, 30), (30,), (30, 50)]), \
+        _params("cpu", shapes=[(40, 30), (30,), (30, 50)])
+    opt_whole, opt_split = AdamW(whole, lr=0.1), AdamW(split, lr=0.1)
+    before = cpu.get_num_threads()
+    try:
+        for t in range(1, 4):
+            _set_grads(whole, t)
+            _set_grads(split, t)
+            opt_whole.step()
+            with monkeypatch.context() as m:   # blocks of 64 numbers on 3 threads
+                m.setattr(cpu, "BLOCK_NUMBERS", 64)
+                m.setattr(cpu, "MIN_PARALLEL_NUMBERS", 1)
+                cpu.set_num_threads(3)
+                opt_split.step()
+                cpu.set_num_threads(before)
+            for a, b in zip(whole, split):
+                np.testing.assert_array_equal(a.data, b.data)
+    finally:
+        cpu.set_num_threads(before)
 
 
 class Net(Module):
