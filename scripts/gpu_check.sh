@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, run in one call on a machine with a CUDA GPU and CuPy installed:
 #   1. the whole test suite with the device-aware tests on the CuPy backend;
-#   2. the GPU benchmark (ours against PyTorch eager on the same GPU, when PyTorch is installed).
+#   2. the GPU benchmark (ours against PyTorch eager on the same GPU, when PyTorch is installed);
+#   3. where a training step's time goes (benchmarks/bench_step_parts.py).
 # Results land in $OUT (or ./gpu_out) so the device tool brings them back.
 #
 # The GPU machine reaches no package index. If pytest, hypothesis or tqdm are missing there, download
@@ -27,3 +28,7 @@ MINIRLHF_TEST_DEVICE=cuda CI=true timeout 200 $PY -m pytest -q -p no:cacheprovid
 
 timeout 220 $PY benchmarks/bench_gpt.py --device cuda --configs medium gpt2 --rounds 1 --sample-repeats 2 2>&1 \
     | tee "$out/bench_gpu.txt" | tail -n 30
+
+# where a step's time goes (host: Python enqueuing kernels; total: until the GPU is done)
+timeout 90 $PY benchmarks/bench_step_parts.py --device cuda --configs medium gpt2 2>&1 \
+    | tee "$out/step_parts_gpu.txt" | tail -n 12
