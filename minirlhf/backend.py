@@ -7,9 +7,9 @@ the array it is given (per-array dispatch, as Chainer and DeZero do):
     y = xp.exp(x)
 
 Only this file imports CuPy. The few things the two libraries spell differently live here too:
-moving arrays between devices, scatter-add, and a host-side random generator (``cupy.random`` draws
-other numbers than NumPy, so weights are drawn on the host and moved, and one seed gives the same
-model on both devices).
+moving arrays between devices, scatter-add, sums over rows and columns (each library has its faster
+spelling), and a host-side random generator (``cupy.random`` draws other numbers than NumPy, so
+weights are drawn on the host and moved, and one seed gives the same model on both devices).
 """
 
 import numpy as np
@@ -79,6 +79,26 @@ def to_device(array, device):
 def to_numpy(array):
     """A NumPy copy of any array (for printing, saving and comparing)."""
     return to_device(array, "cpu")
+
+
+# Sums over rows and columns. NumPy's ``a.sum(axis)`` over rows as short as a GPT's (128 numbers) is
+# 2-4 times slower than the same sum as a product with a vector of ones, which the BLAS computes in
+# one pass. On CuPy the reduction is one kernel, while the product needs a vector of ones made first
+# and, for a stack of matrices (attention's (B, nh, T, T)), takes a slow batched path (~0.3 ms of
+# Python a call on an H100 machine). So each library gets its faster spelling.
+
+def sum_last(a):
+    """Σ over the last axis, the sum of each row: ``a @ (1, ..., 1)`` on NumPy."""
+    if isinstance(a, np.ndarray):
+        return a @ np.ones(a.shape[-1], a.dtype)
+    return a.sum(axis=-1)
+
+
+def sum_first(a):
+    """Σ over the first axis of a (N, C) array, the sum of each column: ``(1, ..., 1) @ a`` on NumPy."""
+    if isinstance(a, np.ndarray):
+        return np.ones(a.shape[0], a.dtype) @ a
+    return a.sum(axis=0)
 
 
 def scatter_add(target, indices, values):

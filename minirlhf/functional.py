@@ -14,23 +14,6 @@ from .ops import as_tensor, stable_sigmoid
 from .tensor import Function, Tensor
 
 # ===================================================================================================
-# sums as matrix-vector products
-#
-# NumPy's ``a.sum(axis)`` over rows as short as a GPT's (128 numbers) is 2-4 times slower than the
-# same sum as a product with a vector of ones, which the BLAS computes in one pass.
-
-
-def _sum_last(a):
-    """Σ over the last axis: ``a @ (1, ..., 1)``, the sum of each row."""
-    return a @ backend.get_array_module(a).ones(a.shape[-1], a.dtype)
-
-
-def _sum_first(a):
-    """Σ over the first axis of a (N, C) array: ``(1, ..., 1) @ a``, the sum of each column."""
-    return backend.get_array_module(a).ones(a.shape[0], a.dtype) @ a
-
-
-# ===================================================================================================
 # softmax family
 
 
@@ -219,7 +202,7 @@ class Linear(Function):
         def rows(lo, hi):                                            # gx's rows, and the rows'
             xp.matmul(gy2[lo:hi], self.weight.T, out=gx[lo:hi])      # share of the sums gW, gb
             gw = x2[lo:hi].T @ gy2[lo:hi]
-            return (gw, _sum_first(gy2[lo:hi])) if self.has_bias else (gw,)
+            return (gw, backend.sum_first(gy2[lo:hi])) if self.has_bias else (gw,)
 
         sums = cpu.add_up(cpu.for_rows(rows, gy2.shape[0], self.weight.size, blas=True,
                                        shared_weight=True, xp=xp))
@@ -237,8 +220,8 @@ def linear(x, weight, bias=None):
 
 
 class LayerNorm(Function):
-    """Its sums are matrix-vector products (`_sum_last`, `_sum_first`), run on one OpenBLAS thread
-    (`cpu.blas_on_one_thread` says why)."""
+    """On the CPU its sums are matrix-vector products (`backend.sum_last`, `backend.sum_first`),
+    run on one OpenBLAS thread (`cpu.blas_on_one_thread` says why)."""
 
     def __init__(self, eps):
         self.eps = eps
@@ -248,8 +231,8 @@ class LayerNorm(Function):
         x2 = x.reshape(-1, x.shape[-1])                              # (N, C): one row per position
         C = x2.shape[-1]
         with cpu.blas_on_one_thread():
-            xhat = x2 - (_sum_last(x2) / C)[:, None]                 # x - μ
-            var = _sum_last(xp.square(xhat)) / C                     # σ², (N,)
+            xhat = x2 - (backend.sum_last(x2) / C)[:, None]          # x - μ
+            var = backend.sum_last(xp.square(xhat)) / C              # σ², (N,)
         self.rstd = (1 / xp.sqrt(var + x.dtype.type(self.eps)))[:, None]   # (N, 1)
         xhat *= self.rstd                                            # x̂, in place
         self.xhat, self.weight = xhat, weight
@@ -268,7 +251,7 @@ class LayerNorm(Function):
         gy2 = gy.reshape(-1, C)                                      # (N, C)
         gy_xhat = gy2 * xhat                                         # (N, C)
         with cpu.blas_on_one_thread():
-            gw, gb = _sum_first(gy_xhat), _sum_first(gy2)            # Σ_rows gy x̂, Σ_rows gy
+            gw, gb = backend.sum_first(gy_xhat), backend.sum_first(gy2)  # Σ_rows gy x̂, Σ_rows gy
             mean_g = gy2 @ (w / C)                                   # mean(g), (N,): g = gy w
             mean_g_xhat = gy_xhat @ (w / C)                          # mean(g x̂), (N,)
         gx = gy2 * w                                                 # g
@@ -408,7 +391,7 @@ class CausalAttention(Function):
                 att[...] = xp.where(allowed, att, att.dtype.type(-xp.inf))
             att -= att.max(axis=-1, keepdims=True)
             xp.exp(att, out=att)
-            att /= _sum_last(att)[..., None]                         # softmax, in place
+            att /= backend.sum_last(att)[..., None]                  # softmax, in place
             xp.matmul(att, v, out=self._rows(lo, hi, y)[0])          # y = P v
 
         self._for_batch_rows(rows, xp)
@@ -428,7 +411,7 @@ class CausalAttention(Function):
                                                        gy, gq, gk, gv)
             xp.matmul(xp.swapaxes(P, -1, -2), gy_, out=gv_)          # (B, nh, Tk, hs)
             gs = gy_ @ xp.swapaxes(v, -1, -2)                        # gP, (B, nh, Tq, Tk)
-            gs -= _sum_last(gs * P)[..., None]                       # gs = P ⊙ (gP - Σ gP P), in place
+            gs -= backend.sum_last(gs * P)[..., None]                # gs = P ⊙ (gP - Σ gP P)
             gs *= P
             xp.matmul(gs, k, out=gq_)                                # 1/√hs applied to the small
             gq_ *= self.scale                                        # (…, T, hs) results

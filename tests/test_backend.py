@@ -1,4 +1,4 @@
-"""The backend: which library an array belongs to, moving between devices, host RNG, scatter-add."""
+"""The backend: which library an array belongs to, moving between devices, host RNG, scatter-add, sums."""
 
 import numpy as np
 import pytest
@@ -134,3 +134,15 @@ def test_the_same_computation_gives_the_same_gradient_on_both_devices():
         (mr.tensor(x, device=device) @ wt).tanh().sum().backward()
         grads.append(backend.to_numpy(wt.grad))
     np.testing.assert_allclose(grads[0], grads[1], rtol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (2, 3, 4, 6)])
+def test_row_and_column_sums_equal_numpys_sum(device, shape):
+    """Each library's spelling (a product with ones on NumPy, a reduction on CuPy) is the sum."""
+    a = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    got = backend.to_numpy(backend.sum_last(backend.to_device(a, device)))
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, a.sum(axis=-1), rtol=1e-5, atol=1e-5)
+    if a.ndim == 2:
+        got = backend.to_numpy(backend.sum_first(backend.to_device(a, device)))
+        np.testing.assert_allclose(got, a.sum(axis=0), rtol=1e-5, atol=1e-5)
