@@ -23,15 +23,15 @@ nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
 $PY -c "import cupy, numpy; print('cupy', cupy.__version__, 'numpy', numpy.__version__)" | tee -a "$out/gpu.txt"
 
 # every failure is listed (no -x): a lent GPU is rare, one run should show all there is to fix
-MINIRLHF_TEST_DEVICE=cuda CI=true timeout 200 $PY -m pytest -q -p no:cacheprovider --maxfail=40 2>&1 \
+MINIRLHF_TEST_DEVICE=cuda CI=true timeout 130 $PY -m pytest -q -p no:cacheprovider --maxfail=40 2>&1 \
     | tee "$out/tests_cuda.txt" | grep -E "FAILED|ERROR|passed|failed" | tail -n 45
 
 # medium is bound by Python's launches, and the lent machine's host speed drifts: 3 rounds; gpt2, 1
-timeout 100 $PY benchmarks/bench_gpt.py --device cuda --configs medium --rounds 3 --sample-repeats 2 2>&1 \
+timeout 130 $PY benchmarks/bench_gpt.py --device cuda --configs medium --rounds 3 --sample-repeats 2 2>&1 \
     | tee "$out/bench_gpu.txt" | tail -n 6
-timeout 150 $PY benchmarks/bench_gpt.py --device cuda --configs gpt2 --rounds 1 --sample-repeats 2 2>&1 \
+timeout 100 $PY benchmarks/bench_gpt.py --device cuda --configs gpt2 --rounds 1 --sample-repeats 2 2>&1 \
     | tee -a "$out/bench_gpu.txt" | tail -n 6
 
 # where a step's time goes (host: Python enqueuing kernels; total: until the GPU is done)
-timeout 90 $PY benchmarks/bench_step_parts.py --device cuda --configs medium gpt2 2>&1 \
+timeout 45 $PY benchmarks/bench_step_parts.py --device cuda --configs medium gpt2 2>&1 \
     | tee "$out/step_parts_gpu.txt" | tail -n 12
