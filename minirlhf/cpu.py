@@ -211,8 +211,12 @@ def _find_openblas():
     return None
 
 
-@contextlib.contextmanager
-def blas_on_one_thread():
+GEMV_ONE_THREAD_BELOW = 2304 * 4  # OpenBLAS runs a matrix-vector product of fewer numbers on one
+#                                  thread anyway (2304 × GEMM_MULTITHREAD_THRESHOLD, which is 4)
+_NO_REGION = contextlib.nullcontext()
+
+
+def blas_on_one_thread(size=None):
     """``with cpu.blas_on_one_thread():`` OpenBLAS computes on the calling thread only inside, and
     as before after.
 
@@ -221,7 +225,18 @@ def blas_on_one_thread():
     waiting for more work and hold the cores that the next op's threads need (this took a medium
     GPT step from 1.5 to 2.3 s). Regions may overlap (ops called from several threads of the
     user's): the first to enter saves OpenBLAS's setting, the last to leave puts it back.
+
+    ``size``: the numbers in the matrix of the matrix-vector products inside. Below
+    ``GEMV_ONE_THREAD_BELOW`` OpenBLAS keeps them on one thread itself, and the region is skipped: its
+    calls into OpenBLAS took ~5 us, more than a LayerNorm's products over the 8 rows of a sampling step.
     """
+    if size is not None and size < GEMV_ONE_THREAD_BELOW:
+        return _NO_REGION
+    return _blas_region()
+
+
+@contextlib.contextmanager
+def _blas_region():
     blas = _openblas()
     if blas is None:
         yield

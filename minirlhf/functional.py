@@ -230,7 +230,7 @@ class LayerNorm(Function):
         xp = backend.get_array_module(x)
         x2 = x.reshape(-1, x.shape[-1])                              # (N, C): one row per position
         C = x2.shape[-1]
-        with cpu.blas_on_one_thread():
+        with cpu.blas_on_one_thread(size=x2.size):
             xhat = x2 - (backend.sum_last(x2) / C)[:, None]          # x - μ
             var = backend.sum_last(xp.square(xhat)) / C              # σ², (N,)
         self.rstd = (1 / xp.sqrt(var + x.dtype.type(self.eps)))[:, None]   # (N, 1)
@@ -250,7 +250,7 @@ class LayerNorm(Function):
         xhat, w, C = self.xhat, self.weight, self.xhat.shape[-1]
         gy2 = gy.reshape(-1, C)                                      # (N, C)
         gy_xhat = gy2 * xhat                                         # (N, C)
-        with cpu.blas_on_one_thread():
+        with cpu.blas_on_one_thread(size=gy2.size):
             gw, gb = backend.sum_first(gy_xhat), backend.sum_first(gy2)  # Σ_rows gy x̂, Σ_rows gy
             mean_g = gy2 @ (w / C)                                   # mean(g), (N,): g = gy w
             mean_g_xhat = gy_xhat @ (w / C)                          # mean(g x̂), (N,)

@@ -168,13 +168,21 @@ def test_layer_norm_keeps_openblas_on_one_thread(openblas_threads, monkeypatch):
     with cpu.blas_on_one_thread():
         assert get() == 1
     assert get() == before
+    with cpu.blas_on_one_thread(size=cpu.GEMV_ONE_THREAD_BELOW):
+        assert get() == 1
+    with cpu.blas_on_one_thread(size=cpu.GEMV_ONE_THREAD_BELOW - 1):
+        assert get() == before                           # OpenBLAS keeps these on one thread itself
+    assert get() == before
 
     seen = []
     real = cpu.blas_on_one_thread
 
     class Spy:
+        def __init__(self, size=None):
+            self.size = size
+
         def __enter__(self):
-            self.region = real()
+            self.region = real(self.size)
             self.region.__enter__()
             seen.append(get())
 
@@ -182,11 +190,13 @@ def test_layer_norm_keeps_openblas_on_one_thread(openblas_threads, monkeypatch):
             self.region.__exit__(*exc)
 
     monkeypatch.setattr(cpu, "blas_on_one_thread", Spy)
-    x = Tensor(np.random.default_rng(0).normal(size=(64, 8)), requires_grad=True)
-    w, b = Tensor(np.ones(8), requires_grad=True), Tensor(np.zeros(8), requires_grad=True)
-    F.layer_norm(x, w, b).sum().backward()
-    assert seen == [1, 1]                                # forward's products, then backward's
-    assert get() == before
+    for rows, held in ((2048, 1), (8, before)):          # a training batch; a sampling step's rows
+        seen.clear()
+        x = Tensor(np.random.default_rng(0).normal(size=(rows, 8)), requires_grad=True)
+        w, b = Tensor(np.ones(8), requires_grad=True), Tensor(np.zeros(8), requires_grad=True)
+        F.layer_norm(x, w, b).sum().backward()
+        assert seen == [held, held]                      # forward's products, then backward's
+        assert get() == before
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
