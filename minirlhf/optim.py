@@ -1,7 +1,8 @@
 """Optimisers (SGD, AdamW), gradient clipping and the learning-rate schedule.
 
 Every update is written in place on the parameter arrays (``p.data``), so the parameters an optimizer
-holds stay the very tensors the model uses, on whatever device they live. Parameters come in groups,
+holds stay the very tensors the model uses, on whatever device they live (each group's update runs
+on its parameters laid end to end as one vector: `Optimizer` says why). Parameters come in groups,
 as in PyTorch, each group with its own hyperparameters:
 
     groups = param_groups(model, weight_decay=0.1)     # decay matrices, not biases/norms/embeddings
@@ -213,7 +214,9 @@ class SGD(Optimizer):
         super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
     def _new_state(self, p, group):
-        return {"momentum_buffer": backend.get_array_module(p).zeros_like(p)} if group["momentum"] else {}
+        if not group["momentum"]:
+            return {}
+        return {"momentum_buffer": backend.get_array_module(p).zeros_like(p)}
 
     def _update(self, p, g, state, group, t):
         lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
