@@ -1,6 +1,6 @@
 """The lecture's whole pipeline on the built-in Shakespeare, through the same trainers a user calls.
 
-    minirlhf demo                      # the quick preset: about 8 minutes on 2 CPU cores
+    minirlhf demo                      # the quick preset: about five minutes on 2 CPU cores
     minirlhf demo --preset large       # bigger model, longer runs: hours on a CPU, use --device cuda
 
 1. **Pretrain** a small GPT on the ten plays (`pretrain`).
@@ -60,12 +60,13 @@ from .sft import SFTConfig, sft
 
 # ----- the presets ------------------------------------------------------------------------------------
 # Each stage's entries are fields of that stage's config; "data", "labels" and "eval" are the demo's.
-# The quick preset is sized to run in about 8 minutes on two CPU cores (measured: 478 s with one
-# BLAS thread on a busy machine), and to meet its target: RL and DPO each raise the held-out gold
-# reward over SFT by more than two standard errors. Two settings matter most for that, found by
-# trying: a model that writes real words (2 x 128 wide beats 2 x 64, and costs less than 3 layers),
-# and a reward model trained on enough informative labels (4000 prompts, ties left out, τ = 0.5);
-# from 2000 prompts with coin-flip ties and τ = 1 it stayed at chance.
+# The quick preset is sized to run in about five minutes on two CPU cores (measured: 291 to 397 s
+# in the runs so far; 478 s with one BLAS thread on a busy machine), and to meet its target: RL and
+# DPO each raise the held-out gold reward over SFT by more than two standard errors. Two settings
+# matter most for that, found by trying: a model that writes real words (2 x 128 wide beats 2 x 64,
+# and costs less than 3 layers), and a reward model trained on enough informative labels (4000
+# prompts, ties left out, τ = 0.5); from 2000 prompts with coin-flip ties and τ = 1 it stayed at
+# chance.
 
 QUICK = {
     "model": dict(n_layer=2, n_head=4, n_embd=128, block_size=96),
@@ -131,7 +132,7 @@ PRESETS = {"quick": QUICK, "large": LARGE}
 @dataclass
 class DemoConfig:
     out_dir: str = opt("runs/demo", "where every stage's outputs, report.md and the plots go")
-    preset: str = opt("quick", "quick (8 minutes on 2 CPU cores) or large (hours on a CPU: use a GPU)",
+    preset: str = opt("quick", "quick (about 5 minutes on 2 CPU cores) or large (hours on a CPU: use a GPU)",
                       choices=["quick", "large"])
     rl_betas: str | None = opt(None, "comma-separated β values for RL, e.g. '0.05,0.2' "
                                      "(default: the preset's)")
