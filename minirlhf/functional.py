@@ -182,9 +182,10 @@ class Linear(Function):
         y = xp.empty((x2.shape[0], weight.shape[1]), xp.result_type(x, weight))   # (rows, out)
 
         def rows(lo, hi):                                            # one GEMM per block of rows
-            xp.matmul(x2[lo:hi], weight, out=y[lo:hi])
+            block = y[lo:hi]
+            xp.matmul(x2[lo:hi], weight, out=block)
             if bias is not None:
-                y[lo:hi] += bias                                     # in place: no extra copy
+                block += bias                  # in place (`y[lo:hi] += bias` would copy it back)
 
         cpu.for_rows(rows, x2.shape[0], weight.size, blas=True, shared_weight=True, xp=xp)
         return y.reshape(x.shape[:-1] + weight.shape[-1:])
@@ -220,8 +221,8 @@ def linear(x, weight, bias=None):
 
 
 class LayerNorm(Function):
-    """On the CPU its sums are matrix-vector products (`backend.sum_last`, `backend.sum_first`),
-    run on one OpenBLAS thread (`cpu.blas_on_one_thread` says why)."""
+    """On the CPU its sums and means are matrix-vector products (`backend.mean_last`,
+    `backend.sum_first`), run on one OpenBLAS thread (`cpu.blas_on_one_thread` says why)."""
 
     def __init__(self, eps):
         self.eps = eps
@@ -229,11 +230,10 @@ class LayerNorm(Function):
     def forward(self, x, weight, bias):
         xp = backend.get_array_module(x)
         x2 = x.reshape(-1, x.shape[-1])                              # (N, C): one row per position
-        C = x2.shape[-1]
         with cpu.blas_on_one_thread(size=x2.size):
-            xhat = x2 - (backend.sum_last(x2) / C)[:, None]          # x - μ
-            var = backend.sum_last(xp.square(xhat)) / C              # σ², (N,)
-        self.rstd = (1 / xp.sqrt(var + x.dtype.type(self.eps)))[:, None]   # (N, 1)
+            xhat = x2 - backend.mean_last(x2)[:, None]               # x - μ
+            var = backend.mean_last(xp.square(xhat))                 # σ², (N,)
+        self.rstd = ((var + x.dtype.type(self.eps)) ** -0.5)[:, None]   # 1 / sqrt(σ² + eps), (N, 1)
         xhat *= self.rstd                                            # x̂, in place
         self.xhat, self.weight = xhat, weight
         y = xhat * weight
@@ -250,10 +250,11 @@ class LayerNorm(Function):
         xhat, w, C = self.xhat, self.weight, self.xhat.shape[-1]
         gy2 = gy.reshape(-1, C)                                      # (N, C)
         gy_xhat = gy2 * xhat                                         # (N, C)
+        w_C = w / C                                                  # (C,)
         with cpu.blas_on_one_thread(size=gy2.size):
             gw, gb = backend.sum_first(gy_xhat), backend.sum_first(gy2)  # Σ_rows gy x̂, Σ_rows gy
-            mean_g = gy2 @ (w / C)                                   # mean(g), (N,): g = gy w
-            mean_g_xhat = gy_xhat @ (w / C)                          # mean(g x̂), (N,)
+            mean_g = gy2 @ w_C                                       # mean(g), (N,): g = gy w
+            mean_g_xhat = gy_xhat @ w_C                              # mean(g x̂), (N,)
         gx = gy2 * w                                                 # g
         gx -= mean_g[:, None]
         gx -= xp.multiply(xhat, mean_g_xhat[:, None], out=gy_xhat)  # x̂ · mean(g x̂)

@@ -1,0 +1,79 @@
+"""Kernel counts: what a GPU step launches, counted on the CPU by benchmarks/count_ops.py.
+
+A medium GPT's step on a GPU is bound by the host launching kernels (benchmarks/README.md), so the
+number of array operations an op makes is part of its speed there. These tests pin the counts of
+the ops that were trimmed for it; an op that grows a kernel fails here, on a machine without a GPU.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import minirlhf.functional as F
+from minirlhf.nn import Parameter
+from minirlhf.optim import AdamW
+from minirlhf.tensor import Tensor
+
+_path = Path(__file__).resolve().parents[1] / "benchmarks" / "count_ops.py"
+_spec = importlib.util.spec_from_file_location("count_ops", _path)
+count_ops = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(count_ops)
+
+
+def counted(*shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32).view(count_ops.Counted)
+
+
+def total(kernels):
+    return sum(kernels().values())
+
+
+def test_each_array_operation_counts_once_and_views_not_at_all():
+    a, b = counted(4, 3), counted(4, 3, seed=1)
+    with count_ops.counting() as kernels:
+        c = a + b                                      # one elementwise kernel
+        c.sum(axis=0)                                  # one reduction
+        a.reshape(3, 4).T                              # views: none
+        a[np.array([0, 2])]                            # a gather
+        c[1:3] = b[1:3]                                # a copy
+        assert sorted(what for _, what in kernels()) == ["add", "add.reduce", "gather", "setitem"]
+        assert total(kernels) == 4
+
+
+def test_a_linear_layer_with_bias_is_two_kernels():
+    x = Tensor(counted(2, 5, 8))
+    w, b = Parameter(counted(8, 16, seed=1)), Parameter(counted(16, seed=2))
+    with count_ops.counting() as kernels:
+        F.linear(x, w, b)
+        assert sorted(what for _, what in kernels()) == ["add", "matmul"]   # no copy back of y
+
+
+def test_layer_norm_forward_and_backward_kernels():
+    x = Tensor(counted(6, 8), requires_grad=True)
+    w, b = Parameter(counted(8, seed=1)), Parameter(counted(8, seed=2))
+    with count_ops.counting() as kernels:
+        y = F.layer_norm(x, w, b)
+        assert total(kernels) == 9     # μ, x-μ, (x-μ)², σ², +eps, ^-½, ·rstd, ·w, +b
+        kernels.clear()
+        y.backward(counted(6, 8, seed=3))
+        backward = {k: n for k, n in kernels().items() if k[0].startswith("LayerNorm")}
+        assert sum(backward.values()) == 11
+
+
+@pytest.mark.parametrize("n_params", [4, 12])
+def test_adamw_costs_one_kernel_per_parameter_more_not_thirteen(n_params):
+    """The group is updated as one vector: each parameter adds only its copy back."""
+    def step_kernels(n):
+        params = [Parameter(counted(3, 2, seed=i)) for i in range(n)]
+        opt = AdamW(params, lr=0.1)
+        with count_ops.counting() as kernels:
+            for _ in range(2):                         # the first step builds the state
+                kernels.clear()
+                for i, p in enumerate(params):
+                    p.grad = counted(3, 2, seed=100 + i)
+                opt.step()
+            return total(kernels)
+
+    assert step_kernels(n_params + 1) - step_kernels(n_params) == 1
