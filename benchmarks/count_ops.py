@@ -12,8 +12,9 @@ creation, concatenation and gather), and every call of the array module (`xp`) i
 CPU threads are off (one block per op, as on a GPU), so the count is what CuPy would launch, give
 or take the few operations one library spells with more kernels than the other.
 
-It prints the operations of a step by the op they happen in (a `Function`'s forward or backward,
-the optimizer, or the engine itself), most first.
+It prints the kernels of a step by the op they happen in (a `Function`'s forward or backward, the
+optimizer, or the engine itself), most first; views and allocations are not kernels and are left
+out. `counting()` is also what tests/test_count_ops.py uses to pin the counts of single ops.
 """
 
 import argparse
