@@ -81,9 +81,10 @@ def to_numpy(array):
     return to_device(array, "cpu")
 
 
-# Sums over rows and columns. NumPy's ``a.sum(axis)`` over rows as short as a GPT's (128 numbers) is
-# 2-4 times slower than the same sum as a product with a vector of ones, which the BLAS computes in
-# one pass (the vector is made once per length and kept: making it took longer than a small product).
+# Sums over rows and columns. NumPy's ``a.sum(axis)`` over rows as short as a GPT's (128 numbers)
+# is 2-4 times slower than the same sum as a product with a vector of ones, which the BLAS computes
+# in one pass (the vector is made once per length and kept: making it took longer than a small
+# product).
 # On CuPy the reduction is one kernel, while the product takes a slow batched path for a stack of
 # matrices (attention's (8, 6, 256, 256): 98 us of Python a call on an H100 machine, against 13 us
 # for the sum). So each library gets its faster spelling.
@@ -115,7 +116,7 @@ def mean_last(a):
 
 
 def sum_first(a):
-    """Σ over the first axis of a (N, C) array, the sum of each column: ``(1, ..., 1) @ a`` on NumPy."""
+    """Σ over the first axis of a (N, C) array, each column's sum: ``(1, ..., 1) @ a`` on NumPy."""
     if isinstance(a, np.ndarray):
         return _filled(a.shape[0], a.dtype, 1) @ a
     return a.sum(axis=0)

@@ -211,8 +211,9 @@ def _find_openblas():
     return None
 
 
-GEMV_ONE_THREAD_BELOW = 2304 * 4  # OpenBLAS runs a matrix-vector product of fewer numbers on one
-#                                  thread anyway (2304 × GEMM_MULTITHREAD_THRESHOLD, which is 4)
+# OpenBLAS runs a matrix-vector product of fewer numbers than this on one thread anyway (its rule:
+# 2304 × GEMM_MULTITHREAD_THRESHOLD, which is 4)
+GEMV_ONE_THREAD_BELOW = 2304 * 4
 _NO_REGION = contextlib.nullcontext()
 
 
@@ -227,8 +228,9 @@ def blas_on_one_thread(size=None):
     user's): the first to enter saves OpenBLAS's setting, the last to leave puts it back.
 
     ``size``: the numbers in the matrix of the matrix-vector products inside. Below
-    ``GEMV_ONE_THREAD_BELOW`` OpenBLAS keeps them on one thread itself, and the region is skipped: its
-    calls into OpenBLAS took ~5 us, more than a LayerNorm's products over the 8 rows of a sampling step.
+    ``GEMV_ONE_THREAD_BELOW`` OpenBLAS keeps them on one thread itself, and the region is skipped:
+    its calls into OpenBLAS took ~5 us, more than a LayerNorm's products over a sampling step's 8
+    rows.
     """
     if size is not None and size < GEMV_ONE_THREAD_BELOW:
         return _NO_REGION

@@ -250,11 +250,11 @@ class LayerNorm(Function):
         xhat, w, C = self.xhat, self.weight, self.xhat.shape[-1]
         gy2 = gy.reshape(-1, C)                                      # (N, C)
         gy_xhat = gy2 * xhat                                         # (N, C)
-        w_C = w / C                                                  # (C,)
+        w_over_C = w / C                                             # (C,)
         with cpu.blas_on_one_thread(size=gy2.size):
             gw, gb = backend.sum_first(gy_xhat), backend.sum_first(gy2)  # Σ_rows gy x̂, Σ_rows gy
-            mean_g = gy2 @ w_C                                       # mean(g), (N,): g = gy w
-            mean_g_xhat = gy_xhat @ w_C                              # mean(g x̂), (N,)
+            mean_g = gy2 @ w_over_C                                  # mean(g), (N,): g = gy w
+            mean_g_xhat = gy_xhat @ w_over_C                         # mean(g x̂), (N,)
         gx = gy2 * w                                                 # g
         gx -= mean_g[:, None]
         gx -= xp.multiply(xhat, mean_g_xhat[:, None], out=gy_xhat)  # x̂ · mean(g x̂)

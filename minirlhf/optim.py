@@ -26,20 +26,21 @@ from .tensor import no_grad
 class Optimizer:
     """Holds the parameter groups and the per-parameter state; subclasses write the update rule.
 
-    A subclass gives ``_new_state(p, group)``, the arrays it keeps per parameter (zeros shaped like
-    ``p``), and ``_update(p, g, state, group, t)``, its formula on arrays, written in place, at step
-    ``t`` = 1, 2, ... The rule is elementwise, so it gives the same numbers on a whole group at once:
+    A subclass gives ``_new_state(p, group)``, the arrays it keeps per parameter (zeros shaped
+    like ``p``), and ``_update(p, g, state, group, t)``, its formula on arrays, written in place,
+    at step ``t`` = 1, 2, ... The rule is elementwise, so it gives the same numbers on a whole
+    group at once:
 
     One vector per group. A GPT has ~76 parameter arrays and AdamW's rule is ~13 array operations,
     so updating them one by one is ~1,000 small operations a step: on a GPU each is a kernel launch
     that Python must issue (the step waits on the host), and on the CPU each is a call into NumPy.
-    So a group whose parameters all have gradients is updated as one vector: the parameters and the
-    gradients are laid end to end (``concatenate``), the rule runs on the whole vector (on the CPU in
-    blocks shared by threads, see `cpu.for_rows`), and the results are copied back into each
+    So a group whose parameters all have gradients is updated as one vector: the parameters and
+    the gradients are laid end to end (``concatenate``), the rule runs on the whole vector (on the
+    CPU in blocks shared by threads, see `cpu.for_rows`), and the results are copied back into each
     parameter. The state is kept as one vector per group too, and each parameter's state
-    (``self.state[i]["m"]``, say) is its slice of it. PyTorch's "foreach" and "fused" optimisers do the
-    same. A group where some parameter has no gradient this step is updated parameter by parameter
-    (a parameter without a gradient is left alone, its state included, as PyTorch does).
+    (``self.state[i]["m"]``, say) is its slice of it. PyTorch's "foreach" and "fused" optimisers
+    do the same. A group where some parameter has no gradient this step is updated parameter by
+    parameter (a parameter without a gradient is left alone, its state included, as PyTorch does).
     """
 
     def __init__(self, params, **defaults):
@@ -294,8 +295,8 @@ def clip_grad_norm_(params, max_norm):
     if not grads:
         return 0.0
     xp = backend.get_array_module(grads[0])
-    g = xp.concatenate([g.reshape(-1) for g in grads])  # every gradient end to end: a few launches
-    total = math.sqrt(float(g @ g))                      # one device-to-host sync
+    flat = xp.concatenate([g.reshape(-1) for g in grads])  # every gradient end to end
+    total = math.sqrt(float(flat @ flat))                  # one device-to-host sync
     coef = max_norm / (total + 1e-6)
     if coef < 1:
         for g in grads:

@@ -132,8 +132,8 @@ PRESETS = {"quick": QUICK, "large": LARGE}
 @dataclass
 class DemoConfig:
     out_dir: str = opt("runs/demo", "where every stage's outputs, report.md and the plots go")
-    preset: str = opt("quick", "quick (about 5 minutes on 2 CPU cores) or large (hours on a CPU: use a GPU)",
-                      choices=["quick", "large"])
+    preset: str = opt("quick", "quick (about 5 minutes on 2 CPU cores) or large (hours on a CPU: "
+                               "use a GPU)", choices=["quick", "large"])
     rl_betas: str | None = opt(None, "comma-separated β values for RL, e.g. '0.05,0.2' "
                                      "(default: the preset's)")
     dpo_betas: str | None = opt(None, "comma-separated β values for DPO (default: the preset's)")
