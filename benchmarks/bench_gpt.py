@@ -88,21 +88,40 @@ def timed_steps(step, sync, steps):
     return time.perf_counter() - t0
 
 
-def worker_ours(cfg_name, what, device, steps, repeats=SAMPLE_REPEATS):
+def our_model(cfg_name, device):
+    """Our GPT of a config (seed 0), on ``device``."""
+    from minirlhf.model import GPT, GPTConfig
+
+    L, C, H, T, B, V = CONFIGS[cfg_name]
+    config = GPTConfig(block_size=T, vocab_size=V, n_layer=L, n_head=H, n_embd=C)
+    return GPT(config, seed=0).to(device)
+
+
+def our_training(cfg_name, device):
+    """Our GPT of a config, its AdamW and one fixed batch of inputs and targets x, y (B, T)."""
     import numpy as np
 
-    import minirlhf.functional as F
-    from minirlhf.model import GPT, GPTConfig, generate
     from minirlhf.optim import AdamW, param_groups
     from minirlhf.tensor import Tensor
 
     L, C, H, T, B, V = CONFIGS[cfg_name]
-    model = GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=L, n_head=H, n_embd=C), seed=0).to(device)
+    model = our_model(cfg_name, device)
+    opt = AdamW(param_groups(model, 0.1), lr=1e-4)
     rng = np.random.default_rng(0)
+    x = Tensor(rng.integers(0, V, (B, T))).to(device)
+    y = Tensor(rng.integers(0, V, (B, T))).to(device)
+    return model, opt, x, y
+
+
+def worker_ours(cfg_name, what, device, steps, repeats=SAMPLE_REPEATS):
+    import numpy as np
+
+    import minirlhf.functional as F
+    from minirlhf.model import generate
+
+    L, C, H, T, B, V = CONFIGS[cfg_name]
     if what == "train":
-        opt = AdamW(param_groups(model, 0.1), lr=1e-4)
-        x = Tensor(rng.integers(0, V, (B, T))).to(device)
-        y = Tensor(rng.integers(0, V, (B, T))).to(device)
+        model, opt, x, y = our_training(cfg_name, device)
         sync = _sync(device)
 
         def step():
@@ -120,7 +139,8 @@ def worker_ours(cfg_name, what, device, steps, repeats=SAMPLE_REPEATS):
         seconds = timed_steps(step, sync, steps)
         peak = pool.total_bytes() - base if device == "cuda" else cpu_peak_above(base)
         return {"tokens_per_s": steps * B * T / seconds, "peak_mb": peak / 2**20}
-    prompts = rng.integers(0, V, (SAMPLE_PROMPTS, 16)).tolist()
+    model = our_model(cfg_name, device)
+    prompts = np.random.default_rng(0).integers(0, V, (SAMPLE_PROMPTS, 16)).tolist()
     use_cache = what == "sample"
     generate(model, prompts, 4, temperature=1.0, seed=0, use_cache=use_cache)
     repeats = repeats if use_cache else 1             # without the cache one run takes seconds

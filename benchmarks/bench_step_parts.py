@@ -21,28 +21,18 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 import minirlhf.functional as F  # noqa: E402
-from minirlhf.model import GPT, GPTConfig  # noqa: E402
-from minirlhf.optim import AdamW, param_groups  # noqa: E402
-from minirlhf.tensor import Tensor  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpt import CONFIGS, _sync  # noqa: E402
+from bench_gpt import CONFIGS, _sync, our_training  # noqa: E402
 
 PARTS = ("forward", "backward", "optimizer")
 
 
 def measure(cfg_name, device, steps):
     """{part: (median host seconds, median total seconds)} for one config."""
-    L, C, H, T, B, V = CONFIGS[cfg_name]
-    model = GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=L, n_head=H, n_embd=C), seed=0).to(device)
-    opt = AdamW(param_groups(model, 0.1), lr=1e-4)
-    rng = np.random.default_rng(0)
-    x = Tensor(rng.integers(0, V, (B, T))).to(device)
-    y = Tensor(rng.integers(0, V, (B, T))).to(device)
+    model, opt, x, y = our_training(cfg_name, device)
     sync = _sync(device)
     times = {part: [] for part in PARTS}
 
@@ -79,7 +69,8 @@ def main():
             print(f"| {cfg_name} | {part} | {1000 * host:.1f} | {1000 * total:.1f} | "
                   f"{host / total:.2f} |")
         host, total = (sum(p[i] for p in parts.values()) for i in (0, 1))
-        print(f"| {cfg_name} | step | {1000 * host:.1f} | {1000 * total:.1f} | {host / total:.2f} |")
+        print(f"| {cfg_name} | step | {1000 * host:.1f} | {1000 * total:.1f} | "
+              f"{host / total:.2f} |")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ on the CPU.
     python benchmarks/count_ops.py --config small      #   depend on the batch)
 
 On a GPU, each array operation of a step is at least one kernel that Python must launch, at 10–25
-µs of host time each with CuPy (measured on an H100 machine): a step of the medium GPT there is bound
-by those launches, not by arithmetic. This script counts them without a GPU. The model's arrays are
+µs of host time each with CuPy (measured on an H100 machine): a step of the medium GPT there is
+bound by those launches, not by arithmetic. This script counts them without a GPU. The model's arrays are
 a NumPy subclass that counts every operation done with it (each ufunc call, reduction, copy,
 creation, concatenation and gather), and every call of the array module (`xp`) is counted too.
 CPU threads are off (one block per op, as on a GPU), so the count is what CuPy would launch, give
@@ -144,7 +144,8 @@ def counting_numpy():
 @contextlib.contextmanager
 def counting():
     """``with counting() as kernels:`` inside, the ops run on `Counted` arrays one block at a time
-    (as on a GPU); ``kernels()`` gives {(op, operation): count} since the last ``kernels.clear()``."""
+    (as on a GPU); ``kernels()`` gives {(op, operation): count} since the last
+    ``kernels.clear()``."""
     saved = backend.get_array_module, cpu.MIN_PARALLEL_NUMBERS, cpu.MIN_PARALLEL_PRODUCTS
     xp = counting_numpy()
     backend.get_array_module = lambda *arrays: xp
