@@ -6,9 +6,10 @@ on the CPU.
 
 On a GPU, each array operation of a step is at least one kernel that Python must launch, at 10–25
 µs of host time each with CuPy (measured on an H100 machine): a step of the medium GPT there is
-bound by those launches, not by arithmetic. This script counts them without a GPU. The model's arrays are
-a NumPy subclass that counts every operation done with it (each ufunc call, reduction, copy,
-creation, concatenation and gather), and every call of the array module (`xp`) is counted too.
+bound by those launches, not by arithmetic. This script counts them without a GPU. The model's
+arrays are a NumPy subclass that counts every operation done with it (each ufunc call, reduction,
+copy, creation, concatenation, gather, and reshape that has to copy), and every call of the array
+module (`xp`) is counted too.
 CPU threads are off (one block per op, as on a GPU), so the count is what CuPy would launch, give
 or take the few operations one library spells with more kernels than the other.
 
@@ -108,6 +109,13 @@ class Counted(np.ndarray):
         must not look like a view to code that asks (the engine copies gradients that are views)."""
         base = np.ndarray.base.__get__(self)
         return base.base if type(base) is np.ndarray else base
+
+    def reshape(self, *shape, **kwargs):
+        """A view where the layout allows one; otherwise a copy, which is a kernel."""
+        result = plain(self).reshape(*shape, **kwargs)
+        if not np.shares_memory(result, plain(self)):
+            count("reshape (a copy)")
+        return counted(result)
 
     def copy(self, order="C"):
         count("copy")

@@ -406,6 +406,12 @@ class CausalAttention(Function):
         """
         xp = backend.get_array_module(gy)
         gq, gk, gv = xp.empty_like(self.q), xp.empty_like(self.k), xp.empty_like(self.v)
+        self.grads_into(gy, gq, gk, gv)
+        return gq, gk, gv
+
+    def grads_into(self, gy, gq, gk, gv):
+        """`backward`, writing gq, gk and gv into the given arrays (shaped like q, k and v)."""
+        xp = backend.get_array_module(gy)
 
         def rows(lo, hi):                                            # batch rows lo:hi
             q, k, v, P, gy_, gq_, gk_, gv_ = self._rows(lo, hi, self.q, self.k, self.v, self.att,
@@ -420,7 +426,6 @@ class CausalAttention(Function):
             gk_ *= self.scale
 
         self._for_batch_rows(rows, xp)
-        return gq, gk, gv
 
     def _for_batch_rows(self, rows, xp):
         """Run ``rows(lo, hi)`` over blocks of the leading (batch) axis, on CPU threads."""
@@ -471,11 +476,10 @@ class SelfAttention(Function):
         xp = backend.get_array_module(gy)
         B, T, C = gy.shape
         nh, hs = self.n_head, C // self.n_head
-        grads = self.attention.backward(gy.reshape(B, T, nh, hs).transpose(0, 2, 1, 3))
-        g_qkv = xp.empty((B, T, 3, nh, hs), gy.dtype)
-        for i, g in enumerate(grads):                               # gq, gk, gv: (B, nh, T, hs)
-            g_qkv[:, :, i] = g.transpose(0, 2, 1, 3)
-        return (g_qkv.reshape(B, T, 3 * C),)
+        g_heads = xp.empty((3, B, nh, T, hs), gy.dtype)             # gq, gk, gv laid out as heads
+        self.attention.grads_into(gy.reshape(B, T, nh, hs).transpose(0, 2, 1, 3), *g_heads)
+        g_qkv = g_heads.transpose(1, 3, 0, 2, 4)                     # (B, T, 3, nh, hs)
+        return (g_qkv.reshape(B, T, 3 * C),)                         # the split undone: one copy
 
 
 def self_attention(qkv, n_head):

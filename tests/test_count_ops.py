@@ -39,8 +39,10 @@ def test_each_array_operation_counts_once_and_views_not_at_all():
         a.reshape(3, 4).T                              # views: none
         a[np.array([0, 2])]                            # a gather
         c[1:3] = b[1:3]                                # a copy
-        assert sorted(what for _, what in kernels()) == ["add", "add.reduce", "gather", "setitem"]
-        assert total(kernels) == 4
+        a.T.reshape(12)                                # a reshape that must copy
+        assert sorted(what for _, what in kernels()) == ["add", "add.reduce", "gather",
+                                                         "reshape (a copy)", "setitem"]
+        assert total(kernels) == 5
 
 
 def test_a_linear_layer_with_bias_is_two_kernels():
@@ -61,6 +63,18 @@ def test_layer_norm_forward_and_backward_kernels():
         y.backward(counted(6, 8, seed=3))
         backward = {k: n for k, n in kernels().items() if k[0].startswith("LayerNorm")}
         assert sum(backward.values()) == 11
+
+
+def test_self_attention_backward_puts_q_k_v_gradients_back_in_one_copy():
+    """gq, gk and gv are written into one (3, B, nh, T, hs) array, so undoing the head split is
+    one copy, not one per gradient."""
+    qkv = Tensor(counted(2, 5, 3 * 8), requires_grad=True)
+    y = F.self_attention(qkv, n_head=2)
+    with count_ops.counting() as kernels:
+        y.backward(counted(2, 5, 8, seed=1))
+        outside = {what: n for (where, what), n in kernels().items()
+                   if where.startswith("SelfAttention")}
+        assert outside == {"reshape (a copy)": 1}
 
 
 @pytest.mark.parametrize("n_params", [4, 12])
