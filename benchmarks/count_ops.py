@@ -41,6 +41,7 @@ COUNTS = collections.Counter()   # (where, what) -> operations
 NO_KERNEL = {"result_type", "swapaxes", "transpose", "broadcast_to", "expand_dims", "squeeze",
              "moveaxis", "ndim", "shape", "size", "iscomplexobj", "isscalar"}   # metadata, views
 ALLOCATION = {"empty", "empty_like"}     # memory from the pool, no kernel
+COPY_IF_NEEDED = {"asarray", "asanyarray", "ascontiguousarray"}   # a kernel only when they copy
 
 
 def where():
@@ -134,8 +135,12 @@ def counting_numpy():
 
     def wrap(fn, name):
         def call(*args, **kwargs):
-            count(name)
-            return counted(fn(*unwrap(args), **{k: unwrap(v) for k, v in kwargs.items()}))
+            args, kwargs = unwrap(args), {k: unwrap(v) for k, v in kwargs.items()}
+            result = fn(*args, **kwargs)
+            if name not in COPY_IF_NEEDED or not (isinstance(args[0], np.ndarray)
+                                                  and np.shares_memory(result, args[0])):
+                count(name)
+            return counted(result)
         return call
 
     for name in dir(np):

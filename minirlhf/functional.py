@@ -349,13 +349,19 @@ class Embedding(Function):
         return (gw,)
 
 
-def embedding(ids, weight):
-    """Rows of ``weight`` (V, C) picked by integer ``ids`` (...): the result has shape (..., C)."""
+def embedding(ids, weight, check=True):
+    """Rows of ``weight`` (V, C) picked by integer ``ids`` (...): the result has shape (..., C).
+
+    ``check``: refuse ids outside [0, V). On a GPU the check is a few kernels and a wait for the
+    device to answer, so a caller whose ids are known to be in range passes False (the GPT checks
+    its token ids once a forward and makes its position ids itself).
+    """
     xp = backend.get_array_module(weight.data)
     ids = ids.data if isinstance(ids, Tensor) else xp.asarray(ids)
     if ids.dtype.kind not in "iu":
         raise TypeError(f"embedding: ids must be integers, got dtype {ids.dtype}")
-    _check_ids(ids, weight.shape[0], "embedding: id")
+    if check:
+        _check_ids(ids, weight.shape[0], "embedding: id")
     return Embedding(ids)(weight)
 
 

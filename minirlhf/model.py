@@ -203,7 +203,8 @@ class Transformer(Module):
 
         pos = kv_cache.positions(T) if kv_cache is not None else xp.arange(T)  # (T,) or (B, T)
         mask = kv_cache.attention_mask(T) if kv_cache is not None else None
-        x = self.drop(self.wte(idx) + self.wpe(pos))                 # (B, T, C)
+        # token ids were checked by _as_ids and position ids are in range: no second check
+        x = self.drop(self.wte(idx, check=False) + self.wpe(pos, check=False))   # (B, T, C)
         for layer, block in enumerate(self.h):
             x = block(x, kv_cache, layer, mask)
         if kv_cache is not None:

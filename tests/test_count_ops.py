@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import minirlhf.functional as F
+from minirlhf.model import GPT, GPTConfig
 from minirlhf.nn import Parameter
 from minirlhf.optim import AdamW
 from minirlhf.tensor import Tensor
@@ -75,6 +76,19 @@ def test_self_attention_backward_puts_q_k_v_gradients_back_in_one_copy():
         outside = {what: n for (where, what), n in kernels().items()
                    if where.startswith("SelfAttention")}
         assert outside == {"reshape (a copy)": 1}
+
+
+def test_a_gpt_forward_checks_its_token_ids_once():
+    """The ids are checked once (their min and max, each a read back from a GPU), not again by the
+    token and position embeddings."""
+    model = GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=2, n_embd=8), seed=0)
+    for p in model.parameters():
+        p.data = p.data.view(count_ops.Counted)
+    ids = Tensor(np.array([[1, 2, 3], [4, 5, 10]]).view(count_ops.Counted))
+    with count_ops.counting() as kernels:
+        model(ids)
+        checks = {what: n for (where, what), n in kernels().items() if where == "engine"}
+    assert checks == {"minimum.reduce": 1, "maximum.reduce": 1, "arange": 1}   # arange: positions
 
 
 @pytest.mark.parametrize("n_params", [4, 12])
