@@ -1,9 +1,10 @@
 """Optimisers (SGD, AdamW), gradient clipping and the learning-rate schedule.
 
-Every update is written in place on the parameter arrays (``p.data``), so the parameters an optimizer
-holds stay the very tensors the model uses, on whatever device they live (each group's update runs
-on its parameters laid end to end as one vector: `Optimizer` says why). Parameters come in groups,
-as in PyTorch, each group with its own hyperparameters:
+Every update is written in place, so the parameters an optimizer holds stay the very tensors the
+model uses, on whatever device they live. Each group's update runs on its parameters laid end to
+end as one vector, and each parameter's array (``p.data``) becomes a view of its slice of that
+vector at the first step (`Optimizer` says why). Parameters come in groups, as in PyTorch, each
+group with its own hyperparameters:
 
     groups = param_groups(model, weight_decay=0.1)     # decay matrices, not biases/norms/embeddings
     opt = AdamW(groups, lr=3e-4)
@@ -34,13 +35,18 @@ class Optimizer:
     One vector per group. A GPT has ~76 parameter arrays and AdamW's rule is ~13 array operations,
     so updating them one by one is ~1,000 small operations a step: on a GPU each is a kernel launch
     that Python must issue (the step waits on the host), and on the CPU each is a call into NumPy.
-    So a group whose parameters all have gradients is updated as one vector: the parameters and
-    the gradients are laid end to end (``concatenate``), the rule runs on the whole vector (on the
-    CPU in blocks shared by threads, see `cpu.for_rows`), and the results are copied back into each
-    parameter. The state is kept as one vector per group too, and each parameter's state
-    (``self.state[i]["m"]``, say) is its slice of it. PyTorch's "foreach" and "fused" optimisers
-    do the same. A group where some parameter has no gradient this step is updated parameter by
-    parameter (a parameter without a gradient is left alone, its state included, as PyTorch does).
+    So a group whose parameters all have gradients is updated as one vector: the gradients are
+    laid end to end (``concatenate``) and the rule runs on the whole vector (on the CPU in blocks
+    shared by threads, see `cpu.for_rows`). The parameters live in one vector of the group: at the
+    first step they are laid end to end and each ``p.data`` is replaced by a view of its slice, so
+    the update writes straight into the model's arrays, with nothing to copy back. (Code that kept
+    an old ``p.data`` array must read ``p.data`` again; PyTorch's FSDP makes its parameters views
+    of one flat parameter in the same way.) A ``p.data`` replaced later (by ``model.to(device)``,
+    say) is noticed at the next step and the vector is laid out again. The state is one vector per
+    group too, and each parameter's state (``self.state[i]["m"]``, say) is its slice of it.
+    PyTorch's "foreach" and "fused" optimisers do the same. A group where some parameter has no
+    gradient this step is updated parameter by parameter (a parameter without a gradient is left
+    alone, its state included, as PyTorch does).
     """
 
     def __init__(self, params, **defaults):
@@ -63,6 +69,7 @@ class Optimizer:
             self.param_groups.append(group)
         self.state = {}  # parameter index (over all groups, in order) -> {"step": t, name: array}
         self._vectors = {}  # group number -> {name: the group's state as one vector}
+        self._param_vectors = {}  # group number -> (its parameters as one vector, their views)
 
     def _indexed(self):
         """(index, group, parameter) for every parameter, the index being its key in ``state``."""
@@ -119,20 +126,31 @@ class Optimizer:
                 return False
             self._vectors[number] = vector
         xp = backend.get_array_module(params[0].data)
-        p = xp.concatenate([q.data.reshape(-1) for q in params])  # (N,) the group's parameters
+        p = self._params_as_one_vector(number, params)            # (N,) the group's parameters
         g = xp.concatenate([q.grad.reshape(-1) for q in params])  # (N,) and their gradients
         t = self.state[indices[0]]["step"] + 1
 
-        def rows(lo, hi):
+        def rows(lo, hi):                          # written in place: p[lo:hi] is the parameters
             self._update(p[lo:hi], g[lo:hi], {k: a[lo:hi] for k, a in vector.items()}, group, t)
         cpu.for_rows(rows, p.size, 1, xp=xp)
 
-        offset = 0
-        for i, q in zip(indices, params):
-            q.data[...] = p[offset:offset + q.size].reshape(q.shape)
-            offset += q.size
+        for i in indices:
             self.state[i]["step"] = t
         return True
+
+    def _params_as_one_vector(self, number, params):
+        """The group's parameters as one vector, each ``p.data`` a view of its slice. Laid out at
+        the first step, and again when some ``p.data`` is no longer the view it was given."""
+        vector, views = self._param_vectors.get(number, (None, ()))
+        if vector is None or any(p.data is not view for p, view in zip(params, views)):
+            xp = backend.get_array_module(params[0].data)
+            vector = xp.concatenate([p.data.reshape(-1) for p in params])
+            offset = 0
+            for p in params:
+                p.data = vector[offset:offset + p.size].reshape(p.shape)
+                offset += p.size
+            self._param_vectors[number] = vector, [p.data for p in params]
+        return vector
 
     def _group_vector(self, params, indices, group):
         """The group's state as one vector, each parameter's state becoming its slice; None where

@@ -47,12 +47,13 @@ def test_adamw_matches_a_hand_computed_reference_for_three_steps():
 
 def test_adamw_updates_in_place_and_float32_stays_float32():
     w = Parameter(np.ones((4, 4), dtype=np.float32))
-    array = w.data
     opt = AdamW([w], lr=1e-2)
+    arrays = []
     for t in range(3):
         w.grad = grads_for(t, [(4, 4)])[0].astype(np.float32)
         opt.step()
-    assert w.data is array and w.dtype == np.float32
+        arrays.append(w.data)
+    assert arrays[0] is arrays[1] is arrays[2] and w.dtype == np.float32   # after the first step
     assert opt.state[0]["m"].dtype == np.float32 and opt.state[0]["v"].dtype == np.float32
 
 
@@ -110,6 +111,39 @@ def test_each_parameters_state_is_its_slice_of_the_groups_vector():
     _set_grads(params, 2)
     opt.step()                                  # the update writes through to the slice
     assert not np.array_equal(opt.state[2]["m"], m_before) and opt.state[2]["m"] is m
+
+
+def test_the_parameters_become_views_of_one_vector_that_the_update_writes_into():
+    params = _params("cpu")
+    opt = AdamW(params, lr=0.1)
+    _set_grads(params, 1)
+    opt.step()
+    vector = params[0].data.base
+    assert all(p.data.base is vector for p in params)
+    assert vector.size == sum(p.size for p in params)
+    arrays = [p.data for p in params]
+    _set_grads(params, 2)
+    opt.step()                                  # no copies: the same arrays, new values
+    assert all(p.data is a for p, a in zip(params, arrays))
+
+
+def test_a_parameter_array_replaced_between_steps_is_taken_up(device):
+    """``p.data = ...`` after a step (as ``model.to`` or an assignment does): the next step updates
+    the new values, as an optimizer per parameter does, and the new array joins the vector."""
+    together, alone = _params(device), _params(device)
+    opt, singles = AdamW(together, lr=0.1), [AdamW([p], lr=0.1) for p in alone]
+    for t in range(1, 4):
+        if t == 2:
+            for params in (together, alone):
+                params[3].data = params[3].data * 2
+        for params in (together, alone):
+            _set_grads(params, t)
+        opt.step()
+        for single in singles:
+            single.step()
+        for a, b in zip(together, alone):
+            np.testing.assert_array_equal(to_numpy(a.data), to_numpy(b.data))
+    assert together[3].data.base is together[0].data.base
 
 
 def test_a_group_of_mixed_dtypes_is_updated_parameter_by_parameter():
