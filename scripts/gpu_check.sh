@@ -3,6 +3,7 @@
 #   1. the whole test suite with the device-aware tests on the CuPy backend;
 #   2. the GPU benchmark (ours against PyTorch eager on the same GPU, when PyTorch is installed);
 #   3. where a training step's time goes (benchmarks/bench_step_parts.py).
+#   4. optionally, step 3 for an older tree on the same machine (BASE_TREE, below).
 # Results land in $OUT (or ./gpu_out) so the device tool brings them back.
 #
 # The GPU machine reaches no package index. If pytest, hypothesis or tqdm are missing there, download
@@ -35,3 +36,10 @@ timeout 100 $PY benchmarks/bench_gpt.py --device cuda --configs gpt2 --rounds 1 
 # where a step's time goes (host: Python enqueuing kernels; total: until the GPU is done)
 timeout 45 $PY benchmarks/bench_step_parts.py --device cuda --configs medium gpt2 2>&1 \
     | tee "$out/step_parts_gpu.txt" | tail -n 12
+
+# a before/after of a change on one machine (each call of the device tool may get another machine):
+# BASE_TREE names an older checkout carried along, e.g.  git archive REV | tar -x -C .gpu_probe/base
+if [[ -n "${BASE_TREE:-}" ]]; then
+    (cd "$BASE_TREE" && timeout 30 $PY benchmarks/bench_step_parts.py --device cuda --configs medium) \
+        2>&1 | tee "$out/step_parts_base.txt" | tail -n 5
+fi
