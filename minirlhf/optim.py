@@ -117,6 +117,8 @@ class Optimizer:
     def _step_as_one_vector(self, number, group, indices):
         """Update the whole group as one vector; False (nothing done) where it cannot be."""
         params = group["params"]
+        if not params:                 # an empty group (no biases to leave undecayed, say)
+            return True
         if any(p.grad is None for p in params):
             return False
         vector = self._vectors.get(number)
@@ -141,8 +143,8 @@ class Optimizer:
     def _params_as_one_vector(self, number, params):
         """The group's parameters as one vector, each ``p.data`` a view of its slice. Laid out at
         the first step, and again when some ``p.data`` is no longer the view it was given."""
-        vector, views = self._param_vectors.get(number, (None, ()))
-        if vector is None or any(p.data is not view for p, view in zip(params, views)):
+        vector, views = self._param_vectors.get(number, (None, []))
+        if len(views) != len(params) or any(p.data is not view for p, view in zip(params, views)):
             xp = backend.get_array_module(params[0].data)
             vector = xp.concatenate([p.data.reshape(-1) for p in params])
             offset = 0

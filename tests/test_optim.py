@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+import minirlhf as mr
 from minirlhf import cpu
 from minirlhf.backend import to_device, to_numpy
 from minirlhf.model import GPT, GPTConfig
@@ -158,6 +159,19 @@ def test_a_parameter_array_replaced_between_steps_is_taken_up(device):
 
     _step_with_one_adamw_per_parameter(together, alone, 4, replace_at_step_2)
     assert all(p.data is arrays[i] for i, p in enumerate(together))
+
+
+@pytest.mark.parametrize("name", sorted(MAKERS))
+def test_an_empty_group_is_allowed(name):
+    """A model without biases or norms gives `param_groups` an empty no-decay group."""
+    layer = Linear(3, 2, bias=False, rng=np.random.default_rng(0))
+    groups = param_groups(layer, weight_decay=0.1)
+    assert [len(g["params"]) for g in groups] == [1, 0]
+    opt = MAKERS[name](groups, 0.1)
+    before = layer.weight.data.copy()
+    layer(mr.tensor(np.ones((4, 3), dtype=np.float32))).sum().backward()
+    opt.step()
+    assert not np.array_equal(layer.weight.data, before)
 
 
 def test_a_group_of_mixed_dtypes_is_updated_parameter_by_parameter():
