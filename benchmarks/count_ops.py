@@ -137,8 +137,9 @@ def counting_numpy():
         def call(*args, **kwargs):
             args, kwargs = unwrap(args), {k: unwrap(v) for k, v in kwargs.items()}
             result = fn(*args, **kwargs)
-            if name not in COPY_IF_NEEDED or not (isinstance(args[0], np.ndarray)
-                                                  and np.shares_memory(result, args[0])):
+            given = args[0] if args else None
+            if name not in COPY_IF_NEEDED or not (isinstance(given, np.ndarray)
+                                                  and np.shares_memory(result, given)):
                 count(name)
             return counted(result)
         return call

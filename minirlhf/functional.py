@@ -349,7 +349,7 @@ class Embedding(Function):
         return (gw,)
 
 
-def embedding(ids, weight, check=True):
+def embedding(ids, weight, *, check=True):
     """Rows of ``weight`` (V, C) picked by integer ``ids`` (...): the result has shape (..., C).
 
     ``check``: refuse ids outside [0, V). On a GPU the check is a few kernels and a wait for the

@@ -241,8 +241,8 @@ class Embedding(Module):
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.weight = Parameter(_normal(rng, (num_embeddings, embedding_dim), init_std, dtype))
 
-    def forward(self, ids, check=True):
-        return F.embedding(ids, self.weight, check)          # (...) -> (..., dim)
+    def forward(self, ids, *, check=True):
+        return F.embedding(ids, self.weight, check=check)    # (...) -> (..., dim)
 
     def extra_repr(self):
         return f"{self.num_embeddings}, {self.embedding_dim}"
