@@ -131,10 +131,10 @@ class CausalSelfAttention(Module):
 
     def forward(self, x, kv_cache=None, layer=0, mask=None):
         qkv = self.c_attn(x)                                         # (B, T, 3C)
-        if kv_cache is None and mask is None:
-            y = F.self_attention(qkv, self.n_head)                   # (B, T, C): the steps of
-        else:                                                        # _attend, as one node
-            y = self._attend(qkv, kv_cache, layer, mask)
+        if kv_cache is None and mask is None:                        # the steps of _attend,
+            y = F.self_attention(qkv, self.n_head)                   # as one node: (B, T, C)
+        else:
+            y = self._attend(qkv, kv_cache, layer, mask)             # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
     def _attend(self, qkv, kv_cache, layer, mask):

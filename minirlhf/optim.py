@@ -30,7 +30,7 @@ class Optimizer:
     A subclass gives ``_new_state(p, group)``, the arrays it keeps per parameter (zeros shaped
     like ``p``), and ``_update(p, g, state, group, t)``, its formula on arrays, written in place,
     at step ``t`` = 1, 2, ... The rule is elementwise, so it gives the same numbers on a whole
-    group at once:
+    group at once.
 
     One vector per group. A GPT has ~76 parameter arrays and AdamW's rule is ~13 array operations,
     so updating them one by one is ~1,000 small operations a step: on a GPU each is a kernel launch
