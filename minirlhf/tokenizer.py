@@ -375,6 +375,13 @@ class BPETokenizer:
         ``merges.txt`` (a ``#version`` line, then one "left right" pair per line, best first)."""
         with open(vocab_json, encoding="utf-8") as f:
             entries = json.load(f)
+        with open(merges_txt, encoding="utf-8") as f:
+            merges = f.read()
+        return cls.from_texts(entries, merges, where=f"{vocab_json}, {merges_txt}")
+
+    @classmethod
+    def from_texts(cls, entries: dict, merges: str, where="the tokenizer") -> "BPETokenizer":
+        """`from_files` on the files' contents: vocab.json's dict and merges.txt's text."""
         vocab, specials = {}, {}
         for token, i in entries.items():
             if token in (EOT_TEXT, PAD_TEXT):
@@ -382,33 +389,37 @@ class BPETokenizer:
             elif all(c in CHAR_TO_BYTE for c in token):
                 vocab[bytes(CHAR_TO_BYTE[c] for c in token)] = i
             else:
-                raise ValueError(f"{vocab_json}: the token {token!r} is not byte-level BPE "
+                raise ValueError(f"{where}: the token {token!r} is not byte-level BPE "
                                  "(a character outside GPT-2's byte alphabet)")
-        merges = []
-        with open(merges_txt, encoding="utf-8") as f:
-            for n, line in enumerate(f.read().split("\n"), 1):
-                if not line or line.startswith("#version"):
-                    continue
-                left, _, right = line.partition(" ")
-                if not right or " " in right:
-                    raise ValueError(f"{merges_txt}, line {n}: expected two tokens, got {line!r}")
-                merges.append(tuple(bytes(CHAR_TO_BYTE[c] for c in t) for t in (left, right)))
+        pairs = []
+        for n, line in enumerate(merges.split("\n"), 1):
+            if not line or line.startswith("#version"):
+                continue
+            left, _, right = line.partition(" ")
+            if not right or " " in right or any(c not in CHAR_TO_BYTE for c in left + right):
+                raise ValueError(f"{where}: merges line {n} is not two byte-level tokens: {line!r}")
+            pairs.append(tuple(bytes(CHAR_TO_BYTE[c] for c in t) for t in (left, right)))
         if EOT_TEXT not in specials:
-            raise ValueError(f"{vocab_json} has no {EOT_TEXT} token")
-        return cls(vocab, merges, specials)
+            raise ValueError(f"{where}: the vocabulary has no {EOT_TEXT} token")
+        return cls(vocab, pairs, specials)
+
+    def to_texts(self) -> tuple[dict, str]:
+        """(vocab.json's dict, merges.txt's text): what `save` writes and `from_texts` reads."""
+        as_text = lambda token: "".join(BYTE_TO_CHAR[b] for b in token)
+        entries = {as_text(t): i for t, i in self.vocab.items()} | self.special_tokens
+        entries = dict(sorted(entries.items(), key=lambda item: item[1]))
+        merges = "#version: 0.2\n" + "".join(f"{as_text(a)} {as_text(b)}\n" for a, b in self.merges)
+        return entries, merges
 
     def save(self, folder):
         """Write ``vocab.json`` and ``merges.txt`` into ``folder`` (Hugging Face's GPT-2 files)."""
         folder = pathlib.Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        as_text = lambda token: "".join(BYTE_TO_CHAR[b] for b in token)
-        entries = {as_text(t): i for t, i in self.vocab.items()} | self.special_tokens
-        entries = dict(sorted(entries.items(), key=lambda item: item[1]))
+        entries, merges = self.to_texts()
         with open(folder / "vocab.json", "w", encoding="utf-8") as f:
             json.dump(entries, f, ensure_ascii=False)
         with open(folder / "merges.txt", "w", encoding="utf-8") as f:
-            f.write("#version: 0.2\n")
-            f.writelines(f"{as_text(a)} {as_text(b)}\n" for a, b in self.merges)
+            f.write(merges)
         return folder
 
     def __eq__(self, other):

@@ -109,6 +109,8 @@ def test_encodings_equal_gpt2_tokenizers_on_tricky_strings():
     for case in recorded["cases"]:
         assert tok.encode(case["text"], special=True) == case["ids"], case["text"]
         assert tok.decode(case["ids"], show_special=True) == case["decoded"], case["text"]
+    for case in recorded["decodes"]:            # pieces of characters: U+FFFD, as GPT-2 decodes them
+        assert tok.decode(case["ids"]) == case["text"], case["ids"]
 
 
 # ----- the pattern against the `regex` package (optional) -------------------------------------------
