@@ -226,3 +226,59 @@ def test_transformers_loads_a_saved_reward_model_as_sequence_classification(tmp_
         their_rewards = theirs(torch.tensor(ids)).logits[:, 0].numpy()
     np.testing.assert_allclose(rewards_of(rm, ids, lengths), their_rewards, atol=1e-10, rtol=1e-10)
     assert hf.is_hf_folder(tmp_path / "out")
+
+
+# ----- the command line: every stage starts from a folder, export and import ------------------------
+
+def test_stages_start_from_a_folder_and_export_the_result(tmp_path):
+    from minirlhf import cli
+    from minirlhf.datasets import encode_prompt_completion
+
+    def jsonl(name, records):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+        return str(tmp_path / name)
+
+    prompts = [f"Ham. {w}" for w in ("love", "night", "sweet", "foul")]
+    sft = jsonl("sft.jsonl", [{"prompt": p, "completion": " sweet love"} for p in prompts])
+    prefs = jsonl("prefs.jsonl", [{"prompt": p, "chosen": " fair", "rejected": " foul"} for p in prompts])
+    quick = ["--max-steps", "2", "--quiet"]
+    assert cli.main(["sft", "--init", str(LM), "--data", sft, "--out-dir", str(tmp_path / "sft"), "--batch-size", "2", *quick]) == 0
+    sft_ckpt = str(tmp_path / "sft" / "ckpt.npz")
+    assert cli.main(["reward", "--init", sft_ckpt, "--data", prefs, "--out-dir", str(tmp_path / "rm"),
+                     "--batch-size", "2", *quick]) == 0
+    assert cli.main(["dpo", "--init", sft_ckpt, "--data", prefs, "--out-dir", str(tmp_path / "dpo"),
+                     "--batch-size", "2", *quick]) == 0
+    assert cli.main(["rl", "--init", sft_ckpt, "--reward-model", str(RM), "--prompts", prefs,
+                     "--max-new-tokens", "4", "--prompts-per-step", "2", "--samples-per-prompt", "2", "--out-dir", str(tmp_path / "rl"), *quick]) == 0
+
+    tokenizer = tokenizer_for(tmp_path / "dpo" / "ckpt.npz")       # dpo <- sft <- the folder
+    assert tokenizer == load_gpt2(LM)[1]
+    ids, _ = encode_prompt_completion(tokenizer, prompts[0], " sweet love", 16)
+    assert ids[0] == ids[-1] == tokenizer.eot_id == 399               # GPT-2's EOT, not the byte one
+
+    for stage in ("dpo", "rm"):
+        out = tmp_path / f"hf_{stage}"
+        assert cli.main(["export", "--ckpt", str(tmp_path / stage / "ckpt.npz"), "--out", str(out)]) == 0
+        model, exported = load_gpt2(out)
+        assert exported == tokenizer
+        a, b = model.state_dict(), load_model(tmp_path / stage / "ckpt.npz").state_dict()
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_import_writes_one_file_that_keeps_the_tokenizer(tmp_path):
+    from minirlhf import cli
+
+    npz = tmp_path / "gpt2.npz"
+    assert cli.main(["import", "--hf", str(LM), "--out", str(npz)]) == 0
+    assert tokenizer_for(npz) == load_gpt2(LM)[1]
+    a, b = load_model(npz).state_dict(), load_gpt2(LM)[0].state_dict()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_cli_reports_a_bad_folder_in_one_line(tmp_path, capsys):
+    from minirlhf import cli
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    assert cli.main(["import", "--hf", str(tmp_path), "--out", str(tmp_path / "x.npz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("minirlhf import: error:") and "GPT-2 only" in err and "\n" not in err

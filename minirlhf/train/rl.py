@@ -29,7 +29,7 @@ from ..losses import reinforce_kl_loss
 from ..model import RewardModel, generate
 from ..optim import AdamW, param_groups
 from ..tensor import no_grad
-from ..tokenizer import ByteTokenizer
+from ..checkpoint import tokenizer_for
 from .common import (ConfigError, RunLog, batch_tensor, check_common, config_summary, load_policy,
                      opt, optimise, require)
 
@@ -163,7 +163,7 @@ def rl(cfg, metrics_fn=None):
     logs the hidden gold reward this way, to watch the reward model being over-optimised).
     """
     check(cfg)
-    tokenizer = ByteTokenizer()
+    tokenizer = tokenizer_for(cfg.init)   # the one the model was trained with
     records = load_prompts(cfg.prompts)
     policy = load_policy(cfg.init, cfg.device)
     ref = load_policy(cfg.init, cfg.device)

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 from ..checkpoint import load_model
 from ..model import GPT, generate
-from ..tokenizer import ByteTokenizer
+from ..checkpoint import tokenizer_for
 from .common import ConfigError, check_common, opt, require
 
 
@@ -28,7 +28,7 @@ def sample(cfg):
     require(cfg.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {cfg.max_new_tokens}")
     model = load_model(cfg.ckpt, cfg.device)
     require(isinstance(model, GPT), f"{cfg.ckpt} holds a {type(model).__name__}, not a GPT to sample from")
-    tok = ByteTokenizer()
+    tok = tokenizer_for(cfg.ckpt)
     ids = [tok.eot_id] + tok.encode(cfg.prompt)
     try:
         out = generate(model, [ids] * cfg.num_samples, cfg.max_new_tokens, temperature=cfg.temperature,
