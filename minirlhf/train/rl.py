@@ -22,14 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from ..backend import to_numpy
-from ..checkpoint import load_model, save_checkpoint
+from ..checkpoint import load_model, save_checkpoint, tokenizer_for
 from ..datasets import collate, encode_prompt, iterate_minibatches, load_prompts
 from ..logprobs import logprobs_from_logits, sequence_logprobs, token_entropy
 from ..losses import reinforce_kl_loss
 from ..model import RewardModel, generate
 from ..optim import AdamW, param_groups
 from ..tensor import no_grad
-from ..checkpoint import tokenizer_for
 from .common import (ConfigError, RunLog, batch_tensor, check_common, config_summary, load_policy,
                      opt, optimise, require)
 

@@ -2,9 +2,8 @@
 
 from dataclasses import dataclass
 
-from ..checkpoint import load_model
+from ..checkpoint import load_model, tokenizer_for
 from ..model import GPT, generate
-from ..checkpoint import tokenizer_for
 from .common import ConfigError, check_common, opt, require
 
 

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import save_checkpoint
+from ..checkpoint import save_checkpoint, tokenizer_for
 from ..datasets import collate, iterate_minibatches, load_sft
 from ..losses import sft_loss
 from ..optim import AdamW, lr_schedule, param_groups
 from ..tensor import no_grad
-from ..checkpoint import tokenizer_for
 from .common import (RunLog, batch_tensor, check_common, config_summary, encode_rows, load_policy,
                      opt, optimise, split_holdout)
 
