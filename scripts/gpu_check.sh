@@ -46,7 +46,7 @@ try:                       # the way a user's GPT-2 arrives: a Hugging Face fold
     save_gpt2(model, folder)
     policy, _ = load_gpt2(folder, device=device)
     ref, _ = load_gpt2(folder, device=device)
-    print(f"save_gpt2 + 2 x load_gpt2 of {n_params / 1e6:.1f}M parameters: {time.perf_counter() - t:.1f} s")
+    print(f"save_gpt2 + 2 x load_gpt2 of {n_params:,} parameters: {time.perf_counter() - t:.1f} s")
 except ImportError:
     policy, ref = model.to(device), GPT(GPTConfig(**shape), seed=0).to(device)
     print("no safetensors here: the models are built directly")
@@ -70,7 +70,7 @@ for step in range(steps + 2):                  # two warm-up steps, not timed
     times.append(time.perf_counter() - t)
     print(f"step {step}: loss {loss.item():.4f} ({times[-1]:.3f} s)")
 seconds = float(np.median(times[2:]))
-print(f"DPO on {n_params / 1e6:.1f}M parameters, {device}: {B} pairs x {T} tokens a step, median "
+print(f"DPO on {n_params:,} parameters, {device}: {B} pairs x {T} tokens a step, median "
       f"{seconds:.3f} s/step = {2 * B * T / seconds:,.0f} tokens/s (policy forward+backward, "
       f"reference forward, AdamW)")
 PYEOF
