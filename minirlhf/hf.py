@@ -67,7 +67,8 @@ def load_gpt2(path, dtype="float32", device="cpu"):
     The model is a `GPT` (GPT2LMHeadModel, GPT2Model) or a `RewardModel`
     (GPT2ForSequenceClassification), in ``dtype`` on ``device``; the tokenizer is a `BPETokenizer`
     read from vocab.json/merges.txt, or a `ByteTokenizer` when those files describe exactly the bytes
-    (a model trained here and exported). Every problem is one `HFError` line.
+    (a model trained here and exported). Dropout is 0: GPT-2's ``resid_pdrop``/``embd_pdrop`` were
+    its pretraining's. Every problem is one `HFError` line.
     """
     folder = Path(path)
     config = read_config(folder)

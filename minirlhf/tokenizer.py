@@ -1,4 +1,8 @@
-"""A byte-level tokenizer: the 256 UTF-8 bytes plus two special tokens.
+"""Tokenizers: bytes (`ByteTokenizer`, what the models trained here read) and GPT-2's byte-level BPE
+(`BPETokenizer`, what a GPT-2 checkpoint reads; below, after the byte tokenizer). Both have one
+interface: ``encode``, ``decode``, ``eot_id``, ``pad_id``, ``vocab_size``, ``special_tokens``.
+
+The byte-level tokenizer: the 256 UTF-8 bytes plus two special tokens.
 
 Token ids 0..255 are the bytes of the UTF-8 encoding of the text, so every
 string round-trips exactly and there is no vocabulary file to train or ship.
