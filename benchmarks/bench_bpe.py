@@ -34,6 +34,7 @@ def main():
     args = parser.parse_args()
 
     text = load_text()
+    scratch = tempfile.TemporaryDirectory()      # where a trained tokenizer's files go; removed at exit
     _, seconds = timed(lambda: pretokenize(""))
     print(f"corpus: {len(text):,} characters, {len(text.encode()):,} bytes; "
           f"building the pre-token pattern: {seconds:.2f} s")
@@ -41,8 +42,7 @@ def main():
     if folder is None:
         tok, seconds = timed(lambda: BPETokenizer.train(text[:args.train_chars], args.vocab_size))
         print(f"train: {len(tok.merges)} merges on {args.train_chars:,} characters in {seconds:.1f} s")
-        folder = tempfile.mkdtemp()
-        tok.save(folder)
+        folder = tok.save(scratch.name)
     tok = BPETokenizer.from_files(Path(folder) / "vocab.json", Path(folder) / "merges.txt")
 
     _, seconds = timed(lambda: pretokenize(text))

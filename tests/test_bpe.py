@@ -124,3 +124,18 @@ TRICKY = st.sampled_from([" ", "  ", "\n", "\t", "\u3000", "'", "'s", "'ll", "'S
 def test_pattern_equals_the_regex_packages_on_assigned_characters(text):
     regex = pytest.importorskip("regex")
     assert pretokenize(text) == regex.findall(GPT2_PATTERN, text)
+
+
+@pytest.fixture(scope="module")
+def gpt2_tokenizer_pair():
+    transformers = pytest.importorskip("transformers")
+    folder = FIXTURES / "gpt2_lm"
+    theirs = transformers.GPT2Tokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    return BPETokenizer.from_files(folder / "vocab.json", folder / "merges.txt"), theirs
+
+
+@given(st.lists(st.one_of(ASSIGNED, TRICKY, st.sampled_from(["the", " the", "and", EOT_TEXT])),
+                max_size=40).map("".join))
+def test_encodings_equal_transformers_on_random_text(gpt2_tokenizer_pair, text):
+    ours, theirs = gpt2_tokenizer_pair
+    assert ours.encode(text, special=True) == theirs(text)["input_ids"]
