@@ -228,6 +228,21 @@ def test_transformers_loads_a_saved_reward_model_as_sequence_classification(tmp_
     assert hf.is_hf_folder(tmp_path / "out")
 
 
+def test_a_gpt2_vocabulary_model_round_trips_through_transformers_with_its_tokenizer(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model, tokenizer = load_gpt2(LM, dtype="float64")
+    save_gpt2(model, tmp_path / "out", tokenizer)
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out", dtype=torch.float64).eval()
+    their_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    text = "It's 12,\n\n  my 🎉"
+    ids = tokenizer.encode(text)
+    assert their_tokenizer(text)["input_ids"] == ids and len(ids) <= 16     # the context is 16
+    with torch.no_grad():
+        their_logits = theirs(torch.tensor([ids])).logits.numpy()
+    np.testing.assert_allclose(logits_of(model, np.array([ids])), their_logits, atol=1e-10, rtol=1e-10)
+
+
 # ----- the command line: every stage starts from a folder, export and import ------------------------
 
 def test_stages_start_from_a_folder_and_export_the_result(tmp_path):
