@@ -77,10 +77,12 @@ def test_weights_without_the_transformer_prefix_load_the_same(tmp_path, recorded
 
     folder = copy_folder(LM, tmp_path / "base")
     weights = load_file(str(folder / "model.safetensors"))
-    save_file({k.removeprefix("transformer."): v for k, v in weights.items()}, str(folder / "model.safetensors"))
+    save_file({k.removeprefix("transformer."): v for k, v in weights.items()},
+              str(folder / "model.safetensors"))
     edit_config(folder, architectures=["GPT2Model"])
     model, _ = load_gpt2(folder)
-    np.testing.assert_allclose(logits_of(model, recorded["ids"]), recorded["logits32"], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(logits_of(model, recorded["ids"]), recorded["logits32"],
+                               atol=1e-5, rtol=1e-5)
 
 
 # ----- round trips -----------------------------------------------------------------------------------
@@ -255,16 +257,20 @@ def test_stages_start_from_a_folder_and_export_the_result(tmp_path):
 
     prompts = [f"Ham. {w}" for w in ("love", "night", "sweet", "foul")]
     sft = jsonl("sft.jsonl", [{"prompt": p, "completion": " sweet love"} for p in prompts])
-    prefs = jsonl("prefs.jsonl", [{"prompt": p, "chosen": " fair", "rejected": " foul"} for p in prompts])
+    prefs = jsonl("prefs.jsonl", [{"prompt": p, "chosen": " fair", "rejected": " foul"}
+                                  for p in prompts])
     quick = ["--max-steps", "2", "--quiet"]
-    assert cli.main(["sft", "--init", str(LM), "--data", sft, "--out-dir", str(tmp_path / "sft"), "--batch-size", "2", *quick]) == 0
+    pairs = ["--batch-size", "2", *quick]
+    assert cli.main(["sft", "--init", str(LM), "--data", sft, "--out-dir", str(tmp_path / "sft"),
+                     *pairs]) == 0
     sft_ckpt = str(tmp_path / "sft" / "ckpt.npz")
     assert cli.main(["reward", "--init", sft_ckpt, "--data", prefs, "--out-dir", str(tmp_path / "rm"),
-                     "--batch-size", "2", *quick]) == 0
+                     *pairs]) == 0
     assert cli.main(["dpo", "--init", sft_ckpt, "--data", prefs, "--out-dir", str(tmp_path / "dpo"),
-                     "--batch-size", "2", *quick]) == 0
+                     *pairs]) == 0
     assert cli.main(["rl", "--init", sft_ckpt, "--reward-model", str(RM), "--prompts", prefs,
-                     "--max-new-tokens", "4", "--prompts-per-step", "2", "--samples-per-prompt", "2", "--out-dir", str(tmp_path / "rl"), *quick]) == 0
+                     "--max-new-tokens", "4", "--prompts-per-step", "2", "--samples-per-prompt", "2",
+                     "--out-dir", str(tmp_path / "rl"), *quick]) == 0
 
     tokenizer = tokenizer_for(tmp_path / "dpo" / "ckpt.npz")       # dpo <- sft <- the folder
     assert tokenizer == load_gpt2(LM)[1]
