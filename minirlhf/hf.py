@@ -72,20 +72,23 @@ def load_gpt2(path, dtype="float32", device="cpu"):
     """
     folder = Path(path)
     config = read_config(folder)
-    cls = ARCHITECTURES[config["architectures"][0]]
-    gpt_config = GPTConfig(block_size=config["n_positions"], vocab_size=config["vocab_size"],
-                           n_layer=config["n_layer"], n_head=config["n_head"], n_embd=config["n_embd"],
-                           dropout=0.0, dtype=dtype)
-    model = cls(gpt_config)
+    tokenizer = load_tokenizer(folder)
+    if tokenizer is not None and tokenizer.vocab_size != config["vocab_size"]:
+        raise HFError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                      f"vocab_size is {config['vocab_size']}")
     weights = _read_weights(folder)
-    state = _to_minirlhf_names(weights, folder, cls, config)
+
+    cls = ARCHITECTURES[config["architectures"][0]]
+    try:
+        gpt_config = GPTConfig(block_size=config["n_positions"], vocab_size=config["vocab_size"],
+                               n_layer=config["n_layer"], n_head=config["n_head"],
+                               n_embd=config["n_embd"], dropout=0.0, dtype=dtype)
+    except ValueError as e:
+        raise HFError(f"{folder / 'config.json'}: {e}") from None
+    model = cls(gpt_config)
+    state = _to_minirlhf_names(weights, folder, cls)
     _check_shapes(model, state, folder)
     model.load_state_dict(state)
-
-    tokenizer = load_tokenizer(folder)
-    if tokenizer is not None and tokenizer.vocab_size != gpt_config.vocab_size:
-        raise HFError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
-                      f"vocab_size is {gpt_config.vocab_size}")
     return model.to(device), tokenizer
 
 
@@ -180,7 +183,7 @@ def _read_weights(folder):
     return weights
 
 
-def _to_minirlhf_names(weights, folder, cls, config):
+def _to_minirlhf_names(weights, folder, cls):
     """Hugging Face's tensor names and layouts -> our state dict (the tied head and buffers dropped)."""
     state = {}
     for name, array in weights.items():
