@@ -251,6 +251,9 @@ def save_gpt2(model, path, tokenizer=None):
     tensors = {name: array for name, array in state.items() if name.startswith("transformer.")}
     if isinstance(model, RewardModel):
         w, b = state["head.weight"][:, 0], state["head.bias"][0]            # (C,), ()
+        if b != 0 and not w @ w > 0:
+            raise HFError("save_gpt2: the reward head's weight is zero and its bias is not: "
+                          "Hugging Face's bias-free score cannot hold that constant reward")
         if b != 0:   # fold the bias into ln_f's: w·(h + b·w/|w|²) = w·h + b
             tensors["transformer.ln_f.bias"] = tensors["transformer.ln_f.bias"] + b * w / (w @ w)
         tensors["score.weight"] = state["head.weight"].T                    # (1, C)
