@@ -43,7 +43,7 @@ def test_adamw_matches_a_hand_computed_reference_for_three_steps():
             ref[key] = [p, m, v, decay]
         np.testing.assert_allclose(w.data, ref["w"][0], rtol=1e-12, atol=1e-14)
         np.testing.assert_allclose(b.data, ref["b"][0], rtol=1e-12, atol=1e-14)
-    assert opt.state[0]["step"] == 3
+    assert opt.state[w]["step"] == 3
 
 
 def test_adamw_updates_in_place_and_float32_stays_float32():
@@ -55,7 +55,7 @@ def test_adamw_updates_in_place_and_float32_stays_float32():
         opt.step()
         arrays.append(w.data)
     assert arrays[0] is arrays[1] is arrays[2] and w.dtype == np.float32   # after the first step
-    assert opt.state[0]["m"].dtype == np.float32 and opt.state[0]["v"].dtype == np.float32
+    assert opt.state[w]["m"].dtype == np.float32 and opt.state[w]["v"].dtype == np.float32
 
 
 SHAPES = [(3, 4), (4,), (4, 2), (2,), (5, 3), (3,), (1,), (2, 2, 2)]
@@ -97,8 +97,8 @@ def test_a_group_updated_as_one_vector_equals_each_parameter_updated_alone(devic
             np.testing.assert_array_equal(to_numpy(a.data), to_numpy(b.data))
             if i in skip:
                 np.testing.assert_array_equal(to_numpy(a.data), before[i])
-            for k, v in singles[i].state[0].items():
-                np.testing.assert_array_equal(to_numpy(opt.state[i][k]), to_numpy(v))
+            for k, v in singles[i].state[b].items():
+                np.testing.assert_array_equal(to_numpy(opt.state[a][k]), to_numpy(v))
 
 
 def test_each_parameters_state_is_its_slice_of_the_groups_vector():
@@ -106,12 +106,12 @@ def test_each_parameters_state_is_its_slice_of_the_groups_vector():
     opt = AdamW(params, lr=0.1)
     _set_grads(params, 1)
     opt.step()
-    m = opt.state[2]["m"]
-    assert m.shape == params[2].shape and np.shares_memory(m, opt.state[0]["m"].base)
+    m = opt.state[params[2]]["m"]
+    assert m.shape == params[2].shape and np.shares_memory(m, opt.state[params[0]]["m"].base)
     m_before = m.copy()
     _set_grads(params, 2)
     opt.step()                                  # the update writes through to the slice
-    assert not np.array_equal(opt.state[2]["m"], m_before) and opt.state[2]["m"] is m
+    assert not np.array_equal(opt.state[params[2]]["m"], m_before) and opt.state[params[2]]["m"] is m
 
 
 def test_the_parameters_become_views_of_one_vector_that_the_update_writes_into():
@@ -328,7 +328,7 @@ def test_state_dict_holds_numpy_copies():
     sd = opt.state_dict()
     assert sd["state"][0]["step"] == 1 and isinstance(sd["state"][0]["m"], np.ndarray)
     sd["state"][0]["m"][:] = 99
-    assert opt.state[0]["m"][0] != 99
+    assert opt.state[p]["m"][0] != 99
     assert sd["param_groups"][0]["betas"] == [0.9, 0.95] and sd["param_groups"][0]["params"] == [0]
 
 
