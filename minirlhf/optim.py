@@ -110,9 +110,7 @@ class Optimizer:
 
     def _step_one(self, p, group):
         """Update one parameter on its own."""
-        if p not in self.state:
-            self.state[p] = {"step": 0, **self._new_state(p.data, group)}
-        state = self.state[p]
+        state = self._state_for(p, group, self._state_names(group))
         state["step"] += 1
         self._update(p.data, p.grad, state, group, state["step"])
 
@@ -161,17 +159,16 @@ class Optimizer:
         views of their slices. Laid out again from each parameter's own state when the group's
         list of parameters changed; None where the parameters are at different steps (one of them
         had no gradient at some step, or joined the group later)."""
-        states, vector = self._state_vectors.get(number, ([], None))
-        if len(states) == len(params) and all(self.state.get(p) is s for p, s in zip(params, states)):
+        names = self._state_names(group)
+        states, vector = self._state_vectors.get(number, ([], {}))
+        if (len(states) == len(params) and all(k in vector for k in names)
+                and all(self.state.get(p) is s for p, s in zip(params, states))):
             return vector
-        states = [self.state.get(p) for p in params]
-        if len({None if s is None else s["step"] for s in states}) > 1:
+        if len({self.state[p]["step"] if p in self.state else None for p in params}) > 1:
             return None
-        states = [s if s is not None else {"step": 0, **self._new_state(p.data, group)}
-                  for p, s in zip(params, states)]
+        states = [self._state_for(p, group, names) for p in params]
         xp = backend.get_array_module(params[0].data)
-        vector = {k: xp.concatenate([s[k].reshape(-1) for s in states])
-                  for k in states[0] if k != "step"}
+        vector = {k: xp.concatenate([s[k].reshape(-1) for s in states]) for k in names}
         offset = 0
         for p, s in zip(params, states):
             s.update({k: a[offset:offset + p.size].reshape(p.shape) for k, a in vector.items()})
@@ -179,6 +176,19 @@ class Optimizer:
             offset += p.size
         self._state_vectors[number] = states, vector
         return vector
+
+    def _state_for(self, p, group, names):
+        """``self.state[p]``, new or given the arrays of ``names`` it lacks (zeros): a parameter
+        that joined from a group without momentum, say, as PyTorch creates them lazily."""
+        state = self.state.get(p)
+        if state is None or any(k not in state for k in names):
+            state = {"step": 0, **self._new_state(p.data, group), **(state or {})}
+            self.state[p] = state
+        return state
+
+    def _state_names(self, group):
+        """The names of the arrays the update rule keeps per parameter in this group."""
+        return tuple(self._new_state(np.zeros(0), group))
 
     def _new_state(self, p, group):
         """The arrays kept per parameter, at their values before the first step."""
