@@ -102,32 +102,31 @@ class Optimizer:
         """Update every parameter that has a gradient: each group as one vector where it can."""
         with no_grad():
             for number, group in enumerate(self.param_groups):
-                if not self._step_as_one_vector(number, group):
+                names = self._state_names(group)
+                if not self._step_as_one_vector(number, group, names):
                     self._state_vectors.pop(number, None)  # steps may now differ: laid out anew
                     for p in group["params"]:
                         if p.grad is not None:
-                            self._step_one(p, group)
+                            self._step_one(p, group, names)
 
-    def _step_one(self, p, group):
+    def _step_one(self, p, group, names):
         """Update one parameter on its own."""
-        state = self._state_for(p, group, self._state_names(group))
+        state = self._state_for(p, group, names)
         state["step"] += 1
         self._update(p.data, p.grad, state, group, state["step"])
 
-    def _step_as_one_vector(self, number, group):
+    def _step_as_one_vector(self, number, group, names):
         """Update the whole group as one vector; False (nothing done) where it cannot be."""
         params = group["params"]
         if not params:                 # an empty group (no biases to leave undecayed, say)
             return True
         if any(p.grad is None for p in params):
             return False
-        if len({(p.dtype, backend.device_of(p.data)) for p in params}) > 1:
-            return False
-        vector = self._state_as_one_vector(number, params, group)
+        p = self._params_as_one_vector(number, params)            # (N,) the group's parameters
+        vector = None if p is None else self._state_as_one_vector(number, params, group, names)
         if vector is None:
             return False
-        xp = backend.get_array_module(params[0].data)
-        p = self._params_as_one_vector(number, params)            # (N,) the group's parameters
+        xp = backend.get_array_module(p)
         g = xp.concatenate([q.grad.reshape(-1) for q in params])  # (N,) and their gradients
         t = self.state[params[0]]["step"] + 1
 
@@ -142,9 +141,12 @@ class Optimizer:
     def _params_as_one_vector(self, number, params):
         """The group's parameters as one vector, each ``p.data`` a view of its slice. Laid out at
         the first step, and again when some ``p.data`` is no longer the view it was given there
-        (an array replaced, or a parameter removed, added or moved)."""
+        (an array replaced, or a parameter removed, added or moved). None where the parameters
+        are of different dtypes or devices."""
         vector, views = self._param_vectors.get(number, (None, []))
         if len(views) != len(params) or any(p.data is not view for p, view in zip(params, views)):
+            if len({(p.dtype, backend.device_of(p.data)) for p in params}) > 1:
+                return None
             xp = backend.get_array_module(params[0].data)
             vector = xp.concatenate([p.data.reshape(-1) for p in params])
             offset = 0
@@ -154,12 +156,11 @@ class Optimizer:
             self._param_vectors[number] = vector, [p.data for p in params]
         return vector
 
-    def _state_as_one_vector(self, number, params, group):
+    def _state_as_one_vector(self, number, params, group, names):
         """The group's state as one vector {name: (N,)}, each parameter's state arrays becoming
         views of their slices. Laid out again from each parameter's own state when the group's
         list of parameters changed; None where the parameters are at different steps (one of them
         had no gradient at some step, or joined the group later)."""
-        names = self._state_names(group)
         states, vector = self._state_vectors.get(number, ([], {}))
         if (len(states) == len(params) and all(k in vector for k in names)
                 and all(self.state.get(p) is s for p, s in zip(params, states))):
