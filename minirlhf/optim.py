@@ -28,7 +28,7 @@ class Optimizer:
     """Holds the parameter groups and the per-parameter state; subclasses write the update rule.
 
     A subclass gives ``_new_state(p, group)``, the arrays it keeps per parameter (zeros shaped
-    like ``p``), and ``_update(p, g, state, group, t)``, its formula on arrays, written in place,
+    like ``p``) and ``_state_names(group)`` their names, and ``_update(p, g, state, group, t)``, its formula on arrays, written in place,
     at step ``t`` = 1, 2, ... The rule is elementwise, so it gives the same numbers on a whole
     group at once.
 
@@ -188,8 +188,8 @@ class Optimizer:
         return state
 
     def _state_names(self, group):
-        """The names of the arrays the update rule keeps per parameter in this group."""
-        return tuple(self._new_state(np.zeros(0), group))
+        """The names of the arrays the rule keeps per parameter in this group: `_new_state`'s."""
+        return ()
 
     def _new_state(self, p, group):
         """The arrays kept per parameter, at their values before the first step."""
@@ -252,6 +252,9 @@ class SGD(Optimizer):
             raise ValueError("SGD: lr, momentum and weight_decay must be >= 0")
         super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
+    def _state_names(self, group):
+        return ("momentum_buffer",) if group["momentum"] else ()
+
     def _new_state(self, p, group):
         if not group["momentum"]:
             return {}
@@ -284,6 +287,9 @@ class AdamW(Optimizer):
             raise ValueError(f"AdamW: need lr, eps, weight_decay >= 0 and betas in [0, 1), got "
                              f"lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
         super().__init__(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+
+    def _state_names(self, group):
+        return ("m", "v")
 
     def _new_state(self, p, group):
         xp = backend.get_array_module(p)
