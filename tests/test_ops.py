@@ -457,3 +457,11 @@ def test_max_of_an_empty_tensor_raises_a_plain_value_error():
     with pytest.raises(ValueError, match="empty") as info:
         mr.tensor(np.zeros((0, 3))).max()
     assert not isinstance(info.value, mr.ShapeError)
+
+
+def test_causal_attention_refuses_keys_and_values_of_another_batch():
+    """k, v of batch 1 against q of batch 2 would broadcast forward but not backward: refused."""
+    q = mr.tensor(np.ones((2, 1, 3, 4)), requires_grad=True)
+    k = v = mr.tensor(np.ones((1, 1, 3, 4)), requires_grad=True)
+    with pytest.raises(ValueError, match="same leading"):
+        F.causal_attention(q, k, v)
