@@ -57,7 +57,7 @@ class Function:
     inputs = ()
 
     def __call__(self, *inputs):
-        arrays = [t.data for t in inputs]
+        arrays = [t._data for t in inputs]
         if backend.cupy is not None and len(arrays) > 1:
             _check_same_device(self.name(), arrays)
         try:
@@ -131,7 +131,9 @@ class Tensor:
     def _wrap(cls, array):
         """Fast constructor for op outputs: the array is already valid."""
         t = cls.__new__(cls)
-        t._data = _as_array(array)
+        if type(array) is not np.ndarray and isinstance(array, np.generic):  # see _as_array
+            array = np.asarray(array)
+        t._data = array
         t._grad = None
         t.requires_grad = False
         t._ctx = None
@@ -156,19 +158,19 @@ class Tensor:
     # ----- what it is -------------------------------------------------------------------------------
     @property
     def shape(self):
-        return tuple(self.data.shape)
+        return tuple(self._data.shape)
 
     @property
     def ndim(self):
-        return self.data.ndim
+        return self._data.ndim
 
     @property
     def size(self):
-        return self.data.size
+        return self._data.size
 
     @property
     def dtype(self):
-        return self.data.dtype
+        return self._data.dtype
 
     @property
     def device(self):
