@@ -28,9 +28,9 @@ class Optimizer:
     """Holds the parameter groups and the per-parameter state; subclasses write the update rule.
 
     A subclass gives ``_new_state(p, group)``, the arrays it keeps per parameter (zeros shaped
-    like ``p``) and ``_state_names(group)`` their names, and ``_update(p, g, state, group, t)``, its formula on arrays, written in place,
-    at step ``t`` = 1, 2, ... The rule is elementwise, so it gives the same numbers on a whole
-    group at once.
+    like ``p``), ``_state_names(group)``, their names, and ``_update(p, g, state, group, t)``, its
+    formula on arrays, written in place, at step ``t`` = 1, 2, ... The rule is elementwise, so it
+    gives the same numbers on a whole group at once.
 
     The state is keyed by the parameter itself, as in PyTorch: ``opt.state[p]`` is
     ``{"step": t, "m": ..., "v": ...}``. So it follows its parameter when a group's list changes
