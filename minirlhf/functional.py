@@ -520,7 +520,9 @@ def causal_attention(q, k, v, mask=None):
     the causal mask (it must include causality; generation uses it to keep left padding out of
     attention). Every query must be allowed at least one key.
     """
-    if q.shape[-2] > k.shape[-2] or k.shape != v.shape or q.shape[-1] != k.shape[-1]:
+    if (q.shape[-2] > k.shape[-2] or k.shape != v.shape or q.shape[-1] != k.shape[-1]
+            or q.shape[:-2] != k.shape[:-2]):
         raise ValueError(f"causal_attention: q {q.shape}, k {k.shape}, v {v.shape} do not fit "
-                         "(need Tq <= Tk, k and v of one shape, one head size)")
+                         "(need Tq <= Tk, k and v of one shape, one head size, and the same "
+                         "leading (batch, head) axes as q: expand k and v to q's batch first)")
     return CausalAttention(mask)(as_tensor(q), as_tensor(k), as_tensor(v))

@@ -28,9 +28,14 @@ class Optimizer:
     """Holds the parameter groups and the per-parameter state; subclasses write the update rule.
 
     A subclass gives ``_new_state(p, group)``, the arrays it keeps per parameter (zeros shaped
-    like ``p``), and ``_update(p, g, state, group, t)``, its formula on arrays, written in place,
-    at step ``t`` = 1, 2, ... The rule is elementwise, so it gives the same numbers on a whole
-    group at once.
+    like ``p``), ``_state_names(group)``, their names, and ``_update(p, g, state, group, t)``, its
+    formula on arrays, written in place, at step ``t`` = 1, 2, ... The rule is elementwise, so it
+    gives the same numbers on a whole group at once.
+
+    The state is keyed by the parameter itself, as in PyTorch: ``opt.state[p]`` is
+    ``{"step": t, "m": ..., "v": ...}``. So it follows its parameter when a group's list changes
+    (a parameter removed, appended or moved, a group added with `add_param_group`), and a
+    parameter new to the optimizer starts from fresh state at step 1.
 
     One vector per group. A GPT has ~76 parameter arrays and AdamW's rule is ~13 array operations,
     so updating them one by one is ~1,000 small operations a step: on a GPU each is a kernel launch
@@ -42,10 +47,12 @@ class Optimizer:
     the update writes straight into the model's arrays, with nothing to copy back. (Code that kept
     an old ``p.data`` array must read ``p.data`` again; PyTorch's FSDP makes its parameters views
     of one flat parameter in the same way.) A ``p.data`` replaced later (by ``model.to(device)``,
-    say) is noticed at the next step and the vector is laid out again. The state is one vector per
-    group too, and each parameter's state (``self.state[i]["m"]``, say) is its slice of it.
-    PyTorch's "foreach" and "fused" optimisers do the same. A group where some parameter has no
-    gradient this step is updated parameter by parameter (a parameter without a gradient is left
+    say) or a changed list of parameters is noticed at the next step and the vector is laid out
+    again. The state is one vector per group too, and each parameter's state
+    (``self.state[p]["m"]``, say) is its slice of it, laid out again from the parameters' own
+    states when the list changes. PyTorch's "foreach" and "fused" optimisers do the same. A group
+    where some parameter has no gradient this step, or whose parameters are at different steps
+    (one joined later), is updated parameter by parameter (a parameter without a gradient is left
     alone, its state included, as PyTorch does).
     """
 
@@ -55,29 +62,26 @@ class Optimizer:
         params = list(params)
         if not params:
             raise ValueError("optimizer got an empty parameter list")
-        groups = params if isinstance(params[0], dict) else [{"params": params}]
+        self.defaults = defaults
         self.param_groups = []
-        seen = set()
-        for group in groups:
-            group = {**defaults, **group, "params": list(group["params"])}
-            for p in group["params"]:
-                if id(p) in seen:
-                    raise ValueError("a parameter appears in more than one parameter group")
-                if not p.requires_grad:
-                    raise ValueError("optimizer got a tensor that does not require grad")
-                seen.add(id(p))
-            self.param_groups.append(group)
-        self.state = {}  # parameter index (over all groups, in order) -> {"step": t, name: array}
-        self._vectors = {}  # group number -> {name: the group's state as one vector}
+        self.state = {}  # parameter -> {"step": t, name: array}
+        self._state_vectors = {}  # group number -> (the states laid out, {name: one vector})
         self._param_vectors = {}  # group number -> (its parameters as one vector, their views)
+        for group in params if isinstance(params[0], dict) else [{"params": params}]:
+            self.add_param_group(group)
 
-    def _indexed(self):
-        """(index, group, parameter) for every parameter, the index being its key in ``state``."""
-        i = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                yield i, group, p
-                i += 1
+    def add_param_group(self, group):
+        """Add a group of parameters (a dict with "params" and any hyperparameters that differ
+        from the optimizer's), as PyTorch's: a layer unfrozen during training, say."""
+        group = {**self.defaults, **group, "params": list(group["params"])}
+        seen = {id(p) for g in self.param_groups for p in g["params"]}
+        for p in group["params"]:
+            if id(p) in seen:
+                raise ValueError("a parameter appears in more than one parameter group")
+            if not p.requires_grad:
+                raise ValueError("optimizer got a tensor that does not require grad")
+            seen.add(id(p))
+        self.param_groups.append(group)
 
     @property
     def lr(self):
@@ -90,61 +94,59 @@ class Optimizer:
             group["lr"] = value
 
     def zero_grad(self):
-        for _, _, p in self._indexed():
-            p.grad = None
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
 
     def step(self):
         """Update every parameter that has a gradient: each group as one vector where it can."""
         with no_grad():
-            first = 0  # index in ``state`` of the group's first parameter
             for number, group in enumerate(self.param_groups):
-                indices = range(first, first + len(group["params"]))
-                first += len(group["params"])
-                if not self._step_as_one_vector(number, group, indices):
-                    self._vectors.pop(number, None)  # steps may now differ: rebuilt when they agree
-                    for i, p in zip(indices, group["params"]):
+                names = self._state_names(group)
+                if not self._step_as_one_vector(number, group, names):
+                    self._state_vectors.pop(number, None)  # steps may now differ: laid out anew
+                    for p in group["params"]:
                         if p.grad is not None:
-                            self._step_one(i, p, group)
+                            self._step_one(p, group, names)
 
-    def _step_one(self, i, p, group):
+    def _step_one(self, p, group, names):
         """Update one parameter on its own."""
-        if i not in self.state:
-            self.state[i] = {"step": 0, **self._new_state(p.data, group)}
-        state = self.state[i]
+        state = self._state_for(p, group, names)
         state["step"] += 1
         self._update(p.data, p.grad, state, group, state["step"])
 
-    def _step_as_one_vector(self, number, group, indices):
+    def _step_as_one_vector(self, number, group, names):
         """Update the whole group as one vector; False (nothing done) where it cannot be."""
         params = group["params"]
         if not params:                 # an empty group (no biases to leave undecayed, say)
             return True
         if any(p.grad is None for p in params):
             return False
-        vector = self._vectors.get(number)
-        if vector is None:
-            vector = self._group_vector(params, indices, group)
-            if vector is None:
-                return False
-            self._vectors[number] = vector
-        xp = backend.get_array_module(params[0].data)
         p = self._params_as_one_vector(number, params)            # (N,) the group's parameters
+        vector = None if p is None else self._state_as_one_vector(number, params, group, names)
+        if vector is None:
+            return False
+        xp = backend.get_array_module(p)
         g = xp.concatenate([q.grad.reshape(-1) for q in params])  # (N,) and their gradients
-        t = self.state[indices[0]]["step"] + 1
+        t = self.state[params[0]]["step"] + 1
 
         def rows(lo, hi):                          # written in place: p[lo:hi] is the parameters
             self._update(p[lo:hi], g[lo:hi], {k: a[lo:hi] for k, a in vector.items()}, group, t)
         cpu.for_rows(rows, p.size, 1, xp=xp)
 
-        for i in indices:
-            self.state[i]["step"] = t
+        for q in params:
+            self.state[q]["step"] = t
         return True
 
     def _params_as_one_vector(self, number, params):
         """The group's parameters as one vector, each ``p.data`` a view of its slice. Laid out at
-        the first step, and again when some ``p.data`` is no longer the view it was given."""
+        the first step, and again when some ``p.data`` is no longer the view it was given there
+        (an array replaced, or a parameter removed, added or moved). None where the parameters
+        are of different dtypes or devices."""
         vector, views = self._param_vectors.get(number, (None, []))
         if len(views) != len(params) or any(p.data is not view for p, view in zip(params, views)):
+            if len({(p.dtype, backend.device_of(p.data)) for p in params}) > 1:
+                return None
             xp = backend.get_array_module(params[0].data)
             vector = xp.concatenate([p.data.reshape(-1) for p in params])
             offset = 0
@@ -154,28 +156,40 @@ class Optimizer:
             self._param_vectors[number] = vector, [p.data for p in params]
         return vector
 
-    def _group_vector(self, params, indices, group):
-        """The group's state as one vector, each parameter's state becoming its slice; None where
-        the group cannot be one vector: parameters of different dtypes or devices, or states at
-        different steps (after a step in which some parameter had no gradient)."""
-        if len({(p.dtype, backend.device_of(p.data)) for p in params}) > 1:
+    def _state_as_one_vector(self, number, params, group, names):
+        """The group's state as one vector {name: (N,)}, each parameter's state arrays becoming
+        views of their slices. Laid out again from each parameter's own state when the group's
+        list of parameters changed; None where the parameters are at different steps (one of them
+        had no gradient at some step, or joined the group later)."""
+        states, vector = self._state_vectors.get(number, ([], {}))
+        if (len(states) == len(params) and all(k in vector for k in names)
+                and all(self.state.get(p) is s for p, s in zip(params, states))):
+            return vector
+        if len({self.state[p]["step"] if p in self.state else None for p in params}) > 1:
             return None
-        states = [self.state.get(i) for i in indices]
-        if any(s is None for s in states):
-            if any(s is not None for s in states):
-                return None
-            states = [{"step": 0, **self._new_state(p.data, group)} for p in params]
-        if len({s["step"] for s in states}) > 1:
-            return None
+        states = [self._state_for(p, group, names) for p in params]
         xp = backend.get_array_module(params[0].data)
-        vector = {k: xp.concatenate([s[k].reshape(-1) for s in states])
-                  for k in states[0] if k != "step"}
+        vector = {k: xp.concatenate([s[k].reshape(-1) for s in states]) for k in names}
         offset = 0
-        for i, p, s in zip(indices, params, states):
-            views = {k: a[offset:offset + p.size].reshape(p.shape) for k, a in vector.items()}
-            self.state[i] = {"step": s["step"], **views}
+        for p, s in zip(params, states):
+            s.update({k: a[offset:offset + p.size].reshape(p.shape) for k, a in vector.items()})
+            self.state[p] = s
             offset += p.size
+        self._state_vectors[number] = states, vector
         return vector
+
+    def _state_for(self, p, group, names):
+        """``self.state[p]``, new or given the arrays of ``names`` it lacks (zeros): a parameter
+        that joined from a group without momentum, say, as PyTorch creates them lazily."""
+        state = self.state.get(p)
+        if state is None or any(k not in state for k in names):
+            state = {"step": 0, **self._new_state(p.data, group), **(state or {})}
+            self.state[p] = state
+        return state
+
+    def _state_names(self, group):
+        """The names of the arrays the rule keeps per parameter in this group: `_new_state`'s."""
+        return ()
 
     def _new_state(self, p, group):
         """The arrays kept per parameter, at their values before the first step."""
@@ -186,16 +200,20 @@ class Optimizer:
 
     # ----- saving and resuming ------------------------------------------------------------------------
     def state_dict(self):
-        """{"state": {index: {name: NumPy array or int}}, "param_groups": [hyperparameters + indices]}."""
-        state = {i: {k: (np.array(backend.to_numpy(v), copy=True) if hasattr(v, "shape") else v)
-                     for k, v in s.items()}
-                 for i, s in self.state.items()}
-        groups, i = [], 0
+        """{"state": {index: {name: NumPy array or int}}, "param_groups": [hyperparameters + indices]}.
+
+        As in PyTorch, a parameter is named by its index over the groups' lists, in order, and the
+        state of a parameter no longer in any group is left out."""
+        state, groups, i = {}, [], 0
         for group in self.param_groups:
+            for p in group["params"]:
+                if p in self.state:
+                    state[i] = {k: (np.array(backend.to_numpy(v), copy=True) if hasattr(v, "shape")
+                                    else v) for k, v in self.state[p].items()}
+                i += 1
             n = len(group["params"])
             hyper = {k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items() if k != "params"}
-            groups.append({**hyper, "params": list(range(i, i + n))})
-            i += n
+            groups.append({**hyper, "params": list(range(i - n, i))})
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict):
@@ -207,8 +225,8 @@ class Optimizer:
             for k, v in saved.items():
                 if k != "params":
                     group[k] = tuple(v) if isinstance(group.get(k), tuple) else v
-        params = {i: p for i, _, p in self._indexed()}
-        self.state, self._vectors = {}, {}
+        params = [p for group in self.param_groups for p in group["params"]]
+        self.state, self._state_vectors = {}, {}
         for key, s in state_dict["state"].items():
             p = params[int(key)]  # keys are ints, or strings after a trip through JSON
             restored = {}
@@ -220,7 +238,7 @@ class Optimizer:
                                      f"{tuple(v.shape)}, the parameter {p.shape}")
                 restored[k] = v
             restored.setdefault("step", 0)  # SGD's state had no step count before
-            self.state[int(key)] = restored
+            self.state[p] = restored
 
 
 class SGD(Optimizer):
@@ -233,6 +251,9 @@ class SGD(Optimizer):
         if lr < 0 or momentum < 0 or weight_decay < 0:
             raise ValueError("SGD: lr, momentum and weight_decay must be >= 0")
         super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+    def _state_names(self, group):
+        return ("momentum_buffer",) if group["momentum"] else ()
 
     def _new_state(self, p, group):
         if not group["momentum"]:
@@ -266,6 +287,9 @@ class AdamW(Optimizer):
             raise ValueError(f"AdamW: need lr, eps, weight_decay >= 0 and betas in [0, 1), got "
                              f"lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
         super().__init__(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+
+    def _state_names(self, group):
+        return ("m", "v")
 
     def _new_state(self, p, group):
         xp = backend.get_array_module(p)

@@ -57,7 +57,7 @@ class Function:
     inputs = ()
 
     def __call__(self, *inputs):
-        arrays = [t.data for t in inputs]
+        arrays = [t._data for t in inputs]
         if backend.cupy is not None and len(arrays) > 1:
             _check_same_device(self.name(), arrays)
         try:
@@ -99,19 +99,23 @@ class Tensor:
 
     ``data``: the NumPy or CuPy array. ``grad``: an array of the same shape after ``backward()``
     (leaves only), else None. ``requires_grad``: whether gradients flow to this tensor.
+    Both are always arrays, 0-d ones included: NumPy gives a scalar (``np.float64``) for
+    arithmetic on 0-d arrays, and a scalar cannot be updated in place, so one assigned to
+    ``data`` or ``grad`` is stored as a 0-d array of its dtype.
     """
 
-    __slots__ = ("data", "grad", "requires_grad", "_ctx", "__weakref__")
+    __slots__ = ("_data", "_grad", "requires_grad", "_ctx", "__weakref__")
     __array_priority__ = 1000  # so `ndarray * Tensor` calls Tensor.__rmul__
 
     def __init__(self, data, requires_grad=False, dtype=None):
         if isinstance(data, Tensor):
             data = data.data
         xp = backend.get_array_module(data)
-        if xp is np and not isinstance(data, np.ndarray):
+        if xp is np and not isinstance(data, (np.ndarray, np.generic)):
             data = np.asarray(data)
             if dtype is None and data.dtype == np.float64:
                 data = data.astype(np.float32)  # Python floats become float32, as in PyTorch
+        data = _as_array(data)                  # a NumPy scalar keeps its dtype, as in PyTorch
         if dtype is not None:
             data = data.astype(dtype, copy=False)
         if data.dtype.kind not in _ALLOWED_KINDS:
@@ -127,28 +131,46 @@ class Tensor:
     def _wrap(cls, array):
         """Fast constructor for op outputs: the array is already valid."""
         t = cls.__new__(cls)
-        t.data = array
-        t.grad = None
+        if type(array) is not np.ndarray and isinstance(array, np.generic):  # see _as_array
+            array = np.asarray(array)
+        t._data = array
+        t._grad = None
         t.requires_grad = False
         t._ctx = None
         return t
 
+    @property
+    def data(self):
+        return self._data
+
+    @data.setter
+    def data(self, array):
+        self._data = _checked_array(array, "data")
+
+    @property
+    def grad(self):
+        return self._grad
+
+    @grad.setter
+    def grad(self, array):
+        self._grad = None if array is None else _checked_array(array, "grad")
+
     # ----- what it is -------------------------------------------------------------------------------
     @property
     def shape(self):
-        return tuple(self.data.shape)
+        return tuple(self._data.shape)
 
     @property
     def ndim(self):
-        return self.data.ndim
+        return self._data.ndim
 
     @property
     def size(self):
-        return self.data.size
+        return self._data.size
 
     @property
     def dtype(self):
-        return self.data.dtype
+        return self._data.dtype
 
     @property
     def device(self):
@@ -230,6 +252,7 @@ class Tensor:
                 continue
             fn = t._ctx
             if fn is None:  # a leaf: keep the gradient
+                gy = _as_array(gy)
                 # a leaf must own its .grad (optimisers and clipping update it in place): copy it
                 # when it is a view, the caller's array, another leaf's, or of another dtype
                 if (gy.dtype != t.data.dtype or gy.base is not None or gy is grad
@@ -364,6 +387,19 @@ class _Freed(Function):
 _FREED = _Freed()
 
 
+def _as_array(a):
+    """``a`` as an array: a NumPy scalar (what NumPy returns for 0-d arithmetic) becomes a 0-d array
+    of its dtype, so that ``.data`` and ``.grad`` can always be updated in place."""
+    return np.asarray(a) if isinstance(a, np.generic) else a
+
+
+def _checked_array(a, name):
+    if not hasattr(a, "shape"):
+        raise TypeError(f"Tensor.{name} must be an array, got {type(a).__name__}: "
+                        f"wrap it in np.asarray(...) with the dtype you mean")
+    return _as_array(a)
+
+
 def _raw(x):
     return x.data if isinstance(x, Tensor) else x
 
@@ -391,7 +427,8 @@ def _topological_order(root):
 def tensor(data, requires_grad=False, dtype=None, device=None):
     """Make a Tensor: ``mr.tensor([[1., 2.]], requires_grad=True, device="cuda")``.
 
-    Python floats become float32 (as in PyTorch); NumPy/CuPy arrays keep their dtype.
+    Python floats become float32 (as in PyTorch); NumPy scalars and NumPy/CuPy arrays keep their
+    dtype (``mr.tensor(np.float64(2.0))`` is a 0-d float64 tensor).
     """
     t = Tensor(data, requires_grad=requires_grad, dtype=dtype)
     if device is not None:

@@ -33,8 +33,16 @@ __all__ = ["shapes", "arrays", "broadcastable_shapes", "broadcastable_arrays", "
 
 
 def shapes(min_dims=0, max_dims=3, min_side=1, max_side=4):
-    """Array shapes such as (), (1,), (3, 1, 4): ``shapes(min_dims=1)`` for ops that need an axis."""
-    return hnp.array_shapes(min_dims=min_dims, max_dims=max_dims, min_side=min_side, max_side=max_side)
+    """Array shapes such as (), (1,), (3, 1, 4): ``shapes(min_dims=1)`` for ops that need an axis.
+
+    With ``min_dims=0`` the 0-d shape () comes often: hypothesis alone rarely draws it, and NumPy's
+    0-d results (scalars, not arrays) are where in-place updates go wrong.
+    """
+    general = hnp.array_shapes(min_dims=min_dims, max_dims=max_dims, min_side=min_side,
+                               max_side=max_side)
+    if min_dims > 0:
+        return general
+    return st.integers(0, 4).flatmap(lambda k: st.just(()) if k == 4 else general)
 
 
 def arrays(shape=None, dtype=np.float64, min_value=-3.0, max_value=3.0, away_from=None, margin=0.1):

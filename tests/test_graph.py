@@ -9,6 +9,7 @@ import pytest
 
 import minirlhf as mr
 from minirlhf import backend
+from minirlhf.optim import clip_grad_norm_
 
 
 def leaf(values, device="cpu"):
@@ -194,10 +195,22 @@ def test_unsupported_dtypes_are_refused(data):
         mr.tensor(data)
 
 
-def test_python_floats_become_float32_and_numpy_arrays_keep_their_dtype():
+def test_python_floats_become_float32_and_numpy_arrays_and_scalars_keep_their_dtype():
     assert mr.tensor([1.0, 2.0]).dtype == np.float32
+    assert mr.tensor(2.0).dtype == np.float32
     assert mr.tensor(np.array([1.0, 2.0])).dtype == np.float64
     assert mr.tensor([1, 2]).dtype.kind == "i"
+    for scalar in (np.float64(2.5), np.float32(2.5), np.float16(2.5)):  # as torch.tensor does
+        t = mr.tensor(scalar)
+        assert t.dtype == scalar.dtype and type(t.data) is np.ndarray and t.shape == ()
+
+
+def test_data_and_grad_must_be_arrays():
+    x = leaf([1.0, 2.0])
+    with pytest.raises(TypeError, match="must be an array"):
+        x.data = 3.0
+    with pytest.raises(TypeError, match="must be an array"):
+        x.grad = [1.0, 1.0]
 
 
 def test_add_shape_mismatch_names_the_op_and_both_shapes(device):
@@ -243,3 +256,42 @@ def test_leaf_gradients_are_writable_and_do_not_alias_the_cotangent(device):
     y.backward(g)
     g += 1
     assert host(y.grad).tolist() == [1.0, 1.0]
+
+
+# ===================================================================================================
+# 0-d tensors: .data and .grad are 0-d arrays, never NumPy scalars (which cannot change in place)
+
+
+def test_a_0d_leafs_gradient_is_a_0d_array_after_backward_and_after_accumulation(device):
+    s = leaf(2.0, device)
+    xp = type(s.data)
+    (s * s * 5.0).backward()                      # NumPy gives np.float64 for 0-d arithmetic
+    assert type(s.grad) is xp and s.grad.shape == () and host(s.grad) == 20.0
+    (s * 3.0).backward()                          # t.grad + gy: a scalar again in NumPy
+    assert type(s.grad) is xp and host(s.grad) == 23.0
+    s.grad[...] = 1.0                             # raised on a scalar
+    assert host(s.grad) == 1.0
+
+
+def test_the_result_of_an_op_on_0d_tensors_is_a_0d_array(device):
+    s = leaf(2.0, device)
+    for out in (s * s, s.exp(), (s + 1.0).log(), leaf([1.0, 2.0], device).sum(), -s):
+        assert type(out.data) is type(s.data) and out.shape == ()
+
+
+def test_assigning_a_numpy_scalar_stores_a_0d_array_of_its_dtype():
+    s = leaf(2.0)
+    s.data = s.data * 0.5                         # np.float64 in NumPy
+    assert type(s.data) is np.ndarray and s.data.dtype == np.float64 and s.data == 1.0
+    s.data = np.float32(3.0)
+    assert type(s.data) is np.ndarray and s.data.dtype == np.float32
+    s.grad = np.float64(4.0)
+    assert type(s.grad) is np.ndarray and s.grad.shape == ()
+
+
+def test_clip_grad_norm_clips_a_0d_gradient_as_torch_does():
+    """The issue's reproduction: the norm was reported but the scalar gradient left unclipped."""
+    s = mr.tensor(np.array(2.0), requires_grad=True)
+    (s * s * 5.0).backward()
+    assert clip_grad_norm_([s], 1.0) == 20.0
+    assert s.grad == 0.9999999500000024           # torch.nn.utils.clip_grad_norm_, torch 2.13

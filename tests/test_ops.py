@@ -373,6 +373,53 @@ def test_op_matches_numpy_and_passes_gradcheck(case, data, device):
 
     assert mr.gradcheck(lambda *ts: case.op(*ts, **params), tensors)
 
+    assert is_array(out.data, device)
+    out.backward(mr.tensor(np.ones(out.shape), device=device))
+    for t in tensors:
+        assert t.grad is None or (is_array(t.grad, device) and t.grad.shape == t.shape)
+
+
+def is_array(a, device):
+    """An array of the device's module: NumPy's 0-d results are scalars, which must not leak out."""
+    return isinstance(a, np.ndarray if device == "cpu" else type(backend.to_device(np.zeros(1), device)))
+
+
+# ===================================================================================================
+# 0-d tensors: every value and gradient is a 0-d array (NumPy's 0-d arithmetic gives scalars, which
+# cannot be updated in place), gradients add up across calls, and gradcheck passes
+
+CASES_BY_NAME = {c.name: c for c in CASES}
+NO_AXIS = {"axis": None, "keepdims": False}
+ZERO_D = [("add", 2, {}), ("sub", 2, {}), ("mul", 2, {}), ("div", 2, {}), ("pow_tensor", 2, {}),
+          ("pow_scalar", 1, {"p": 3}), ("rpow", 1, {}), ("rsub_rdiv", 1, {}), ("neg", 1, {}),
+          ("exp", 1, {}), ("log", 1, {}), ("sqrt", 1, {}), ("tanh", 1, {}), ("sigmoid", 1, {}),
+          ("relu", 1, {}), ("logsigmoid", 1, {}), ("gelu", 1, {}), ("T", 1, {}),
+          ("clip", 1, {"lo": -1.0, "hi": 1.0}), ("sum", 1, NO_AXIS), ("mean", 1, NO_AXIS),
+          ("max", 1, NO_AXIS), ("reshape", 1, {"shape": (1, 1)}),
+          ("where", 2, {"cond": np.array(True)}),
+          ("masked_fill", 1, {"mask": np.array(False), "value": 2.5}),
+          ("stack", 2, {"axis": 0})]
+
+
+@pytest.mark.parametrize("name, n, params", ZERO_D, ids=[z[0] for z in ZERO_D])
+def test_op_on_0d_tensors_gives_0d_arrays_and_gradients_that_add_up(name, n, params, device):
+    case = CASES_BY_NAME[name]
+    arrays = [np.array(v) for v in (0.7, 1.3)[:n]]
+    tensors = [mr.tensor(a, requires_grad=True, device=device) for a in arrays]
+    out = case.op(*tensors, **params)
+    assert is_array(out.data, device)
+    np.testing.assert_allclose(out.numpy(), case.ref(*arrays, **params), rtol=1e-12)
+
+    out.sum().backward()
+    first = [backend.to_numpy(t.grad).copy() for t in tensors]
+    case.op(*tensors, **params).sum().backward()            # accumulates: t.grad + gy
+    for t, g in zip(tensors, first):
+        assert is_array(t.grad, device) and t.grad.shape == ()
+        np.testing.assert_allclose(backend.to_numpy(t.grad), 2 * g, rtol=1e-12)
+        t.grad *= 0.5                                        # in place, as clipping does
+        np.testing.assert_allclose(backend.to_numpy(t.grad), g, rtol=1e-12)
+    assert mr.gradcheck(lambda *ts: case.op(*ts, **params), tensors)
+
 
 # ===================================================================================================
 # conventions at the kinks (sampling stays away from them, so they are pinned here)
@@ -410,3 +457,11 @@ def test_max_of_an_empty_tensor_raises_a_plain_value_error():
     with pytest.raises(ValueError, match="empty") as info:
         mr.tensor(np.zeros((0, 3))).max()
     assert not isinstance(info.value, mr.ShapeError)
+
+
+def test_causal_attention_refuses_keys_and_values_of_another_batch():
+    """k, v of batch 1 against q of batch 2 would broadcast forward but not backward: refused."""
+    q = mr.tensor(np.ones((2, 1, 3, 4)), requires_grad=True)
+    k = v = mr.tensor(np.ones((1, 1, 3, 4)), requires_grad=True)
+    with pytest.raises(ValueError, match="same leading"):
+        F.causal_attention(q, k, v)

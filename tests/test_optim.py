@@ -43,7 +43,7 @@ def test_adamw_matches_a_hand_computed_reference_for_three_steps():
             ref[key] = [p, m, v, decay]
         np.testing.assert_allclose(w.data, ref["w"][0], rtol=1e-12, atol=1e-14)
         np.testing.assert_allclose(b.data, ref["b"][0], rtol=1e-12, atol=1e-14)
-    assert opt.state[0]["step"] == 3
+    assert opt.state[w]["step"] == 3
 
 
 def test_adamw_updates_in_place_and_float32_stays_float32():
@@ -55,7 +55,7 @@ def test_adamw_updates_in_place_and_float32_stays_float32():
         opt.step()
         arrays.append(w.data)
     assert arrays[0] is arrays[1] is arrays[2] and w.dtype == np.float32   # after the first step
-    assert opt.state[0]["m"].dtype == np.float32 and opt.state[0]["v"].dtype == np.float32
+    assert opt.state[w]["m"].dtype == np.float32 and opt.state[w]["v"].dtype == np.float32
 
 
 SHAPES = [(3, 4), (4,), (4, 2), (2,), (5, 3), (3,), (1,), (2, 2, 2)]
@@ -97,8 +97,8 @@ def test_a_group_updated_as_one_vector_equals_each_parameter_updated_alone(devic
             np.testing.assert_array_equal(to_numpy(a.data), to_numpy(b.data))
             if i in skip:
                 np.testing.assert_array_equal(to_numpy(a.data), before[i])
-            for k, v in singles[i].state[0].items():
-                np.testing.assert_array_equal(to_numpy(opt.state[i][k]), to_numpy(v))
+            for k, v in singles[i].state[b].items():
+                np.testing.assert_array_equal(to_numpy(opt.state[a][k]), to_numpy(v))
 
 
 def test_each_parameters_state_is_its_slice_of_the_groups_vector():
@@ -106,12 +106,12 @@ def test_each_parameters_state_is_its_slice_of_the_groups_vector():
     opt = AdamW(params, lr=0.1)
     _set_grads(params, 1)
     opt.step()
-    m = opt.state[2]["m"]
-    assert m.shape == params[2].shape and np.shares_memory(m, opt.state[0]["m"].base)
+    m = opt.state[params[2]]["m"]
+    assert m.shape == params[2].shape and np.shares_memory(m, opt.state[params[0]]["m"].base)
     m_before = m.copy()
     _set_grads(params, 2)
     opt.step()                                  # the update writes through to the slice
-    assert not np.array_equal(opt.state[2]["m"], m_before) and opt.state[2]["m"] is m
+    assert not np.array_equal(opt.state[params[2]]["m"], m_before) and opt.state[params[2]]["m"] is m
 
 
 def test_the_parameters_become_views_of_one_vector_that_the_update_writes_into():
@@ -200,6 +200,145 @@ def test_the_group_vector_split_across_threads_equals_it_whole(monkeypatch):
                 np.testing.assert_array_equal(a.data, b.data)
     finally:
         cpu.set_num_threads(before)
+
+
+# ===================================================================================================
+# the state follows its parameter (as PyTorch keys it), whatever happens to the groups' lists
+
+PATHS = ["one vector", "per parameter"]   # a parameter without a gradient sends its group per parameter
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_removing_a_parameter_leaves_the_others_state_as_it_was(path):
+    """The issue's reproduction: b was handed a's moments when a left the group."""
+    a, b = Parameter(np.zeros(2)), Parameter(np.zeros(2))
+    frozen = [Parameter(np.ones(2))] if path == "per parameter" else []
+    opt = AdamW([a, b] + frozen, lr=0.1, weight_decay=0.0)
+    a.grad, b.grad = np.full(2, 100.0), np.full(2, 1.0)
+    opt.step()
+    opt.param_groups[0]["params"].remove(a)
+    b.grad = np.full(2, 1.0)
+    opt.step()
+    np.testing.assert_allclose(b.data, [-0.19999999799999935] * 2, rtol=1e-13)  # torch.optim.AdamW
+    assert frozen == [] or frozen[0].data.tolist() == [1.0, 1.0]
+
+
+# torch.optim (2.13, float64, AdamW with betas=(0.9, 0.95)) after `edit_the_groups_between_steps`
+TORCH_AFTER_EDITS = {
+    "AdamW": [[0.7331225864273245, 2.2103120363117874], [-1.3482291011969256, 0.8466582348818785],
+              [0.09546311896635197, -0.49127141385161377], [1.9400000000384616, -2.0399999995]],
+    "SGD": [[-2.0167210000000004, 9.166958000000001], [-3.6383701100000003, 3.237000055],
+            [-1.9316700000000002, 0.09823000000000011], [1.34, -2.04]],
+}
+EDIT_MAKERS = {"AdamW": lambda ps: AdamW(ps, lr=0.1, weight_decay=0.1),
+               "SGD": lambda ps: SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.1)}
+
+
+def edit_the_groups_between_steps(name, path, stop_after=4):
+    """Step 1 on [a, b]; a removed; step 2; c new in front, a back at the end; step 3; a group of
+    d added with its own lr; step 4. Returns the parameters a, b, c, d and the optimizer."""
+    a, b, c, d = (Parameter(np.array(v)) for v in ([1.0, 2.0], [-1.0, 0.5], [0.3, -0.7], [2.0, -2.0]))
+    frozen = [Parameter(np.full(2, 9.0))] if path == "per parameter" else []
+    opt = EDIT_MAKERS[name]([a, b] + frozen)
+    edits = {2: lambda: opt.param_groups[0]["params"].remove(a),
+             3: lambda: (opt.param_groups[0]["params"].insert(0, c),
+                         opt.param_groups[0]["params"].append(a)),
+             4: lambda: opt.add_param_group({"params": [d], "lr": 0.05})}
+    for t in range(1, stop_after + 1):
+        edits.get(t, lambda: None)()
+        for i, p in enumerate((a, b, c, d)):
+            p.grad = np.array([1.0 + t * i, -2.0 * t + i * i]) * (10.0 if (t, i) == (1, 0) else 1.0)
+        opt.step()
+    return (a, b, c, d), opt
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name", sorted(EDIT_MAKERS))
+def test_removing_appending_reordering_and_adding_a_group_give_torchs_numbers(name, path):
+    params, _ = edit_the_groups_between_steps(name, path)
+    for p, expected in zip(params, TORCH_AFTER_EDITS[name]):
+        np.testing.assert_allclose(p.data, expected, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", sorted(EDIT_MAKERS))
+def test_the_state_after_edits_round_trips_through_state_dict(name):
+    (a, b, c, d), opt = edit_the_groups_between_steps(name, "one vector", stop_after=3)
+    twins = {p: Parameter(p.data.copy()) for p in (a, b, c, d)}
+    again = EDIT_MAKERS[name]([twins[p] for p in opt.param_groups[0]["params"]])
+    again.load_state_dict(opt.state_dict())
+    assert set(opt.state_dict()["state"]) == {0, 1, 2}      # c, b and a, in the group's order
+    opt.add_param_group({"params": [d], "lr": 0.05})
+    again.add_param_group({"params": [twins[d]], "lr": 0.05})
+    for p in (a, b, c, d):
+        p.grad = twins[p].grad = np.array([0.5, -1.5])
+    opt.step()
+    again.step()
+    for p in (a, b, c, d):
+        np.testing.assert_array_equal(p.data, twins[p].data)
+
+
+def test_a_parameter_moved_to_another_group_keeps_its_state():
+    a, b = Parameter(np.zeros(2)), Parameter(np.zeros(2))
+    twin_a, twin_b = Parameter(np.zeros(2)), Parameter(np.zeros(2))
+    opt = AdamW([{"params": [a, b]}, {"params": [], "lr": 0.1}], lr=0.1)
+    alone = [AdamW([twin_a], lr=0.1), AdamW([twin_b], lr=0.1)]
+    for t in range(1, 4):
+        if t == 2:
+            opt.param_groups[0]["params"].remove(b)
+            opt.param_groups[1]["params"].append(b)
+        for p, twin, g in ((a, twin_a, 3.0 * t), (b, twin_b, -1.0 / t)):
+            p.grad, twin.grad = np.full(2, g), np.full(2, g)
+        opt.step()
+        for single in alone:
+            single.step()
+    np.testing.assert_array_equal(a.data, twin_a.data)
+    np.testing.assert_array_equal(b.data, twin_b.data)
+    assert opt.state[b]["step"] == 3
+
+
+def test_a_parameter_in_two_groups_is_refused_by_add_param_group():
+    p = Parameter(np.zeros(1))
+    opt = SGD([p], lr=0.1)
+    with pytest.raises(ValueError, match="more than one"):
+        opt.add_param_group({"params": [p]})
+
+
+# ===================================================================================================
+# 0-d parameters: updated in place on both paths, also after ``p.data`` was given a NumPy scalar
+
+ZERO_D_SHAPES = [(), (3,), (), (1,), (2, 2)]
+
+
+@pytest.mark.parametrize("name", sorted(MAKERS))
+@pytest.mark.parametrize("path", PATHS)
+def test_0d_parameters_are_updated_as_by_one_optimizer_each(name, path):
+    make = MAKERS[name]
+    together, alone = _params("cpu", np.float64, ZERO_D_SHAPES), _params("cpu", np.float64, ZERO_D_SHAPES)
+    opt, singles = make(together, 0.1), [make([p], 0.1) for p in alone]
+    skip = (3,) if path == "per parameter" else ()
+    for t in range(1, 5):
+        if t == 3:                                   # np.float64 * 0.5 is a NumPy scalar
+            for params in (together, alone):
+                params[0].data = params[0].data * 0.5
+        for params in (together, alone):
+            _set_grads(params, t, skip)
+        clip_grad_norm_(together, 1.0)
+        clip_grad_norm_(alone, 1.0)
+        opt.step()
+        for single, p in zip(singles, alone):
+            if p.grad is not None:
+                single.step()
+        for a, b in zip(together, alone):
+            assert type(a.data) is np.ndarray and a.shape == b.shape
+            np.testing.assert_array_equal(a.data, b.data)
+    assert together[0].data != _params("cpu", np.float64, ZERO_D_SHAPES)[0].data * 0.5
+
+
+def test_clip_grad_norm_scales_0d_gradients_in_place():
+    a, b = Parameter(np.array(3.0)), Parameter(np.zeros(1))
+    a.grad, b.grad = np.float64(3.0), np.array([4.0])          # a NumPy scalar is stored as 0-d
+    assert clip_grad_norm_([a, b], 1.0) == pytest.approx(5.0)
+    np.testing.assert_allclose([a.grad, b.grad[0]], [0.6, 0.8], rtol=1e-5)
 
 
 class Net(Module):
@@ -328,7 +467,7 @@ def test_state_dict_holds_numpy_copies():
     sd = opt.state_dict()
     assert sd["state"][0]["step"] == 1 and isinstance(sd["state"][0]["m"], np.ndarray)
     sd["state"][0]["m"][:] = 99
-    assert opt.state[0]["m"][0] != 99
+    assert opt.state[p]["m"][0] != 99
     assert sd["param_groups"][0]["betas"] == [0.9, 0.95] and sd["param_groups"][0]["params"] == [0]
 
 
