@@ -3,6 +3,8 @@
 Each could be composed from the primitives in `ops.py`, but composing them would overflow (``exp``
 of a logit of 1e4), keep many temporaries alive for backward, and be slow. Here each is one node whose
 backward is written from its derivative, stated in the docstring, and checked by `gradcheck`.
+Each has a plain version in `reference.py`, the same equation written with the primitives (autograd
+doing the backward): read that one first; tests/test_reference.py checks that the two agree.
 
     import minirlhf.functional as F
 """
@@ -57,10 +59,13 @@ class LogSoftmax(Function):
 
 
 def softmax(x, axis=-1):
+    """softmax(x)_i = exp(x_i) / Σ_j exp(x_j) along ``axis``. Plain version: `reference.softmax`."""
     return Softmax(axis)(x)
 
 
 def log_softmax(x, axis=-1):
+    """log softmax(x)_i = x_i - log Σ_j exp(x_j) along ``axis``. Plain version:
+    `reference.log_softmax`."""
     return LogSoftmax(axis)(x)
 
 
@@ -120,6 +125,7 @@ def cross_entropy(logits, targets, ignore_index=-100, reduction="mean"):
 
     Rows whose target equals ``ignore_index`` contribute nothing (not even to the mean's count).
     ``reduction``: "mean" over the kept rows, "sum", or "none" (one loss per row).
+    Plain version: `reference.cross_entropy`.
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
@@ -211,7 +217,8 @@ class Linear(Function):
 
 
 def linear(x, weight, bias=None):
-    """``x @ weight + bias`` for x (..., in), weight (in, out), bias (out,): one fused node."""
+    """``x @ weight + bias`` for x (..., in), weight (in, out), bias (out,): one fused node.
+    Plain version: `reference.linear`."""
     if weight.ndim != 2 or x.shape[-1] != weight.shape[0] or (
             bias is not None and bias.shape != weight.shape[1:]):
         raise ValueError(f"linear: x {x.shape}, weight {weight.shape} and bias "
@@ -263,7 +270,8 @@ class LayerNorm(Function):
 
 
 def layer_norm(x, weight, bias, eps=1e-5):
-    """Normalise the last axis to zero mean and unit variance, then scale and shift."""
+    """Normalise the last axis to zero mean and unit variance, then scale and shift.
+    Plain version: `reference.layer_norm`."""
     C = x.shape[-1]
     if weight.shape != (C,) or bias.shape != (C,):
         raise ValueError(f"layer_norm: weight {weight.shape} and bias {bias.shape} must both have "
@@ -330,7 +338,7 @@ class GELU(Function):
 
 
 def gelu(x):
-    """GELU in the tanh approximation that GPT-2 uses."""
+    """GELU in the tanh approximation that GPT-2 uses. Plain version: `reference.gelu`."""
     return GELU()(x)
 
 
@@ -355,6 +363,7 @@ def embedding(ids, weight, *, check=True):
     ``check``: refuse ids outside [0, V). On a GPU the check is a few kernels and a wait for the
     device to answer, so a caller whose ids are known to be in range passes False (the GPT checks
     its token ids once a forward and makes its position ids itself).
+    Plain version: `reference.embedding`.
     """
     xp = backend.get_array_module(weight.data)
     ids = ids.data if isinstance(ids, Tensor) else xp.asarray(ids)
@@ -491,7 +500,8 @@ class SelfAttention(Function):
 def self_attention(qkv, n_head):
     """Causal self-attention of ``qkv`` (B, T, 3C), q, k and v side by side as a GPT's ``c_attn``
     makes them, with ``n_head`` heads: (B, T, C). One fused node; see `causal_attention` for one
-    head's formula and for attention with a KV cache or a mask."""
+    head's formula and for attention with a KV cache or a mask. Plain version:
+    `reference.self_attention`."""
     B, T, C3 = qkv.shape
     if C3 % 3 or (C3 // 3) % n_head:
         raise ValueError(f"self_attention: the last axis of qkv {qkv.shape} must be 3·C with C "
@@ -518,7 +528,8 @@ def causal_attention(q, k, v, mask=None):
     With a KV cache the Tq new queries are the last Tq positions of the Tk keys. ``mask``, a
     boolean array broadcastable to (..., Tq, Tk) that is True where a query may attend, replaces
     the causal mask (it must include causality; generation uses it to keep left padding out of
-    attention). Every query must be allowed at least one key.
+    attention). Every query must be allowed at least one key. Plain version:
+    `reference.causal_attention`.
     """
     if q.shape[-2] > k.shape[-2] or k.shape != v.shape or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"causal_attention: q {q.shape}, k {k.shape}, v {v.shape} do not fit "

@@ -259,6 +259,7 @@ class AdamW(Optimizer):
         p ← p - lr · m̂ / (√v̂ + eps),  m̂ = m / (1-β1ᵗ),  v̂ = v / (1-β2ᵗ)
 
     computed as PyTorch does, ``p -= (lr/(1-β1ᵗ)) · m / (√v/√(1-β2ᵗ) + eps)``, the same formula.
+    Plain version, one parameter's arrays in and out: `reference.adamw_step`.
     """
 
     def __init__(self, params, lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):
