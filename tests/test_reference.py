@@ -5,6 +5,8 @@ have hand-written ones. Both get the same float64 inputs and the same random cot
 agree within 1e-10. AdamW's plain update equals the optimizer over a few steps.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -14,6 +16,8 @@ import minirlhf as mr
 import minirlhf.functional as F
 import minirlhf.reference as R
 import minirlhf.testing as mrt
+from minirlhf.checkpoint import load_model, save_checkpoint
+from minirlhf.model import GPT, GPTConfig, RewardModel, generate
 from minirlhf.nn import Parameter
 from minirlhf.optim import AdamW
 
@@ -131,3 +135,75 @@ def test_plain_adamw_step_equals_the_optimizer(rng, weight_decay):
         plain = [R.adamw_step(p, g, m, v, t, **hyper) for (p, m, v), g in zip(plain, grads)]
         for p, (p_plain, _, _) in zip(params, plain):
             np.testing.assert_allclose(p.data, p_plain, rtol=TOL, atol=TOL)
+
+
+# ===================================================================================================
+# the whole model: GPT(GPTConfig(fused=False)) is built from the references
+
+
+def tiny_config(fused, dtype):
+    return GPTConfig(block_size=8, vocab_size=11, n_layer=2, n_head=2, n_embd=8, dtype=dtype,
+                     fused=fused)
+
+
+def assert_models_agree(run, model_class, dtype, tol):
+    """``run(model)`` gives the same value on the fused and the plain model (same seed, so the
+    same weights), and backward through it gives every parameter the same gradient."""
+    results = []
+    for fused in (True, False):
+        model = model_class(tiny_config(fused, dtype), seed=0)
+        y = run(model)
+        y.backward(np.random.default_rng(1).standard_normal(y.shape).astype(dtype))
+        results.append((y.numpy(), {name: p.grad for name, p in model.named_parameters()}))
+    (y_fused, g_fused), (y_plain, g_plain) = results
+    np.testing.assert_allclose(y_plain, y_fused, rtol=tol, atol=tol)
+    assert g_plain.keys() == g_fused.keys()
+    for name in g_fused:
+        np.testing.assert_allclose(g_plain[name], g_fused[name], rtol=tol, atol=tol, err_msg=name)
+
+
+TOLERANCES = [("float64", 1e-10), ("float32", 1e-5)]
+
+
+@pytest.mark.parametrize("dtype, tol", TOLERANCES)
+def test_plain_gpt_gives_the_fused_gpts_logits_and_gradients(dtype, tol):
+    idx = np.random.default_rng(0).integers(0, 11, (2, 8))
+    assert_models_agree(lambda model: model(idx), GPT, dtype, tol)
+
+
+@pytest.mark.parametrize("dtype, tol", TOLERANCES)
+def test_plain_reward_model_gives_the_fused_rewards_and_gradients(dtype, tol):
+    ids, lengths = np.random.default_rng(0).integers(0, 11, (3, 6)), np.array([6, 2, 4])
+    assert_models_agree(lambda rm: rm(ids, lengths), RewardModel, dtype, tol)
+
+
+def test_plain_gpt_with_a_kv_cache_and_left_padding_gives_the_fused_logits():
+    """A prompt run into a padded cache, then one new token: the plain attention takes the cache
+    and the padding mask as the fused one does."""
+    logits = []
+    for fused in (True, False):
+        model = GPT(tiny_config(fused, "float64"), seed=0)
+        with mr.no_grad():
+            cache = model.new_kv_cache(2, pad_lengths=[0, 2])
+            first = model(np.array([[1, 2, 3, 4], [0, 0, 5, 6]]), kv_cache=cache)   # (2, 4, V)
+            second = model(np.array([[7], [8]]), kv_cache=cache)                   # (2, 1, V)
+        logits.append(np.concatenate([first.numpy(), second.numpy()], axis=1))
+    np.testing.assert_allclose(logits[1], logits[0], rtol=TOL, atol=TOL)
+
+
+def test_plain_gpt_samples_what_the_fused_gpt_samples():
+    prompts = [[1, 2, 3], [4]]
+    runs = [generate(GPT(tiny_config(fused, "float64"), seed=0), prompts, 6, seed=3)
+            for fused in (True, False)]
+    assert runs[1].tokens == runs[0].tokens
+    np.testing.assert_allclose(sum(runs[1].logprobs, []), sum(runs[0].logprobs, []), atol=TOL)
+
+
+def test_a_checkpoint_whose_config_has_no_fused_loads_as_the_fused_model(tmp_path):
+    """Checkpoints written before the switch existed hold no ``fused`` in their config."""
+    model = GPT(tiny_config(True, "float32"), seed=0)
+    old_config = {k: v for k, v in dataclasses.asdict(model.config).items() if k != "fused"}
+    save_checkpoint(tmp_path / "old.npz", model, old_config)
+    loaded = load_model(tmp_path / "old.npz")
+    assert loaded.config.fused is True
+    np.testing.assert_array_equal(loaded.lm_head_weight.data, model.lm_head_weight.data)
