@@ -29,7 +29,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 import minirlhf.functional as F  # noqa: E402
-from minirlhf import backend, cpu  # noqa: E402
+from minirlhf import backend  # noqa: E402
+from minirlhf import kernels as row_kernels  # noqa: E402
 from minirlhf.model import GPT, GPTConfig  # noqa: E402
 from minirlhf.optim import AdamW, Optimizer, param_groups  # noqa: E402
 from minirlhf.tensor import Function, Tensor  # noqa: E402
@@ -160,10 +161,10 @@ def counting():
     """``with counting() as kernels:`` inside, the ops run on `Counted` arrays one block at a time
     (as on a GPU); ``kernels()`` gives {(op, operation): count} since the last
     ``kernels.clear()``."""
-    saved = backend.get_array_module, cpu.MIN_PARALLEL_NUMBERS, cpu.MIN_PARALLEL_PRODUCTS
+    saved = backend.get_array_module, row_kernels.MIN_PARALLEL_NUMBERS, row_kernels.MIN_PARALLEL_PRODUCTS
     xp = counting_numpy()
     backend.get_array_module = lambda *arrays: xp
-    cpu.MIN_PARALLEL_NUMBERS = cpu.MIN_PARALLEL_PRODUCTS = float("inf")   # one block per op
+    row_kernels.MIN_PARALLEL_NUMBERS = row_kernels.MIN_PARALLEL_PRODUCTS = float("inf")   # one block per op
     COUNTS.clear()
 
     def kernels():
@@ -172,7 +173,7 @@ def counting():
     try:
         yield kernels
     finally:
-        backend.get_array_module, cpu.MIN_PARALLEL_NUMBERS, cpu.MIN_PARALLEL_PRODUCTS = saved
+        backend.get_array_module, row_kernels.MIN_PARALLEL_NUMBERS, row_kernels.MIN_PARALLEL_PRODUCTS = saved
 
 
 def main():

@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from . import backend, cpu
+from . import backend, kernels
 from .nn import Embedding, Module
 from .tensor import no_grad
 
@@ -37,7 +37,7 @@ class Optimizer:
     that Python must issue (the step waits on the host), and on the CPU each is a call into NumPy.
     So a group whose parameters all have gradients is updated as one vector: the gradients are
     laid end to end (``concatenate``) and the rule runs on the whole vector (on the CPU in blocks
-    shared by threads, see `cpu.for_rows`). The parameters live in one vector of the group: at the
+    shared by threads, see `kernels.for_rows`). The parameters live in one vector of the group: at the
     first step they are laid end to end and each ``p.data`` is replaced by a view of its slice, so
     the update writes straight into the model's arrays, with nothing to copy back. (Code that kept
     an old ``p.data`` array must read ``p.data`` again; PyTorch's FSDP makes its parameters views
@@ -134,7 +134,7 @@ class Optimizer:
 
         def rows(lo, hi):                          # written in place: p[lo:hi] is the parameters
             self._update(p[lo:hi], g[lo:hi], {k: a[lo:hi] for k, a in vector.items()}, group, t)
-        cpu.for_rows(rows, p.size, 1, xp=xp)
+        kernels.for_rows(rows, p.size, 1, xp=xp)
 
         for i in indices:
             self.state[i]["step"] = t

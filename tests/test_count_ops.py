@@ -73,9 +73,9 @@ def test_self_attention_backward_puts_q_k_v_gradients_back_in_one_copy():
     y = F.self_attention(qkv, n_head=2)
     with count_ops.counting() as kernels:
         y.backward(counted(2, 5, 8, seed=1))
-        outside = {what: n for (where, what), n in kernels().items()
-                   if where.startswith("SelfAttention")}
-        assert outside == {"reshape (a copy)": 1}
+        copies = sum(n for (where, what), n in kernels().items()
+                     if where.startswith("SelfAttention") and ("copy" in what or what == "setitem"))
+        assert copies == 1
 
 
 def test_a_gpt_forward_checks_its_token_ids_once():

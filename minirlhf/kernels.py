@@ -37,6 +37,8 @@ import os
 import queue
 import threading
 
+from . import backend
+
 BLOCK_NUMBERS = 1 << 18          # numbers per block of an elementwise op: 1 MB of float32
 MIN_PARALLEL_NUMBERS = 1 << 19   # below two blocks, threads cost more than they save ...
 MIN_PARALLEL_PRODUCTS = 1 << 22  # ... and for matrix work, below this many multiply-adds
@@ -277,3 +279,244 @@ def keep_freed_memory():
             _state["memory_kept"] = bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)
                                          and mallopt(M_TRIM_THRESHOLD, 1 << 30))
     return _state["memory_kept"]
+
+
+# ===================================================================================================
+# the fused ops' kernels
+#
+# What the Functions of functional.py compute, scheduled for the CPU: rows cut into blocks that the
+# threads above share, results written into arrays made once, intermediates reused in place. Each
+# function's docstring says what it computes; functional.py states the math and calls it. On CuPy
+# arrays every block is the whole array, so the same code runs as a few whole-array kernels.
+
+
+def log_softmax(x, axis=-1, out=None):
+    """log softmax(x) = (x - max x) - log Σ exp(x - max x) of a raw array: shifting by the max
+    keeps ``exp`` from overflowing. ``out``: an array to write the result into."""
+    xp = backend.get_array_module(x)
+    shifted = xp.subtract(x, x.max(axis=axis, keepdims=True), out=out)
+    shifted -= xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+    return shifted
+
+
+def log_softmax_rows(x):
+    """log softmax of each row of x (N, V): a new (N, V) array."""
+    xp = backend.get_array_module(x)
+    logp = xp.empty(x.shape, x.dtype)
+
+    def rows(lo, hi):
+        log_softmax(x[lo:hi], axis=-1, out=logp[lo:hi])
+
+    for_rows(rows, x.shape[0], x.shape[1], xp=xp)
+    return logp
+
+
+def softmax_rows_times(logp, scale):
+    """softmax · scale of each row, from its log-softmax logp (N, V) and a scale (N, 1): (N, V)."""
+    xp = backend.get_array_module(logp)
+    g = xp.empty(logp.shape, logp.dtype)
+
+    def rows(lo, hi):
+        xp.exp(logp[lo:hi], out=g[lo:hi])
+        g[lo:hi] *= scale[lo:hi]
+
+    for_rows(rows, g.shape[0], g.shape[1], xp=xp)
+    return g
+
+
+def affine_rows(x, weight, bias=None):
+    """x W + b for x (N, in), W (in, out), b (out,): (N, out), one GEMM per block of rows."""
+    xp = backend.get_array_module(x)
+    y = xp.empty((x.shape[0], weight.shape[1]), xp.result_type(x, weight))
+
+    def rows(lo, hi):
+        block = y[lo:hi]
+        xp.matmul(x[lo:hi], weight, out=block)
+        if bias is not None:
+            block += bias                      # in place (`y[lo:hi] += bias` would copy it back)
+
+    for_rows(rows, x.shape[0], weight.size, blas=True, shared_weight=True, xp=xp)
+    return y
+
+
+def affine_rows_grads(x, weight, gy, with_bias):
+    """The gradients of y = x W + b over rows: gx = gy Wᵀ (N, in), gW = xᵀ gy (in, out) and, with
+    ``with_bias``, gb = Σ_rows gy (out,). Each block adds its rows' share to the sums gW and gb."""
+    xp = backend.get_array_module(gy)
+    gx = xp.empty(x.shape, xp.result_type(gy, weight))
+
+    def rows(lo, hi):
+        xp.matmul(gy[lo:hi], weight.T, out=gx[lo:hi])
+        gw = x[lo:hi].T @ gy[lo:hi]
+        return (gw, backend.sum_first(gy[lo:hi])) if with_bias else (gw,)
+
+    sums = add_up(for_rows(rows, gy.shape[0], weight.size, blas=True, shared_weight=True, xp=xp))
+    return (gx,) + sums
+
+
+def normalize_rows(x, eps):
+    """x̂ = (x - μ) / sqrt(σ² + eps) and rstd = 1 / sqrt(σ² + eps) (N, 1), μ and σ² each row's
+    mean and variance, for x (N, C). The means are matrix-vector products on one OpenBLAS thread
+    (`blas_on_one_thread` says why)."""
+    xp = backend.get_array_module(x)
+    with blas_on_one_thread(size=x.size):
+        xhat = x - backend.mean_last(x)[:, None]                     # x - μ
+        var = backend.mean_last(xp.square(xhat))                     # σ², (N,)
+    rstd = ((var + x.dtype.type(eps)) ** -0.5)[:, None]              # (N, 1)
+    xhat *= rstd                                                     # x̂, in place
+    return xhat, rstd
+
+
+def layer_norm_grads(gy, xhat, weight, rstd):
+    """The gradients of y = x̂ w + b over the rows of gy (N, C):
+    gx = rstd · (g - mean(g) - x̂ · mean(g x̂)) with g = gy w,  gw = Σ_rows gy x̂,  gb = Σ_rows gy."""
+    xp = backend.get_array_module(gy)
+    gy_xhat = gy * xhat                                              # (N, C)
+    w_over_C = weight / xhat.shape[-1]                               # (C,)
+    with blas_on_one_thread(size=gy.size):
+        gw, gb = backend.sum_first(gy_xhat), backend.sum_first(gy)   # Σ_rows gy x̂, Σ_rows gy
+        mean_g = gy @ w_over_C                                       # mean(g), (N,)
+        mean_g_xhat = gy_xhat @ w_over_C                             # mean(g x̂), (N,)
+    gx = gy * weight                                                 # g
+    gx -= mean_g[:, None]
+    gx -= xp.multiply(xhat, mean_g_xhat[:, None], out=gy_xhat)      # x̂ · mean(g x̂)
+    gx *= rstd
+    return gx, gw, gb
+
+
+GELU_C = 0.7978845608028654          # √(2/π)
+
+
+def gelu_tanh(x):
+    """y = x σ(2u), u = √(2/π)(x + 0.044715 x³) (the same as ½ x (1 + tanh u)), and s = σ(2u):
+    both shaped like x. tanh is several times slower than exp in NumPy's float32, hence σ."""
+    xp = backend.get_array_module(x)
+    c, a = x.dtype.type(GELU_C), x.dtype.type(0.044715)
+    flat, s, y = x.reshape(-1), xp.empty(x.size, x.dtype), xp.empty(x.size, x.dtype)
+
+    def rows(lo, hi):                          # elements lo:hi
+        xb, e = flat[lo:hi], s[lo:hi]
+        xp.multiply(xb, xb, out=e)             # -2u = -2√(2/π)(x + a x³) = x(-2c - 2c·a·x²)
+        e *= -2 * c * a
+        e -= 2 * c
+        e *= xb
+        xp.clip(e, -80, 80, out=e)             # exp(80) is finite in float32; σ is 0 or 1 there
+        xp.exp(e, out=e)
+        e += 1
+        xp.divide(1, e, out=e)                 # s = σ(2u) = 1 / (1 + e^(-2u))
+        xp.multiply(xb, e, out=y[lo:hi])       # y = x σ(2u)
+
+    for_rows(rows, flat.size, 1, xp=xp)
+    return y.reshape(x.shape), s.reshape(x.shape)
+
+
+def gelu_tanh_grad(x, s, gy):
+    """gx = gy · (σ + x · 2σ(1 - σ) · √(2/π)(1 + 3 · 0.044715 x²)) with σ = s = σ(2u): shaped like x."""
+    xp = backend.get_array_module(gy)
+    flat, s, gy = x.reshape(-1), s.reshape(-1), gy.reshape(-1)
+    c, a = x.dtype.type(GELU_C), x.dtype.type(0.044715)
+    gx = xp.empty(flat.size, x.dtype)
+
+    def rows(lo, hi):
+        xb, sb, g = flat[lo:hi], s[lo:hi], gx[lo:hi]
+        xp.multiply(xb, xb, out=g)             # 2x · c(1 + 3a x²)
+        g *= 6 * c * a
+        g += 2 * c
+        g *= xb
+        g *= sb                                # · σ(1 - σ)
+        g *= 1 - sb
+        g += sb                                # + σ
+        g *= gy[lo:hi]
+
+    for_rows(rows, flat.size, 1, xp=xp)
+    return gx.reshape(x.shape)
+
+
+def compact_rows(a):
+    """``a`` with compact rows (its last two axes laid out densely), copied only if it is not.
+    Heads split out of one (B, T, 3C) projection are views whose rows are far apart; batched GEMMs
+    on compact copies are several times faster (a KV cache's slices are compact already)."""
+    if a.strides[-2] == a.shape[-1] * a.itemsize and a.strides[-1] == a.itemsize:
+        return a
+    return backend.get_array_module(a).ascontiguousarray(a)
+
+
+_CAUSAL_BIAS = {}
+
+
+def causal_bias(xp, Tq, Tk, dtype):
+    """(Tq, Tk): 0 where query i may see key j, -inf on the future. Query i sits at absolute
+    position Tk - Tq + i, after every cached key. Built once per shape and reused."""
+    key = (xp.__name__, Tq, Tk, dtype)
+    if key not in _CAUSAL_BIAS:
+        future = xp.triu(xp.ones((Tq, Tk), dtype=bool), k=Tk - Tq + 1)
+        _CAUSAL_BIAS[key] = xp.where(future, dtype.type(-xp.inf), dtype.type(0))
+    return _CAUSAL_BIAS[key]
+
+
+def attention(q, k, v, scale, allowed=None):
+    """y = P v with P = softmax(scale · q kᵀ + mask), for q (..., Tq, hs), k and v (..., Tk, hs):
+    returns y (..., Tq, hs) and P (..., Tq, Tk). The mask is causal, or, given ``allowed`` (a
+    boolean array broadcastable to (..., Tq, Tk)), -inf where it is False. Blocks of batch rows
+    run on threads; P is computed in place in its own array."""
+    xp = backend.get_array_module(q)
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    P = xp.empty(q.shape[:-1] + (Tk,), q.dtype)                     # (..., Tq, Tk)
+    y = xp.empty(q.shape, q.dtype)                                   # (..., Tq, hs)
+
+    def rows(lo, hi):                                                # batch rows lo:hi
+        q_, k_, v_, P_, y_ = _batch_rows(lo, hi, q, q, k, v, P, y)
+        # scaling q (…, T, hs) is cheaper than scaling s (…, T, T)
+        xp.matmul(q_ * scale, xp.swapaxes(k_, -1, -2), out=P_)      # s
+        if allowed is None:
+            if Tq > 1:                                               # (one new query sees all keys)
+                P_ += causal_bias(xp, Tq, Tk, P_.dtype)              # -inf on future keys
+        else:
+            allowed_, = _batch_rows(lo, hi, q, allowed)
+            P_[...] = xp.where(allowed_, P_, P_.dtype.type(-xp.inf))
+        P_ -= P_.max(axis=-1, keepdims=True)
+        xp.exp(P_, out=P_)
+        P_ /= backend.sum_last(P_)[..., None]                        # softmax, in place
+        xp.matmul(P_, v_, out=y_)                                    # y = P v
+
+    _for_batch_rows(rows, q, k, P, xp)
+    return y, P
+
+
+def attention_grads(q, k, v, P, gy, scale, out=None):
+    """The gradients of y = P v, P = softmax(s), s = scale · q kᵀ (masked): gv = Pᵀ gy,
+    gs = P ⊙ (gP - Σ_j gP_j P_j) with gP = gy vᵀ, gq = scale · gs k, gk = scale · gsᵀ q.
+    ``out``: three arrays shaped like q, k and v to write gq, gk and gv into."""
+    xp = backend.get_array_module(gy)
+    gq, gk, gv = out if out is not None else (xp.empty_like(q), xp.empty_like(k), xp.empty_like(v))
+
+    def rows(lo, hi):                                                # batch rows lo:hi
+        q_, k_, v_, P_, gy_, gq_, gk_, gv_ = _batch_rows(lo, hi, q, q, k, v, P, gy, gq, gk, gv)
+        xp.matmul(xp.swapaxes(P_, -1, -2), gy_, out=gv_)            # (..., Tk, hs)
+        gs = gy_ @ xp.swapaxes(v_, -1, -2)                           # gP, (..., Tq, Tk)
+        gs -= backend.sum_last(gs * P_)[..., None]                   # gs = P ⊙ (gP - Σ gP P)
+        gs *= P_
+        xp.matmul(gs, k_, out=gq_)                                   # scale applied to the small
+        gq_ *= scale                                                 # (…, T, hs) results
+        xp.matmul(xp.swapaxes(gs, -1, -2), q_, out=gk_)
+        gk_ *= scale
+
+    _for_batch_rows(rows, q, k, P, xp)
+    return gq, gk, gv
+
+
+def _for_batch_rows(rows, q, k, P, xp):
+    """Run ``rows(lo, hi)`` over blocks of the leading (batch) axis, on CPU threads."""
+    if q.ndim < 3 or q.shape[:-2] != k.shape[:-2]:
+        rows(0, None)                                                # everything in one block
+        return
+    per_row = P[:1].size * q.shape[-1]                               # multiply-adds of one row
+    for_rows(rows, q.shape[0], per_row, blas=True, xp=xp)
+
+
+def _batch_rows(lo, hi, q, *arrays):
+    """Each array's batch rows lo:hi; an array (a mask) broadcast along that axis is kept."""
+    if hi is None:
+        return arrays
+    n = q.shape[0]
+    return tuple(a[lo:hi] if a.ndim == q.ndim and a.shape[0] == n and n > 1 else a for a in arrays)
