@@ -15,7 +15,7 @@ import math
 
 from . import backend, kernels
 from .ops import as_tensor, stable_sigmoid
-from .tensor import Function, Tensor
+from .tensor import Function, array_of
 
 # ===================================================================================================
 # softmax family
@@ -113,19 +113,29 @@ def cross_entropy(logits, targets, ignore_index=-100, reduction="mean"):
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    xp = backend.get_array_module(logits.data)
-    t = targets.data if isinstance(targets, Tensor) else xp.asarray(targets)
-    if t.dtype.kind not in "iu":
-        raise TypeError(f"cross_entropy: targets must be integers, got dtype {t.dtype}")
-    if t.shape != logits.shape[:-1]:
-        raise ValueError(f"cross_entropy: targets of shape {tuple(t.shape)} do not match logits of "
-                         f"shape {logits.shape} (expected {logits.shape[:-1]})")
-    _check_ids(t, logits.shape[-1], "cross_entropy: target", ignore=ignore_index)
+    t = check_targets(logits, targets, "cross_entropy")
+    check_ids(t, logits.shape[-1], "cross_entropy: target", ignore=ignore_index)
     return CrossEntropy(t, ignore_index, reduction)(logits)
 
 
-def _check_ids(ids, n, what, ignore=None):
-    """Refuse ids outside [0, n): CuPy would silently wrap them around instead of failing."""
+def check_targets(logits, targets, fn):
+    """``targets`` as an integer array on the logits' device, one per row of ``logits`` (..., V)."""
+    t = array_of(targets, backend.get_array_module(logits.data))
+    if t.dtype.kind not in "iu":
+        raise TypeError(f"{fn}: targets must be integers, got dtype {t.dtype}")
+    if tuple(t.shape) != logits.shape[:-1]:
+        raise ValueError(f"{fn}: targets of shape {tuple(t.shape)} do not match logits of "
+                         f"shape {logits.shape} (expected {logits.shape[:-1]})")
+    return t
+
+
+class IdRangeError(IndexError, ValueError):
+    """An id outside [0, n): an IndexError like any bad index, and a ValueError like any bad input
+    (NumPy's AxisError is both for the same reason)."""
+
+
+def check_ids(ids, n, what, ignore=None):
+    """Refuse ids outside [0, n) (except ``ignore``): CuPy would silently wrap them around."""
     if ids.size == 0:
         return
     bad = (ids < 0) | (ids >= n)
@@ -133,7 +143,77 @@ def _check_ids(ids, n, what, ignore=None):
         bad &= ids != ignore
     if bool(bad.any()):
         value = int(ids[bad].reshape(-1)[0])
-        raise IndexError(f"{what} {value} is out of range for size {n}")
+        raise IdRangeError(f"{what} {value} is out of range [0, {n})")
+
+
+_check_ids = check_ids
+
+
+# ===================================================================================================
+# log-probs of chosen tokens, entropy, and the k3 estimator of KL
+
+
+class TokenLogprobs(Function):
+    """``log softmax(z)[t]`` for each row of logits ``z`` (..., V) and integer target ``t`` (...):
+    `logprobs.token_logprobs`."""
+
+    def __init__(self, targets):
+        self.targets = targets
+
+    def forward(self, logits):
+        xp = backend.get_array_module(logits)
+        self.t, self.shape = self.targets.reshape(-1), logits.shape          # (N,)
+        self.rows = xp.arange(self.t.shape[0])
+        self.logp = kernels.log_softmax_rows(logits.reshape(-1, logits.shape[-1]))   # (N, V)
+        return self.logp[self.rows, self.t].reshape(self.targets.shape)      # (...)
+
+    def backward(self, gy):
+        """y = z_t - logsumexp(z)  ->  ∂y/∂z = onehot(t) - softmax(z),
+        gx = gy · (onehot(t) - softmax(z)).
+
+        No one-hot is built: gx starts as -gy · softmax(z) and gy is added at column t of each row.
+        """
+        g = gy.reshape(-1, 1)                                                # (N, 1)
+        gx = kernels.softmax_rows_times(self.logp, -g)                       # (N, V)
+        gx[self.rows, self.t] += g[:, 0]
+        return (gx.reshape(self.shape),)
+
+
+class Entropy(Function):
+    """H = -Σ_j p_j log p_j with p = softmax(z), over the last axis of logits z (..., V):
+    `logprobs.token_entropy`."""
+
+    def forward(self, logits):
+        xp = backend.get_array_module(logits)
+        logp = _log_softmax(logits, axis=-1)
+        p = xp.exp(logp)
+        logp = xp.where(p > 0, logp, 0)                                    # 0·log 0 = 0 (z = -inf)
+        self.p, self.logp = p, logp
+        self.H = -(p * logp).sum(axis=-1)                                  # (...)
+        return self.H
+
+    def backward(self, gy):
+        """H = -Σ_i p_i log p_i,  ∂p_i/∂z_j = p_i (δ_ij - p_j)  ->  ∂H/∂z_j = -p_j (log p_j + H).
+
+        (Differentiate: -Σ_i (log p_i + 1) p_i (δ_ij - p_j) = -p_j log p_j - p_j + p_j (1 - H).)
+        """
+        gz = -self.p * (self.logp + self.H[..., None])
+        return (gy[..., None] * gz,)
+
+
+class KLk3(Function):
+    """k3 = (e^u - 1) - u of the log-ratio u = log r = log p_ref - log p_θ (`losses.kl_k3`)."""
+
+    def forward(self, u):
+        xp = backend.get_array_module(u)
+        self.u = u
+        # expm1 keeps the digits that exp(u) - 1 would cancel; rounding must not make it negative
+        return xp.maximum(xp.expm1(u) - u, 0)
+
+    def backward(self, gy):
+        """y = (e^u - 1) - u  ->  gx = gy · (e^u - 1) = gy · (r - 1)."""
+        xp = backend.get_array_module(gy)
+        return (gy * xp.expm1(self.u),)
 
 
 # ===================================================================================================
@@ -269,12 +349,11 @@ def embedding(ids, weight, *, check=True):
     its token ids once a forward and makes its position ids itself).
     Plain version: `reference.embedding`.
     """
-    xp = backend.get_array_module(weight.data)
-    ids = ids.data if isinstance(ids, Tensor) else xp.asarray(ids)
+    ids = array_of(ids, backend.get_array_module(weight.data))
     if ids.dtype.kind not in "iu":
         raise TypeError(f"embedding: ids must be integers, got dtype {ids.dtype}")
     if check:
-        _check_ids(ids, weight.shape[0], "embedding: id")
+        check_ids(ids, weight.shape[0], "embedding: id")
     return Embedding(ids)(weight)
 
 

@@ -29,7 +29,7 @@ from . import backend
 from . import functional as F
 from . import reference as R
 from .nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList
-from .tensor import Tensor, no_grad
+from .tensor import Tensor, array_of, no_grad
 
 
 @dataclass
@@ -225,16 +225,14 @@ class Transformer(Module):
 
 def _as_ids(idx, xp, vocab_size):
     """Token ids as an integer (B, T) array of the model's library, checked against the vocabulary."""
-    ids = idx.data if isinstance(idx, Tensor) else idx
+    ids = array_of(idx)
     if not hasattr(ids, "dtype"):
         ids = np.asarray(ids)
     if ids.dtype.kind not in "iu":
         raise TypeError(f"token ids must be integers, got dtype {ids.dtype}")
     if ids.ndim != 2:
         raise ValueError(f"token ids must have shape (B, T), got {tuple(ids.shape)}")
-    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise ValueError(f"token ids must lie in [0, {vocab_size}), got min {int(ids.min())}, "
-                         f"max {int(ids.max())}")
+    F.check_ids(ids, vocab_size, "token id")
     return xp.asarray(ids)
 
 
