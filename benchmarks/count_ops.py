@@ -38,6 +38,10 @@ from minirlhf.tensor import Function, Tensor  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gpt import CONFIGS  # noqa: E402
 
+# kernels of one training step, as counted on 2026-11-30 (benchmarks/README.md has their history);
+# `--check` fails when a change makes more
+EXPECTED_KERNELS = {"medium": 721}
+
 COUNTS = collections.Counter()   # (where, what) -> operations
 NO_KERNEL = {"result_type", "swapaxes", "transpose", "broadcast_to", "expand_dims", "squeeze",
              "moveaxis", "ndim", "shape", "size", "iscomplexobj", "isscalar"}   # metadata, views
@@ -181,6 +185,8 @@ def main():
     parser.add_argument("--config", default="medium", choices=sorted(CONFIGS))
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--top", type=int, default=30, help="rows of the per-op table")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 if the step makes more kernels than EXPECTED_KERNELS says")
     args = parser.parse_args()
 
     L, C, H, T, _, V = CONFIGS[args.config]
@@ -215,6 +221,11 @@ def main():
     for op, n in by_op.most_common(args.top):
         kinds = sorted(((m, what) for (o, what), m in counts.items() if o == op), reverse=True)[:4]
         print(f"| {op} | {n} | {', '.join(f'{what} {m}' for m, what in kinds)} |")
+    expected = EXPECTED_KERNELS.get(args.config)
+    if args.check and expected is not None and sum(counts.values()) > expected:
+        print(f"\n{args.config}: {sum(counts.values())} kernels, more than the {expected} expected",
+              file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

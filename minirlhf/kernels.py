@@ -1,4 +1,8 @@
-"""Running fast on CPU cores: threads for the big row-wise kernels, the BLAS, and freed memory.
+"""The CPU scheduling of the fused ops: threads for the big row-wise kernels, the BLAS, freed memory,
+and the kernels themselves (the end of the file), named by what they compute.
+
+`functional.py` states each op's math and calls the kernel here; `reference.py` holds the plain
+version of each. Measurements behind the constants below: benchmarks/README.md.
 
 Threads. NumPy runs each ufunc on one core. The large fused ops of a GPT step (the linear layers,
 attention, GELU, cross-entropy) work on rows that do not depend on each other, so they are cut into
@@ -10,19 +14,18 @@ it would write for all rows at once:
         xp.exp(x[lo:hi], out=y[lo:hi])
     cpu.for_rows(rows, N, row_size=C)
 
-Elementwise blocks hold about 256K numbers (1 MB of float32). Smaller blocks would stay in a core's
-cache between an op's passes, but every NumPy call hands Python's GIL from one thread to the other,
-and a thread that has to wait for the GIL is put to sleep and woken later (~0.1 ms on the 2-core VM
-the benchmarks run on): fewer, longer calls win. Work that calls the BLAS (matrix products) is cut
-into two blocks per thread. On CuPy arrays, small inputs or one thread, ``fn`` is simply called once.
+Elementwise blocks hold about 256K numbers (1 MB of float32): fewer, longer NumPy calls win, because
+every call hands Python's GIL between threads and a thread left waiting for it is put to sleep.
+Work that calls the BLAS (matrix products) is cut into two blocks per thread. On CuPy arrays, small
+inputs or one thread, ``fn`` is simply called once.
 
 The BLAS. Two thread pools on the same cores fight, so while our threads run matrix products
 OpenBLAS is held to one thread each (and set back after). The products minirlhf splits are the big
 ones; small ones (sampling a few rows at a time) are left to OpenBLAS's own threads.
 
 Freed memory. glibc gives freed blocks larger than 128 KB back to the operating system, and the next
-training step, which allocates the same activations again, faults them back in page by page (about
-15% of a small GPT's step on a 2-core machine). On first use minirlhf tells glibc to keep freed
+training step, which allocates the same activations again, faults them back in page by page. On
+first use minirlhf tells glibc to keep freed
 memory below 32 MB for reuse (``mallopt``), as PyTorch's and CuPy's GPU memory pools do. The cost:
 the process does not shrink after its peak. ``MINIRLHF_KEEP_MEMORY=0`` turns this off.
 
@@ -119,11 +122,9 @@ def for_rows(fn, n_rows, row_size, blas=False, shared_weight=False, xp=None):
 
 # ----- sharing the blocks ---------------------------------------------------------------------------
 #
-# A thread woken from sleep starts ~0.1 ms later on the 2-core VM the benchmarks run on (an idle
-# virtual CPU is halted, and waking it goes through the hypervisor). Handing each thread a fixed
-# share made the caller wait for the late one at the end of every call (~0.3 ms; a GPT step makes
-# ~50 calls). Instead the blocks sit in a `_Job` and each thread takes the next one when it is free:
-# the caller starts at once, and a pool thread that wakes late finds fewer blocks left.
+# A thread woken from sleep starts late, so a fixed share per thread would make the caller wait for
+# the last one; instead the blocks sit in a `_Job` and each thread takes the next one when it is
+# free: the caller starts at once, and a pool thread that wakes late finds fewer blocks left.
 
 class _Job:
     """One call of `for_rows`: its blocks, taken one at a time by whichever thread is free."""
@@ -224,15 +225,14 @@ def blas_on_one_thread(size=None):
     as before after.
 
     `for_rows` holds it while its threads run matrix products. Outside, LayerNorm's matrix-vector
-    products use it: OpenBLAS would split them across its threads, which then spin for a while
-    waiting for more work and hold the cores that the next op's threads need (this took a medium
-    GPT step from 1.5 to 2.3 s). Regions may overlap (ops called from several threads of the
-    user's): the first to enter saves OpenBLAS's setting, the last to leave puts it back.
+    products use it: OpenBLAS would split them across its threads, which then spin waiting for
+    more work and hold the cores that the next op's threads need. Regions may overlap (ops called
+    from several threads of the user's): the first to enter saves OpenBLAS's setting, the last to
+    leave puts it back.
 
     ``size``: the numbers in the matrix of the matrix-vector products inside. Below
-    ``GEMV_ONE_THREAD_BELOW`` OpenBLAS keeps them on one thread itself, and the region is skipped:
-    its calls into OpenBLAS took ~5 us, more than a LayerNorm's products over a sampling step's 8
-    rows.
+    ``GEMV_ONE_THREAD_BELOW`` OpenBLAS keeps them on one thread itself, and the region, which costs
+    more than such small products, is skipped.
     """
     if size is not None and size < GEMV_ONE_THREAD_BELOW:
         return _NO_REGION
@@ -389,7 +389,7 @@ GELU_C = 0.7978845608028654          # √(2/π)
 
 def gelu_tanh(x):
     """y = x σ(2u), u = √(2/π)(x + 0.044715 x³) (the same as ½ x (1 + tanh u)), and s = σ(2u):
-    both shaped like x. tanh is several times slower than exp in NumPy's float32, hence σ."""
+    both shaped like x. σ rather than tanh, because NumPy's float32 tanh is the slower one."""
     xp = backend.get_array_module(x)
     c, a = x.dtype.type(GELU_C), x.dtype.type(0.044715)
     flat, s, y = x.reshape(-1), xp.empty(x.size, x.dtype), xp.empty(x.size, x.dtype)
@@ -434,8 +434,8 @@ def gelu_tanh_grad(x, s, gy):
 
 def compact_rows(a):
     """``a`` with compact rows (its last two axes laid out densely), copied only if it is not.
-    Heads split out of one (B, T, 3C) projection are views whose rows are far apart; batched GEMMs
-    on compact copies are several times faster (a KV cache's slices are compact already)."""
+    Heads split out of one (B, T, 3C) projection are views whose rows are far apart, and batched
+    GEMMs on compact copies are faster (a KV cache's slices are compact already)."""
     if a.strides[-2] == a.shape[-1] * a.itemsize and a.strides[-1] == a.itemsize:
         return a
     return backend.get_array_module(a).ascontiguousarray(a)

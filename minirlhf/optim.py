@@ -32,21 +32,16 @@ class Optimizer:
     at step ``t`` = 1, 2, ... The rule is elementwise, so it gives the same numbers on a whole
     group at once.
 
-    One vector per group. A GPT has ~76 parameter arrays and AdamW's rule is ~13 array operations,
-    so updating them one by one is ~1,000 small operations a step: on a GPU each is a kernel launch
-    that Python must issue (the step waits on the host), and on the CPU each is a call into NumPy.
-    So a group whose parameters all have gradients is updated as one vector: the gradients are
-    laid end to end (``concatenate``) and the rule runs on the whole vector (on the CPU in blocks
-    shared by threads, see `kernels.for_rows`). The parameters live in one vector of the group: at the
-    first step they are laid end to end and each ``p.data`` is replaced by a view of its slice, so
-    the update writes straight into the model's arrays, with nothing to copy back. (Code that kept
-    an old ``p.data`` array must read ``p.data`` again; PyTorch's FSDP makes its parameters views
-    of one flat parameter in the same way.) A ``p.data`` replaced later (by ``model.to(device)``,
-    say) is noticed at the next step and the vector is laid out again. The state is one vector per
-    group too, and each parameter's state (``self.state[i]["m"]``, say) is its slice of it.
-    PyTorch's "foreach" and "fused" optimisers do the same. A group where some parameter has no
-    gradient this step is updated parameter by parameter (a parameter without a gradient is left
-    alone, its state included, as PyTorch does).
+    One vector per group, so that a step is a few large array operations rather than a few per
+    parameter (each a kernel launch on a GPU): a group whose parameters all have gradients is
+    updated as one vector, its gradients laid end to end. At the first step the parameters are laid
+    end to end too and each ``p.data`` becomes a view of its slice, so the update writes straight
+    into the model's arrays (code that kept an old ``p.data`` must read it again); a ``p.data``
+    replaced later (by ``model.to(device)``, say) is noticed and the vector laid out again. Each
+    parameter's state (``self.state[i]["m"]``) is its slice of the group's state vector, as in
+    PyTorch's "foreach" and "fused" optimisers. A group where some parameter has no gradient this
+    step is updated parameter by parameter (one without a gradient is left alone, as in PyTorch).
+    `reference.adamw_step` is AdamW's rule on one parameter, plainly.
     """
 
     def __init__(self, params, **defaults):
