@@ -280,7 +280,8 @@ class LayerNorm(Function):
         x2 = x.reshape(-1, x.shape[-1])                              # (N, C): one row per position
         self.xhat, self.rstd = kernels.normalize_rows(x2, self.eps)  # (x - μ) / sqrt(σ² + eps)
         self.weight = weight
-        y = self.xhat * weight + bias                                # (N, C)
+        y = self.xhat * weight                                       # x̂ w + b, (N, C)
+        y += bias
         return y.reshape(x.shape)
 
     def backward(self, gy):
