@@ -311,7 +311,7 @@ class RewardModel(_Seeded):
         xp = backend.get_array_module(self.head.weight.data)
         h = self.transformer(input_ids)                              # (B, T, C)
         B, T, C = h.shape
-        lengths = backend.to_numpy(lengths.data if isinstance(lengths, Tensor) else lengths)
+        lengths = backend.to_numpy(array_of(lengths))
         if lengths.shape != (B,) or lengths.dtype.kind not in "iu":
             raise ValueError(f"lengths must be {B} integers, got {lengths.dtype} {lengths.shape}")
         if B and (lengths.min() < 1 or lengths.max() > T):

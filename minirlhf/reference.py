@@ -15,7 +15,7 @@ import math
 
 from . import backend
 from .ops import as_tensor, where
-from .tensor import Tensor
+from .tensor import array_of
 
 
 def linear(x, weight, bias=None):
@@ -43,7 +43,7 @@ def cross_entropy(logits, targets, ignore_index=-100, reduction="mean"):
     """L_i = -log softmax(z_i)[t_i] for logits z (..., V) and integer targets t (...); rows whose
     target is ``ignore_index`` give 0 and are left out of the mean's count."""
     xp = backend.get_array_module(logits.data)
-    t = xp.asarray(targets.data if isinstance(targets, Tensor) else targets)   # (...)
+    t = array_of(targets, xp)                                  # (...)
     valid = t != ignore_index                                  # (...)
     V = logits.shape[-1]
     onehot = xp.arange(V) == xp.where(valid, t, 0)[..., None]  # (..., V): True at t_i
@@ -60,7 +60,7 @@ def cross_entropy(logits, targets, ignore_index=-100, reduction="mean"):
 def embedding(ids, weight):
     """y[i] = W[ids[i]]: rows of W (V, C) picked by integer ids (...) -> (..., C)."""
     xp = backend.get_array_module(weight.data)
-    return weight[xp.asarray(ids.data if isinstance(ids, Tensor) else ids)]   # (..., C)
+    return weight[array_of(ids, xp)]                           # (..., C)
 
 
 def layer_norm(x, weight, bias, eps=1e-5):
@@ -88,7 +88,7 @@ def causal_attention(q, k, v, mask=None):
     Tq, Tk, hs = q.shape[-2], k.shape[-2], q.shape[-1]
     if mask is None:
         mask = xp.tril(xp.ones((Tq, Tk), dtype=bool), k=Tk - Tq)   # (Tq, Tk): no future keys
-    mask = xp.asarray(mask.data if isinstance(mask, Tensor) else mask)
+    mask = array_of(mask, xp)
     s = (q @ k.transpose(-2, -1)) / math.sqrt(hs)              # (..., Tq, Tk) scores
     s = where(mask, s, as_tensor(-math.inf, like=s))           # (..., Tq, Tk) -inf where hidden
     return softmax(s, axis=-1) @ v                             # (..., Tq, hs)
