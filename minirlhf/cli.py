@@ -26,6 +26,8 @@ STAGES = {
     "dpo": ("dpo", "DPOConfig", "dpo", "DPO on prompt/chosen/rejected JSONL (replaces steps 2 and 3)"),
     "demo": ("demo", "DemoConfig", "demo",
              "the whole pipeline on Shakespeare: pretrain, SFT, reward model, RL and DPO, report"),
+    "export": ("export", "ExportConfig", "export", "write a checkpoint as a Hugging Face GPT-2 folder"),
+    "import": ("export", "ImportConfig", "import_hf", "read a Hugging Face GPT-2 folder into a .npz"),
 }
 
 
