@@ -3,6 +3,7 @@
     python benchmarks/bench_gpt.py                              # tiny, small, medium on the CPU
     python benchmarks/bench_gpt.py --configs small --rounds 3
     python benchmarks/bench_gpt.py --device cuda --configs medium gpt2
+    python benchmarks/bench_gpt.py --base-tree /tmp/old    # also an older checkout: before/after
 
 Each measurement runs in its own process, alternating ours and PyTorch (A B A B ...): NumPy's and
 PyTorch's BLAS thread pools in one process slow each other down by up to 100x, and a shared machine
@@ -15,6 +16,10 @@ drifts, so only ratios measured in one run mean anything. Per config it reports:
 - our share of the float32 matmul peak, measured in the same run with one large GEMM.
 
 PyTorch is optional (`pip install torch==2.13.0`); without it only our numbers are printed.
+
+``--base-tree DIR`` measures a second minirlhf, the package in DIR/minirlhf (an older commit, say:
+``git archive OLD minirlhf | tar -x -C DIR``), in the same rounds (ours, base, PyTorch in turn),
+and prints its table too: before and after, each against PyTorch, side by side in one run.
 """
 
 import argparse
@@ -26,6 +31,10 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+# the minirlhf measured: this checkout's, or the tree a --base-tree worker is told to use
+sys.path.insert(0, os.environ.get("MINIRLHF_TREE") or str(Path(__file__).resolve().parents[1]))
 
 CONFIGS = {  # name: (n_layer, n_embd, n_head, block_size, batch_size, vocab_size)
     "tiny": (2, 64, 4, 64, 16, 256),
@@ -263,9 +272,10 @@ def worker_matmul(device):
 
 # ----- the driver: alternate processes, collect, print ------------------------------------------------
 
-def run_worker(args_list, timeout):
+def run_worker(args_list, timeout, tree=None):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", *args_list]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    env = {**os.environ, "MINIRLHF_TREE": tree} if tree else None
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -298,6 +308,8 @@ def main():
                    help="timed sampling runs per process (median taken)")
     p.add_argument("--no-torch", action="store_true", help="only our numbers")
     p.add_argument("--timeout", type=int, default=600)
+    p.add_argument("--base-tree", default=None,
+                   help="a folder holding another minirlhf package, measured in the same rounds")
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
 
@@ -314,12 +326,15 @@ def main():
 
     with_torch = not args.no_torch and torch_available()
     frameworks = ["ours", "torch"] if with_torch else ["ours"]
+    if args.base_tree:
+        frameworks.insert(1, "base")
+        trees = {"base": os.path.abspath(args.base_tree)}
     peak = statistics.median(run_worker(["matmul", args.device], args.timeout)["gflops"]
                              for _ in range(3))
     print(f"device {args.device}; float32 matmul peak {peak:.1f} GFLOP/s; "
           f"PyTorch {'found' if with_torch else 'not installed: ours only'}\n")
 
-    rows = []
+    rows, base_rows = [], []
     for name in args.configs:
         L, C, H, T, B, V = CONFIGS[name]
         steps = args.steps or STEPS[args.device][name]
@@ -327,31 +342,43 @@ def main():
         for round_number in range(args.rounds):
             for what in ("train", "sample", "sample_nocache"):
                 for fw in frameworks:
-                    if what == "sample_nocache" and (fw == "torch" or round_number > 0):
+                    if what == "sample_nocache" and (fw != "ours" or round_number > 0):
                         continue                # ours only, first round only: it takes seconds
-                    r = run_worker([fw, name, what, args.device, str(steps), str(args.sample_repeats)],
-                                   args.timeout)
+                    kind = "ours" if fw == "base" else fw
+                    r = run_worker([kind, name, what, args.device, str(steps), str(args.sample_repeats)],
+                                   args.timeout, tree=trees[fw] if fw == "base" else None)
                     if "error" in r:
                         print(f"  {fw} {name} {what}: {r['error']}", file=sys.stderr)
                     else:
                         results[(fw, what)].append(r)
-        ours_train = median_of(results[("ours", "train")], "tokens_per_s")
-        row = {"config": name, "ours_train": ours_train,
-               "ours_peak_mb": median_of(results[("ours", "train")], "peak_mb"),
-               "ours_sample": median_of(results[("ours", "sample")], "tokens_per_s"),
-               "ours_sample_nocache": median_of(results[("ours", "sample_nocache")], "tokens_per_s"),
-               "matmul_share": ours_train * flops_per_token(L, C, T, V) / (peak * 1e9)}
-        if with_torch:
-            row.update({"torch_train": median_of(results[("torch", "train")], "tokens_per_s"),
-                        "torch_peak_mb": median_of(results[("torch", "train")], "peak_mb"),
-                        "torch_sample": median_of(results[("torch", "sample")], "tokens_per_s"),
-                        "train_ratios": paired_ratios(results[("ours", "train")],
-                                                      results[("torch", "train")], "tokens_per_s"),
-                        "sample_ratios": paired_ratios(results[("ours", "sample")],
-                                                       results[("torch", "sample")], "tokens_per_s")})
-        rows.append(row)
+        rows.append(table_row(name, "ours", results, with_torch, peak))
         print_table(rows, with_torch)
         print()
+        if args.base_tree:
+            base_rows.append(table_row(name, "base", results, with_torch, peak))
+            print(f"base tree {args.base_tree}, measured in the same rounds:")
+            print_table(base_rows, with_torch)
+            print()
+
+
+def table_row(name, fw, results, with_torch, peak):
+    """One config's numbers for ``fw`` ("ours" or "base"), and its ratios to PyTorch."""
+    L, C, H, T, B, V = CONFIGS[name]
+    ours_train = median_of(results[(fw, "train")], "tokens_per_s")
+    row = {"config": name, "ours_train": ours_train,
+           "ours_peak_mb": median_of(results[(fw, "train")], "peak_mb"),
+           "ours_sample": median_of(results[(fw, "sample")], "tokens_per_s"),
+           "ours_sample_nocache": median_of(results[(fw, "sample_nocache")], "tokens_per_s"),
+           "matmul_share": ours_train * flops_per_token(L, C, T, V) / (peak * 1e9)}
+    if with_torch:
+        row.update({"torch_train": median_of(results[("torch", "train")], "tokens_per_s"),
+                    "torch_peak_mb": median_of(results[("torch", "train")], "peak_mb"),
+                    "torch_sample": median_of(results[("torch", "sample")], "tokens_per_s"),
+                    "train_ratios": paired_ratios(results[(fw, "train")],
+                                                  results[("torch", "train")], "tokens_per_s"),
+                    "sample_ratios": paired_ratios(results[(fw, "sample")],
+                                                   results[("torch", "sample")], "tokens_per_s")})
+    return row
 
 
 def print_table(rows, with_torch):

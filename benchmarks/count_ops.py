@@ -29,13 +29,18 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 import minirlhf.functional as F  # noqa: E402
-from minirlhf import backend, cpu  # noqa: E402
+from minirlhf import backend  # noqa: E402
+from minirlhf import kernels as row_kernels  # noqa: E402
 from minirlhf.model import GPT, GPTConfig  # noqa: E402
 from minirlhf.optim import AdamW, Optimizer, param_groups  # noqa: E402
 from minirlhf.tensor import Function, Tensor  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gpt import CONFIGS  # noqa: E402
+
+# kernels of one training step, as counted on 2026-11-30 (benchmarks/README.md has their history);
+# `--check` fails when a change makes more
+EXPECTED_KERNELS = {"medium": 721}
 
 COUNTS = collections.Counter()   # (where, what) -> operations
 NO_KERNEL = {"result_type", "swapaxes", "transpose", "broadcast_to", "expand_dims", "squeeze",
@@ -160,10 +165,10 @@ def counting():
     """``with counting() as kernels:`` inside, the ops run on `Counted` arrays one block at a time
     (as on a GPU); ``kernels()`` gives {(op, operation): count} since the last
     ``kernels.clear()``."""
-    saved = backend.get_array_module, cpu.MIN_PARALLEL_NUMBERS, cpu.MIN_PARALLEL_PRODUCTS
+    saved = backend.get_array_module, row_kernels.MIN_PARALLEL_NUMBERS, row_kernels.MIN_PARALLEL_PRODUCTS
     xp = counting_numpy()
     backend.get_array_module = lambda *arrays: xp
-    cpu.MIN_PARALLEL_NUMBERS = cpu.MIN_PARALLEL_PRODUCTS = float("inf")   # one block per op
+    row_kernels.MIN_PARALLEL_NUMBERS = row_kernels.MIN_PARALLEL_PRODUCTS = float("inf")   # one block per op
     COUNTS.clear()
 
     def kernels():
@@ -172,7 +177,7 @@ def counting():
     try:
         yield kernels
     finally:
-        backend.get_array_module, cpu.MIN_PARALLEL_NUMBERS, cpu.MIN_PARALLEL_PRODUCTS = saved
+        backend.get_array_module, row_kernels.MIN_PARALLEL_NUMBERS, row_kernels.MIN_PARALLEL_PRODUCTS = saved
 
 
 def main():
@@ -180,6 +185,8 @@ def main():
     parser.add_argument("--config", default="medium", choices=sorted(CONFIGS))
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--top", type=int, default=30, help="rows of the per-op table")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 if the step makes more kernels than EXPECTED_KERNELS says")
     args = parser.parse_args()
 
     L, C, H, T, _, V = CONFIGS[args.config]
@@ -214,6 +221,11 @@ def main():
     for op, n in by_op.most_common(args.top):
         kinds = sorted(((m, what) for (o, what), m in counts.items() if o == op), reverse=True)[:4]
         print(f"| {op} | {n} | {', '.join(f'{what} {m}' for m, what in kinds)} |")
+    expected = EXPECTED_KERNELS.get(args.config)
+    if args.check and expected is not None and sum(counts.values()) > expected:
+        print(f"\n{args.config}: {sum(counts.values())} kernels, more than the {expected} expected",
+              file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 """
 
 from .backend import DeviceError, cupy_available
-from .cpu import get_num_threads, set_num_threads
+from .kernels import get_num_threads, set_num_threads
 from .gradcheck import GradcheckError, gradcheck
 from .ops import concatenate, matmul, stack, where
 from .tensor import ShapeError, Tensor, is_grad_enabled, no_grad, tensor

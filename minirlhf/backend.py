@@ -81,13 +81,10 @@ def to_numpy(array):
     return to_device(array, "cpu")
 
 
-# Sums over rows and columns. NumPy's ``a.sum(axis)`` over rows as short as a GPT's (128 numbers)
-# is 2-4 times slower than the same sum as a product with a vector of ones, which the BLAS computes
-# in one pass (the vector is made once per length and kept: making it took longer than a small
-# product).
-# On CuPy the reduction is one kernel, while the product takes a slow batched path for a stack of
-# matrices (attention's (8, 6, 256, 256): 98 us of Python a call on an H100 machine, against 13 us
-# for the sum). So each library gets its faster spelling.
+# Sums over rows and columns, each library in its faster spelling: on NumPy a product with a vector
+# of ones (kept per length), which the BLAS computes in one pass where ``a.sum(axis)`` over short
+# rows is slower; on CuPy the reduction, one kernel where a product of stacked matrices takes a slow
+# batched path. The timings: benchmarks/README.md.
 
 _FILLED = {}  # (length, dtype, value) -> a read-only NumPy vector of that value
 

@@ -8,33 +8,39 @@ line, the Python API and the printed run settings always agree:
 
 import argparse
 import dataclasses
+import importlib
 import sys
 import types
 
-from .backend import DeviceError
-from .checkpoint import CheckpointError
-from .datasets import DataError
-from .train.common import ConfigError
-from .train.rl import RewardFunctionError
+# stage name -> (its module in minirlhf.train, the config class and the run function in it, help).
+# Names, not objects: `minirlhf --help` imports no trainer, and a stage's module is imported only
+# when that stage runs or shows its own help. Adding a stage is adding a line here.
+STAGES = {
+    "pretrain": ("pretrain", "PretrainConfig", "pretrain",
+                 "step 0: next-token pretraining of a GPT on a text corpus (default: Shakespeare)"),
+    "sample": ("sample", "SampleConfig", "sample", "generate text from a checkpoint"),
+    "sft": ("sft", "SFTConfig", "sft", "step 1: supervised fine-tuning on prompt/completion JSONL"),
+    "reward": ("reward", "RewardConfig", "reward",
+               "step 2: a Bradley-Terry reward model on prompt/chosen/rejected JSONL"),
+    "rl": ("rl", "RLConfig", "rl", "step 3: REINFORCE with a KL penalty against a frozen reference"),
+    "dpo": ("dpo", "DPOConfig", "dpo", "DPO on prompt/chosen/rejected JSONL (replaces steps 2 and 3)"),
+    "demo": ("demo", "DemoConfig", "demo",
+             "the whole pipeline on Shakespeare: pretrain, SFT, reward model, RL and DPO, report"),
+    "export": ("export", "ExportConfig", "export", "write a checkpoint as a Hugging Face GPT-2 folder"),
+    "import": ("export", "ImportConfig", "import_hf", "read a Hugging Face GPT-2 folder into a .npz"),
+}
+
+
+def _stage(name):
+    """(config class, run function, one-line help) of a stage, its module imported now."""
+    module_name, config_name, run_name, help_text = STAGES[name]
+    module = importlib.import_module(f"minirlhf.train.{module_name}")
+    return getattr(module, config_name), getattr(module, run_name), help_text
 
 
 def _stages():
-    """stage name -> (config class, run function, one-line help); imported lazily to start fast."""
-    from .train import demo, dpo, export, pretrain, reward, rl, sample, sft
-    return {
-        "pretrain": (pretrain.PretrainConfig, pretrain.pretrain,
-                     "step 0: next-token pretraining of a GPT on a text corpus (default: Shakespeare)"),
-        "sample": (sample.SampleConfig, sample.sample, "generate text from a checkpoint"),
-        "sft": (sft.SFTConfig, sft.sft, "step 1: supervised fine-tuning on prompt/completion JSONL"),
-        "reward": (reward.RewardConfig, reward.reward,
-                   "step 2: a Bradley-Terry reward model on prompt/chosen/rejected JSONL"),
-        "rl": (rl.RLConfig, rl.rl, "step 3: REINFORCE with a KL penalty against a frozen reference"),
-        "dpo": (dpo.DPOConfig, dpo.dpo, "DPO on prompt/chosen/rejected JSONL (replaces steps 2 and 3)"),
-        "demo": (demo.DemoConfig, demo.demo,
-                 "the whole pipeline on Shakespeare: pretrain, SFT, reward model, RL and DPO, report"),
-        "export": (export.ExportConfig, export.export, "write a checkpoint as a Hugging Face GPT-2 folder"),
-        "import": (export.ImportConfig, export.import_hf, "read a Hugging Face GPT-2 folder into a .npz"),
-    }
+    """stage name -> (config class, run function, one-line help), every trainer imported."""
+    return {name: _stage(name) for name in STAGES}
 
 
 def _arg_type(field):
@@ -64,21 +70,30 @@ def add_config_arguments(parser, config_cls):
                                 help=f"{help_text} (default: {default})")
 
 
-def build_parser():
+def build_parser(stages=None):
+    """The parser of every stage; the options of those in ``stages`` (default: all) are filled in,
+    each by importing its trainer."""
     parser = argparse.ArgumentParser(
         prog="minirlhf", description="RLHF from scratch: pretrain, SFT, reward model, RL, DPO.")
     sub = parser.add_subparsers(dest="stage", metavar="stage", required=True)
-    for name, (config_cls, _, help_text) in _stages().items():
+    for name, (*_, help_text) in STAGES.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        add_config_arguments(p, config_cls)
+        if stages is None or name in stages:
+            add_config_arguments(p, _stage(name)[0])
     return parser
 
 
 def main(argv=None):
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(stages=argv[:1])      # only the stage asked for is imported
     args = vars(parser.parse_args(argv))
     stage = args.pop("stage")
-    config_cls, run, _ = _stages()[stage]
+    config_cls, run, _ = _stage(stage)
+    from .backend import DeviceError
+    from .checkpoint import CheckpointError
+    from .datasets import DataError
+    from .train.common import ConfigError
+    from .train.rl import RewardFunctionError
     try:
         run(config_cls(**args))
     except (ConfigError, DataError, DeviceError, CheckpointError, FileNotFoundError,

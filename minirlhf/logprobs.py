@@ -25,65 +25,22 @@ included), so ``per_token[:, t]`` sits under the token it scores.
 """
 
 from . import backend, ops
-from .tensor import Function, Tensor
+from . import functional as F
+from .tensor import Tensor, array_of
 
 # ===================================================================================================
-# fused log_softmax + gather
-
-
-class TokenLogprobs(Function):
-    """``log softmax(z)[t]`` for each row of logits ``z`` (..., V) and integer target ``t`` (...)."""
-
-    def __init__(self, targets):
-        self.targets = targets
-
-    def forward(self, logits):
-        xp = backend.get_array_module(logits)
-        V = logits.shape[-1]
-        z = logits.reshape(-1, V)                                          # (N, V)
-        t = self.targets.reshape(-1)                                       # (N,)
-        rows = xp.arange(t.shape[0])
-        shifted = z - z.max(axis=-1, keepdims=True)
-        log_z = xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))       # (N, 1) log-sum-exp
-        self.logp = shifted - log_z                                        # (N, V) log_softmax
-        self.rows, self.t, self.shape = rows, t, logits.shape
-        return self.logp[rows, t].reshape(self.targets.shape)              # (...)
-
-    def backward(self, gy):
-        """y = z_t - logsumexp(z)  ->  ∂y/∂z = onehot(t) - softmax(z),
-        gx = gy · (onehot(t) - softmax(z)).
-
-        No one-hot is built: gx starts as -gy · softmax(z) and gy is added at column t of each row.
-        """
-        xp = backend.get_array_module(gy)
-        g = gy.reshape(-1, 1)                                              # (N, 1)
-        gx = xp.exp(self.logp) * (-g)                                      # (N, V)
-        gx[self.rows, self.t] += g[:, 0]
-        return (gx.reshape(self.shape),)
+# log-probs of chosen tokens
 
 
 def token_logprobs(logits, targets):
     """log p(target) under ``softmax(logits)``: logits (..., V), integer targets (...) -> (...).
 
-    One node for log_softmax and the gather, so backward never materialises a one-hot: its
-    gradient is ``onehot(t) - softmax(z)`` per row.
+    One node (`functional.TokenLogprobs`) for log_softmax and the gather, so backward never
+    materialises a one-hot: its gradient is ``onehot(t) - softmax(z)`` per row.
     """
-    xp = backend.get_array_module(logits.data)
-    t = targets.data if isinstance(targets, Tensor) else xp.asarray(targets)
-    if t.dtype.kind not in "iu":
-        raise TypeError(f"token_logprobs: targets must be integers, got dtype {t.dtype}")
-    if tuple(t.shape) != logits.shape[:-1]:
-        raise ValueError(f"token_logprobs: targets of shape {tuple(t.shape)} do not match logits of "
-                         f"shape {logits.shape} (expected {logits.shape[:-1]})")
-    _check_ids(t, logits.shape[-1])
-    return TokenLogprobs(t)(logits)
-
-
-def _check_ids(ids, n):
-    """Refuse ids outside [0, n): CuPy would wrap them around silently instead of failing."""
-    if ids.size and bool(((ids < 0) | (ids >= n)).any()):
-        bad = ids[(ids < 0) | (ids >= n)].reshape(-1)[0]
-        raise IndexError(f"token id {int(bad)} is out of range for a vocabulary of {n}")
+    t = F.check_targets(logits, targets, "token_logprobs")
+    F.check_ids(t, logits.shape[-1], "token id")
+    return F.TokenLogprobs(t)(logits)
 
 
 # ===================================================================================================
@@ -99,8 +56,10 @@ def logprobs_from_logits(logits, input_ids, completion_mask):
     `token_entropy`; otherwise call `sequence_logprobs`.
     """
     xp = backend.get_array_module(logits.data)
-    ids = _raw(input_ids, xp)
-    keep = _completion_positions(completion_mask, ids, xp)                # (B, T) bool
+    ids = array_of(input_ids, xp)
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids must have shape (B, T), got {tuple(ids.shape)}")
+    keep = completion_positions(completion_mask, ids.shape, xp, "input_ids")   # (B, T) bool
     B, T = ids.shape
     if logits.ndim != 3 or logits.shape[:2] != (B, T):
         raise ValueError(f"logits of shape {logits.shape} do not match input_ids of shape {(B, T)}: "
@@ -123,18 +82,13 @@ def sequence_logprobs(model, input_ids, completion_mask):
     return logprobs_from_logits(model(input_ids), input_ids, completion_mask)
 
 
-def _raw(x, xp):
-    return x.data if isinstance(x, Tensor) else xp.asarray(x)
-
-
-def _completion_positions(completion_mask, ids, xp):
-    """The mask as booleans on the logits' device, after checking its shape and first column."""
-    mask = _raw(completion_mask, xp)
-    if ids.ndim != 2:
-        raise ValueError(f"input_ids must have shape (B, T), got {tuple(ids.shape)}")
-    if tuple(mask.shape) != tuple(ids.shape):
-        raise ValueError(f"completion_mask of shape {tuple(mask.shape)} does not match input_ids of "
-                         f"shape {tuple(ids.shape)}")
+def completion_positions(completion_mask, shape, xp, shaped_like):
+    """The mask as booleans on ``xp``'s device, after checking it has ``shape`` (B, T), that of
+    ``shaped_like``, and a first column of zeros (token 0 has nothing before it to be scored from)."""
+    mask = array_of(completion_mask, xp)
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"completion_mask of shape {tuple(mask.shape)} does not match "
+                         f"{shaped_like} of shape {tuple(shape)}")
     keep = mask != 0
     if bool(keep[:, 0].any()):
         raise ValueError("completion_mask[:, 0] must be 0: token 0 has no logits before it to be "
@@ -146,28 +100,6 @@ def _completion_positions(completion_mask, ids, xp):
 # entropy
 
 
-class Entropy(Function):
-    """H = -Σ_j p_j log p_j with p = softmax(z), over the last axis of logits z (..., V)."""
-
-    def forward(self, logits):
-        xp = backend.get_array_module(logits)
-        shifted = logits - logits.max(axis=-1, keepdims=True)
-        logp = shifted - xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))
-        p = xp.exp(logp)
-        logp = xp.where(p > 0, logp, 0)                                    # 0·log 0 = 0 (z = -inf)
-        self.p, self.logp = p, logp
-        self.H = -(p * logp).sum(axis=-1)                                  # (...)
-        return self.H
-
-    def backward(self, gy):
-        """H = -Σ_i p_i log p_i,  ∂p_i/∂z_j = p_i (δ_ij - p_j)  ->  ∂H/∂z_j = -p_j (log p_j + H).
-
-        (Differentiate: -Σ_i (log p_i + 1) p_i (δ_ij - p_j) = -p_j log p_j - p_j + p_j (1 - H).)
-        """
-        gz = -self.p * (self.logp + self.H[..., None])
-        return (gy[..., None] * gz,)
-
-
 def token_entropy(logits, completion_mask):
     """Entropy (nats) of the distribution each completion token was drawn from: (B, T), 0 off-mask.
 
@@ -176,14 +108,10 @@ def token_entropy(logits, completion_mask):
     ``(H.sum() / mask.sum())``. Differentiable; wrap it in ``no_grad()`` when it is only a metric.
     """
     xp = backend.get_array_module(logits.data)
-    mask = _raw(completion_mask, xp)
-    if logits.ndim != 3 or logits.shape[:2] != tuple(mask.shape):
-        raise ValueError(f"logits of shape {logits.shape} do not match completion_mask of shape "
-                         f"{tuple(mask.shape)}: expected (B, T, vocab)")
-    keep = mask != 0
-    if bool(keep[:, 0].any()):
-        raise ValueError("completion_mask[:, 0] must be 0: token 0 has no logits before it")
-    B = mask.shape[0]
-    h = ops.where(keep[:, 1:], Entropy()(logits[:, :-1]), 0.0)            # (B, T-1)
+    if logits.ndim != 3:
+        raise ValueError(f"logits of shape {logits.shape} must be (B, T, vocab)")
+    keep = completion_positions(completion_mask, logits.shape[:2], xp, "logits' (B, T)")
+    B = keep.shape[0]
+    h = ops.where(keep[:, 1:], F.Entropy()(logits[:, :-1]), 0.0)            # (B, T-1)
     first = Tensor._wrap(xp.zeros((B, 1), dtype=h.dtype))
     return ops.concatenate([first, h], axis=1)                            # (B, T)

@@ -21,29 +21,32 @@ import math
 from . import backend
 from . import functional as F
 from . import ops
-from .tensor import Function, Tensor
+from .logprobs import completion_positions
+from .tensor import Tensor, array_of
 
 # ===================================================================================================
 # helpers
 
 
-def _data(x, xp=None):
-    """The raw array of a Tensor, or ``x`` as an array of ``xp`` (on that library's device)."""
-    if isinstance(x, Tensor):
-        return x.data
-    return (xp or backend.get_array_module(x)).asarray(x)
+_data = array_of   # the raw array of a Tensor, or x as an array of xp
 
 
 def _float(a):
     return float(a.item()) if hasattr(a, "item") else float(a)
 
 
-def _check_beta(beta, fn, allow_zero=False):
+def check_beta(beta, fn=None, allow_zero=False):
+    """β as a float, refused (ValueError) unless finite and positive (or 0, with ``allow_zero``):
+    the losses and the trainers' configs all check it here."""
     beta = float(beta)
     if not (beta >= 0 if allow_zero else beta > 0) or not math.isfinite(beta):
-        need = "beta >= 0" if allow_zero else "beta > 0"
-        raise ValueError(f"{fn}: {need} is required (β weighs the KL to the reference), got {beta}")
+        need = "beta must be >= 0" if allow_zero else "beta must be positive (beta > 0)"
+        where = f"{fn}: " if fn else ""
+        raise ValueError(f"{where}{need}: β weighs the KL to the reference; got {beta}")
     return beta
+
+
+_check_beta = check_beta
 
 
 def _check_same_shape(fn, **arrays):
@@ -68,13 +71,11 @@ def sft_loss(logits, input_ids, completion_mask):
     over tokens, not sequences: every completion token counts once, as in a pre-training loss.
     """
     xp = backend.get_array_module(logits.data)
-    ids, mask = _data(input_ids, xp), _data(completion_mask, xp)
-    if ids.ndim != 2 or tuple(mask.shape) != tuple(ids.shape) or logits.shape[:2] != tuple(ids.shape):
-        raise ValueError(f"sft_loss: logits {logits.shape}, input_ids {tuple(ids.shape)} and "
-                         f"completion_mask {tuple(mask.shape)} must be (B, T, V), (B, T), (B, T)")
-    keep = mask != 0
-    if bool(keep[:, 0].any()):
-        raise ValueError("sft_loss: completion_mask[:, 0] must be 0 (token 0 has no logits before it)")
+    ids = _data(input_ids, xp)
+    if ids.ndim != 2 or logits.shape[:2] != tuple(ids.shape):
+        raise ValueError(f"sft_loss: logits {logits.shape} and input_ids {tuple(ids.shape)} must be "
+                         "(B, T, V) and (B, T)")
+    keep = completion_positions(completion_mask, ids.shape, xp, "input_ids")   # (B, T) bool
     if not bool(keep.any()):
         raise ValueError("sft_loss: the batch has no completion tokens (completion_mask is all 0)")
     targets = xp.where(keep[:, 1:], ids[:, 1:], -100)                    # (B, T-1)
@@ -154,19 +155,6 @@ def kl_k2(logp, ref_logp):
     return 0.5 * (lr * lr)
 
 
-class _K3(Function):
-    def forward(self, lr):
-        xp = backend.get_array_module(lr)
-        self.lr = lr
-        # expm1 keeps the digits that exp(lr) - 1 would cancel; rounding must not make it negative
-        return xp.maximum(xp.expm1(lr) - lr, 0)
-
-    def backward(self, gy):
-        """y = (e^u - 1) - u  ->  gx = gy · (e^u - 1) = gy · (r - 1)."""
-        xp = backend.get_array_module(gy)
-        return (gy * xp.expm1(self.lr),)
-
-
 def kl_k3(logp, ref_logp):
     """k3 = (r - 1) - log r, r = p_ref / p_θ: unbiased (E_p_θ[r] = 1) and always >= 0.
 
@@ -175,7 +163,7 @@ def kl_k3(logp, ref_logp):
     """
     lr = _log_ratio(logp, ref_logp)
     if isinstance(lr, Tensor):
-        return _K3()(lr)
+        return F.KLk3()(lr)
     xp = backend.get_array_module(lr)
     return xp.maximum(xp.expm1(lr) - lr, 0)
 

@@ -27,8 +27,9 @@ import numpy as np
 
 from . import backend
 from . import functional as F
+from . import reference as R
 from .nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList
-from .tensor import Tensor, no_grad
+from .tensor import Tensor, array_of, no_grad
 
 
 @dataclass
@@ -41,6 +42,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True          # biases in Linear and LayerNorm, as GPT-2
     dtype: str = "float32"     # "float64" for gradient checks
+    fused: bool = True         # False: built from the plain ops of reference.py, same numbers
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -122,16 +124,16 @@ class KVCache:
 class CausalSelfAttention(Module):
     def __init__(self, config, rng, dropout_rng):
         super().__init__()
-        C, dt = config.n_embd, config.dtype
-        self.n_head = config.n_head
-        self.c_attn = Linear(C, 3 * C, bias=config.bias, rng=rng, dtype=dt)
-        self.c_proj = Linear(C, C, bias=config.bias, rng=rng, dtype=dt,
+        C, dt, fused = config.n_embd, config.dtype, config.fused
+        self.n_head, self.fused = config.n_head, fused
+        self.c_attn = Linear(C, 3 * C, bias=config.bias, rng=rng, dtype=dt, fused=fused)
+        self.c_proj = Linear(C, C, bias=config.bias, rng=rng, dtype=dt, fused=fused,
                              init_std=0.02 / math.sqrt(2 * config.n_layer))
         self.resid_dropout = Dropout(config.dropout, rng=dropout_rng)
 
     def forward(self, x, kv_cache=None, layer=0, mask=None):
         qkv = self.c_attn(x)                                         # (B, T, 3C)
-        if kv_cache is None and mask is None:                        # the steps of _attend,
+        if self.fused and kv_cache is None and mask is None:         # the steps of _attend,
             y = F.self_attention(qkv, self.n_head)                   # as one node: (B, T, C)
         else:
             y = self._attend(qkv, kv_cache, layer, mask)             # (B, T, C)
@@ -145,30 +147,39 @@ class CausalSelfAttention(Module):
         q, k, v = qkv[0], qkv[1], qkv[2]                             # (B, nh, T, hs)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)                      # (B, nh, T_so_far, hs)
-        y = F.causal_attention(q, k, v, mask)                        # (B, nh, T, hs)
+        if self.fused:
+            y = F.causal_attention(q, k, v, mask)                    # (B, nh, T, hs)
+        else:
+            y = R.causal_attention(q, k, v, mask)                    # (B, nh, T, hs)
         return y.transpose(1, 2).reshape(B, T, C3 // 3)              # (B, T, C): heads side by side
 
 
 class MLP(Module):
     def __init__(self, config, rng, dropout_rng):
         super().__init__()
-        C, dt = config.n_embd, config.dtype
-        self.c_fc = Linear(C, 4 * C, bias=config.bias, rng=rng, dtype=dt)
-        self.c_proj = Linear(4 * C, C, bias=config.bias, rng=rng, dtype=dt,
+        C, dt, fused = config.n_embd, config.dtype, config.fused
+        self.fused = fused
+        self.c_fc = Linear(C, 4 * C, bias=config.bias, rng=rng, dtype=dt, fused=fused)
+        self.c_proj = Linear(4 * C, C, bias=config.bias, rng=rng, dtype=dt, fused=fused,
                              init_std=0.02 / math.sqrt(2 * config.n_layer))
         self.dropout = Dropout(config.dropout, rng=dropout_rng)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))     # (B, T, C)
+        h = self.c_fc(x)                                             # (B, T, 4C)
+        if self.fused:
+            h = F.gelu(h)
+        else:
+            h = R.gelu(h)
+        return self.dropout(self.c_proj(h))                          # (B, T, C)
 
 
 class Block(Module):
     def __init__(self, config, rng, dropout_rng):
         super().__init__()
-        dt = config.dtype
-        self.ln_1 = LayerNorm(config.n_embd, eps=1e-5, bias=config.bias, dtype=dt)
+        dt, fused = config.dtype, config.fused
+        self.ln_1 = LayerNorm(config.n_embd, eps=1e-5, bias=config.bias, dtype=dt, fused=fused)
         self.attn = CausalSelfAttention(config, rng, dropout_rng)
-        self.ln_2 = LayerNorm(config.n_embd, eps=1e-5, bias=config.bias, dtype=dt)
+        self.ln_2 = LayerNorm(config.n_embd, eps=1e-5, bias=config.bias, dtype=dt, fused=fused)
         self.mlp = MLP(config, rng, dropout_rng)
 
     def forward(self, x, kv_cache=None, layer=0, mask=None):
@@ -181,13 +192,13 @@ class Transformer(Module):
 
     def __init__(self, config, rng, dropout_rng):
         super().__init__()
-        dt = config.dtype
+        dt, fused = config.dtype, config.fused
         self.config = config
-        self.wte = Embedding(config.vocab_size, config.n_embd, rng=rng, dtype=dt)
-        self.wpe = Embedding(config.block_size, config.n_embd, rng=rng, dtype=dt)
+        self.wte = Embedding(config.vocab_size, config.n_embd, rng=rng, dtype=dt, fused=fused)
+        self.wpe = Embedding(config.block_size, config.n_embd, rng=rng, dtype=dt, fused=fused)
         self.drop = Dropout(config.dropout, rng=dropout_rng)
         self.h = ModuleList([Block(config, rng, dropout_rng) for _ in range(config.n_layer)])
-        self.ln_f = LayerNorm(config.n_embd, eps=1e-5, bias=config.bias, dtype=dt)
+        self.ln_f = LayerNorm(config.n_embd, eps=1e-5, bias=config.bias, dtype=dt, fused=fused)
 
     def forward(self, idx, kv_cache=None):
         xp = backend.get_array_module(self.wte.weight.data)
@@ -214,16 +225,14 @@ class Transformer(Module):
 
 def _as_ids(idx, xp, vocab_size):
     """Token ids as an integer (B, T) array of the model's library, checked against the vocabulary."""
-    ids = idx.data if isinstance(idx, Tensor) else idx
+    ids = array_of(idx)
     if not hasattr(ids, "dtype"):
         ids = np.asarray(ids)
     if ids.dtype.kind not in "iu":
         raise TypeError(f"token ids must be integers, got dtype {ids.dtype}")
     if ids.ndim != 2:
         raise ValueError(f"token ids must have shape (B, T), got {tuple(ids.shape)}")
-    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise ValueError(f"token ids must lie in [0, {vocab_size}), got min {int(ids.min())}, "
-                         f"max {int(ids.max())}")
+    F.check_ids(ids, vocab_size, "token id")
     return xp.asarray(ids)
 
 
@@ -267,7 +276,9 @@ class GPT(_Seeded):
         """Logits (B, T, vocab). With ``kv_cache``, ``idx`` holds only the new tokens: they are
         placed after the cached positions and their keys/values are appended to the cache."""
         x = self.transformer(idx, kv_cache)                          # (B, T, C)
-        return F.linear(x, self.transformer.wte.weight.T)            # (B, T, vocab): tied head
+        if self.config.fused:
+            return F.linear(x, self.transformer.wte.weight.T)        # (B, T, vocab): tied head
+        return R.linear(x, self.transformer.wte.weight.T)
 
     def hidden_states(self, idx, kv_cache=None):
         """The final hidden states (B, T, C), after ``ln_f`` and before the LM head."""
@@ -293,13 +304,14 @@ class RewardModel(_Seeded):
     def __init__(self, config, seed=0):
         super().__init__(config, seed)
         self.transformer = Transformer(config, self.init_rng, self.dropout_rng)
-        self.head = Linear(config.n_embd, 1, bias=True, rng=self.init_rng, dtype=config.dtype)
+        self.head = Linear(config.n_embd, 1, bias=True, rng=self.init_rng, dtype=config.dtype,
+                           fused=config.fused)
 
     def forward(self, input_ids, lengths):
         xp = backend.get_array_module(self.head.weight.data)
         h = self.transformer(input_ids)                              # (B, T, C)
         B, T, C = h.shape
-        lengths = backend.to_numpy(lengths.data if isinstance(lengths, Tensor) else lengths)
+        lengths = backend.to_numpy(array_of(lengths))
         if lengths.shape != (B,) or lengths.dtype.kind not in "iu":
             raise ValueError(f"lengths must be {B} integers, got {lengths.dtype} {lengths.shape}")
         if B and (lengths.min() < 1 or lengths.max() > T):

@@ -17,12 +17,16 @@ listed once, under the first path.
 
 Initial weights are drawn on the host from a ``numpy.random.Generator`` (pass ``rng=``), then moved
 with ``model.to("cuda")``: one seed gives the same model on every device.
+
+``fused=False`` makes `Linear`, `Embedding` and `LayerNorm` compute with the plain functions of
+`reference.py` instead of the fused ones of `functional.py`: the same numbers, easier to follow.
 """
 
 import numpy as np
 
 from . import backend
 from . import functional as F
+from . import reference as R
 from .tensor import Tensor
 
 
@@ -217,14 +221,16 @@ class Linear(Module):
     """
 
     def __init__(self, in_features, out_features, bias=True, *, rng=None, init_std=0.02,
-                 dtype="float32"):
+                 dtype="float32", fused=True):
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features, self.out_features, self.fused = in_features, out_features, fused
         self.weight = Parameter(_normal(rng, (in_features, out_features), init_std, dtype))
         self.bias = Parameter(np.zeros(out_features, dtype=dtype)) if bias else None
 
     def forward(self, x):
-        return F.linear(x, self.weight, self.bias)          # (..., in) @ (in, out) + (out,)
+        if self.fused:
+            return F.linear(x, self.weight, self.bias)      # (..., in) @ (in, out) + (out,)
+        return R.linear(x, self.weight, self.bias)
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}"
@@ -233,16 +239,20 @@ class Linear(Module):
 class Embedding(Module):
     """A lookup table: row ``i`` of ``weight`` (num_embeddings, dim) is the vector of id ``i``.
 
-    weight ~ N(0, init_std²), GPT-2's initialisation.
+    weight ~ N(0, init_std²), GPT-2's initialisation. With ``fused=False`` the lookup is the plain
+    `reference.embedding`, which leaves the ids unchecked.
     """
 
-    def __init__(self, num_embeddings, embedding_dim, *, rng=None, init_std=0.02, dtype="float32"):
+    def __init__(self, num_embeddings, embedding_dim, *, rng=None, init_std=0.02, dtype="float32",
+                 fused=True):
         super().__init__()
-        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.num_embeddings, self.embedding_dim, self.fused = num_embeddings, embedding_dim, fused
         self.weight = Parameter(_normal(rng, (num_embeddings, embedding_dim), init_std, dtype))
 
     def forward(self, ids, *, check=True):
-        return F.embedding(ids, self.weight, check=check)    # (...) -> (..., dim)
+        if self.fused:
+            return F.embedding(ids, self.weight, check=check)    # (...) -> (..., dim)
+        return R.embedding(ids, self.weight)
 
     def extra_repr(self):
         return f"{self.num_embeddings}, {self.embedding_dim}"
@@ -254,9 +264,9 @@ class LayerNorm(Module):
     ``bias=False`` (GPT-2 variants without biases) keeps the bias fixed at zero, not learned.
     """
 
-    def __init__(self, dim, eps=1e-5, bias=True, *, dtype="float32"):
+    def __init__(self, dim, eps=1e-5, bias=True, *, dtype="float32", fused=True):
         super().__init__()
-        self.dim, self.eps = dim, eps
+        self.dim, self.eps, self.fused = dim, eps, fused
         self.weight = Parameter(np.ones(dim, dtype=dtype))
         self.bias = Parameter(np.zeros(dim, dtype=dtype)) if bias else None
 
@@ -265,7 +275,9 @@ class LayerNorm(Module):
         if bias is None:
             xp = backend.get_array_module(self.weight.data)
             bias = Tensor._wrap(xp.zeros_like(self.weight.data))
-        return F.layer_norm(x, self.weight, bias, self.eps)
+        if self.fused:
+            return F.layer_norm(x, self.weight, bias, self.eps)
+        return R.layer_norm(x, self.weight, bias, self.eps)
 
     def extra_repr(self):
         return f"{self.dim}, eps={self.eps}"

@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from . import backend, cpu
+from . import backend, kernels
 from .nn import Embedding, Module
 from .tensor import no_grad
 
@@ -37,23 +37,18 @@ class Optimizer:
     (a parameter removed, appended or moved, a group added with `add_param_group`), and a
     parameter new to the optimizer starts from fresh state at step 1.
 
-    One vector per group. A GPT has ~76 parameter arrays and AdamW's rule is ~13 array operations,
-    so updating them one by one is ~1,000 small operations a step: on a GPU each is a kernel launch
-    that Python must issue (the step waits on the host), and on the CPU each is a call into NumPy.
-    So a group whose parameters all have gradients is updated as one vector: the gradients are
-    laid end to end (``concatenate``) and the rule runs on the whole vector (on the CPU in blocks
-    shared by threads, see `cpu.for_rows`). The parameters live in one vector of the group: at the
-    first step they are laid end to end and each ``p.data`` is replaced by a view of its slice, so
-    the update writes straight into the model's arrays, with nothing to copy back. (Code that kept
-    an old ``p.data`` array must read ``p.data`` again; PyTorch's FSDP makes its parameters views
-    of one flat parameter in the same way.) A ``p.data`` replaced later (by ``model.to(device)``,
-    say) or a changed list of parameters is noticed at the next step and the vector is laid out
-    again. The state is one vector per group too, and each parameter's state
-    (``self.state[p]["m"]``, say) is its slice of it, laid out again from the parameters' own
-    states when the list changes. PyTorch's "foreach" and "fused" optimisers do the same. A group
-    where some parameter has no gradient this step, or whose parameters are at different steps
-    (one joined later), is updated parameter by parameter (a parameter without a gradient is left
-    alone, its state included, as PyTorch does).
+    One vector per group, so that a step is a few large array operations rather than a few per
+    parameter (each a kernel launch on a GPU): a group whose parameters all have gradients is
+    updated as one vector, its gradients laid end to end. At the first step the parameters are laid
+    end to end too and each ``p.data`` becomes a view of its slice, so the update writes straight
+    into the model's arrays (code that kept an old ``p.data`` must read it again); a ``p.data``
+    replaced later (by ``model.to(device)``, say) or a changed list of parameters is noticed and the
+    vector laid out again. Each parameter's state (``self.state[p]["m"]``) is its slice of the
+    group's state vector, laid out again from the parameters' own states when the list changes, as
+    in PyTorch's "foreach" and "fused" optimisers. A group where some parameter has no gradient this
+    step, or whose parameters are at different steps (one joined later), is updated parameter by
+    parameter (one without a gradient is left alone, its state included, as in PyTorch).
+    `reference.adamw_step` is AdamW's rule on one parameter, plainly.
     """
 
     def __init__(self, params, **defaults):
@@ -132,7 +127,7 @@ class Optimizer:
 
         def rows(lo, hi):                          # written in place: p[lo:hi] is the parameters
             self._update(p[lo:hi], g[lo:hi], {k: a[lo:hi] for k, a in vector.items()}, group, t)
-        cpu.for_rows(rows, p.size, 1, xp=xp)
+        kernels.for_rows(rows, p.size, 1, xp=xp)
 
         for q in params:
             self.state[q]["step"] = t
@@ -280,6 +275,7 @@ class AdamW(Optimizer):
         p ← p - lr · m̂ / (√v̂ + eps),  m̂ = m / (1-β1ᵗ),  v̂ = v / (1-β2ᵗ)
 
     computed as PyTorch does, ``p -= (lr/(1-β1ᵗ)) · m / (√v/√(1-β2ᵗ) + eps)``, the same formula.
+    Plain version, one parameter's arrays in and out: `reference.adamw_step`.
     """
 
     def __init__(self, params, lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):

@@ -316,16 +316,16 @@ class Tensor:
 
     # comparisons give boolean tensors (masks); they are not differentiable
     def __lt__(self, other):
-        return Tensor._wrap(self.data < _raw(other))
+        return Tensor._wrap(self.data < array_of(other))
 
     def __le__(self, other):
-        return Tensor._wrap(self.data <= _raw(other))
+        return Tensor._wrap(self.data <= array_of(other))
 
     def __gt__(self, other):
-        return Tensor._wrap(self.data > _raw(other))
+        return Tensor._wrap(self.data > array_of(other))
 
     def __ge__(self, other):
-        return Tensor._wrap(self.data >= _raw(other))
+        return Tensor._wrap(self.data >= array_of(other))
 
     # ----- reductions, shapes and elementwise functions ---------------------------------------------
     def sum(self, axis=None, keepdims=False):
@@ -400,8 +400,12 @@ def _checked_array(a, name):
     return _as_array(a)
 
 
-def _raw(x):
-    return x.data if isinstance(x, Tensor) else x
+def array_of(x, xp=None):
+    """The raw array of a Tensor; anything else as an array of the library ``xp`` (on its device),
+    or as it is when no ``xp`` is given (a Python number stays a number)."""
+    if isinstance(x, Tensor):
+        return x.data
+    return x if xp is None else xp.asarray(x)
 
 
 def _topological_order(root):

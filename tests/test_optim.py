@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import minirlhf as mr
-from minirlhf import cpu
+from minirlhf import kernels
 from minirlhf.backend import to_device, to_numpy
 from minirlhf.model import GPT, GPTConfig
 from minirlhf.nn import Embedding, LayerNorm, Linear, Module, Parameter
@@ -184,22 +184,22 @@ def test_the_group_vector_split_across_threads_equals_it_whole(monkeypatch):
     whole, split = _params("cpu", shapes=[(40, 30), (30,), (30, 50)]), \
         _params("cpu", shapes=[(40, 30), (30,), (30, 50)])
     opt_whole, opt_split = AdamW(whole, lr=0.1), AdamW(split, lr=0.1)
-    before = cpu.get_num_threads()
+    before = kernels.get_num_threads()
     try:
         for t in range(1, 4):
             _set_grads(whole, t)
             _set_grads(split, t)
             opt_whole.step()
             with monkeypatch.context() as m:   # blocks of 64 numbers on 3 threads
-                m.setattr(cpu, "BLOCK_NUMBERS", 64)
-                m.setattr(cpu, "MIN_PARALLEL_NUMBERS", 1)
-                cpu.set_num_threads(3)
+                m.setattr(kernels, "BLOCK_NUMBERS", 64)
+                m.setattr(kernels, "MIN_PARALLEL_NUMBERS", 1)
+                kernels.set_num_threads(3)
                 opt_split.step()
-                cpu.set_num_threads(before)
+                kernels.set_num_threads(before)
             for a, b in zip(whole, split):
                 np.testing.assert_array_equal(a.data, b.data)
     finally:
-        cpu.set_num_threads(before)
+        kernels.set_num_threads(before)
 
 
 # ===================================================================================================

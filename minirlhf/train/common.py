@@ -15,6 +15,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .. import backend
+from ..losses import check_beta
 from ..tensor import Tensor
 
 
@@ -42,7 +43,10 @@ def check_common(cfg):
     if hasattr(cfg, "lr"):
         require(cfg.lr > 0, f"lr must be positive, got {cfg.lr}")
     if hasattr(cfg, "beta"):
-        require(cfg.beta > 0, f"beta must be positive, got {cfg.beta}")
+        try:
+            check_beta(cfg.beta)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def batch_tensor(array, device):

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import cpu
+from .. import kernels
 from ..backend import to_numpy
 from ..checkpoint import load_checkpoint, load_model
 from ..datasets import (collate, encode_prompt, encode_prompt_completion, load_preferences,
@@ -570,7 +570,7 @@ def _threads_note():
     names = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
     set_ = [f"{n}={os.environ[n]}" for n in names if n in os.environ]
     blas = f"BLAS threads: {', '.join(set_)}" if set_ else "BLAS threads: the library's default"
-    return f"{blas}; minirlhf threads: {cpu.get_num_threads()}; {os.cpu_count()} CPUs."
+    return f"{blas}; minirlhf threads: {kernels.get_num_threads()}; {os.cpu_count()} CPUs."
 
 
 def _read_metrics(folder):

@@ -1,6 +1,6 @@
 """CPU threads: every row is computed exactly once, split ops equal unsplit ones, gradients hold.
 
-The thresholds in `minirlhf.cpu` keep small arrays in one block; the `split_everything` fixture
+The thresholds in `minirlhf.kernels` keep small arrays in one block; the `split_everything` fixture
 lowers them so that even the tiny arrays of a gradient check are cut into several blocks and run on
 several threads.
 """
@@ -14,24 +14,24 @@ import pytest
 
 import minirlhf as mr
 import minirlhf.functional as F
-from minirlhf import cpu
+from minirlhf import kernels
 from minirlhf.tensor import Tensor
 
 
 @pytest.fixture
 def threads():
     """Set the thread count for one test; the previous count comes back after."""
-    before = cpu.get_num_threads()
-    yield cpu.set_num_threads
-    cpu.set_num_threads(before)
+    before = kernels.get_num_threads()
+    yield kernels.set_num_threads
+    kernels.set_num_threads(before)
 
 
 @pytest.fixture
 def split_everything(monkeypatch, threads):
-    monkeypatch.setattr(cpu, "BLOCK_NUMBERS", 8)
-    monkeypatch.setattr(cpu, "MIN_PARALLEL_NUMBERS", 1)
-    monkeypatch.setattr(cpu, "MIN_PARALLEL_PRODUCTS", 1)
-    monkeypatch.setattr(cpu, "MIN_ROWS_PER_WEIGHT", 1)
+    monkeypatch.setattr(kernels, "BLOCK_NUMBERS", 8)
+    monkeypatch.setattr(kernels, "MIN_PARALLEL_NUMBERS", 1)
+    monkeypatch.setattr(kernels, "MIN_PARALLEL_PRODUCTS", 1)
+    monkeypatch.setattr(kernels, "MIN_ROWS_PER_WEIGHT", 1)
     threads(3)
 
 
@@ -40,9 +40,9 @@ def split_everything(monkeypatch, threads):
 @pytest.mark.parametrize("n_rows", [2, 5, 64, 1000])
 def test_for_rows_covers_each_row_once_and_returns_in_order(monkeypatch, threads, n_threads,
                                                             blas, n_rows):
-    monkeypatch.setattr(cpu, "BLOCK_NUMBERS", 16)
-    monkeypatch.setattr(cpu, "MIN_PARALLEL_NUMBERS", 1)
-    monkeypatch.setattr(cpu, "MIN_PARALLEL_PRODUCTS", 1)
+    monkeypatch.setattr(kernels, "BLOCK_NUMBERS", 16)
+    monkeypatch.setattr(kernels, "MIN_PARALLEL_NUMBERS", 1)
+    monkeypatch.setattr(kernels, "MIN_PARALLEL_PRODUCTS", 1)
     threads(n_threads)
     hits = np.zeros(n_rows, dtype=int)
 
@@ -50,19 +50,19 @@ def test_for_rows_covers_each_row_once_and_returns_in_order(monkeypatch, threads
         hits[lo:hi] += 1
         return lo, hi
 
-    blocks = cpu.for_rows(rows, n_rows, row_size=4, blas=blas)
+    blocks = kernels.for_rows(rows, n_rows, row_size=4, blas=blas)
     assert (hits == 1).all()
     assert blocks[0][0] == 0 and blocks[-1][1] == n_rows
     assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))        # contiguous, in order
-    if n_threads > 1 and n_rows >= 64 and (not blas or cpu._openblas() is not None):
+    if n_threads > 1 and n_rows >= 64 and (not blas or kernels._openblas() is not None):
         assert len(blocks) > 1                                          # it did split
 
 
 def test_small_work_is_one_call(threads):
     threads(2)
     calls = []
-    cpu.for_rows(lambda lo, hi: calls.append((lo, hi)), 100, row_size=10)
-    cpu.for_rows(lambda lo, hi: calls.append((lo, hi)), 100, row_size=10, blas=True)
+    kernels.for_rows(lambda lo, hi: calls.append((lo, hi)), 100, row_size=10)
+    kernels.for_rows(lambda lo, hi: calls.append((lo, hi)), 100, row_size=10, blas=True)
     assert calls == [(0, 100), (0, 100)]
 
 
@@ -71,7 +71,7 @@ def test_a_gpu_array_module_is_one_call(split_everything):
         __name__ = "cupy"
 
     calls = []
-    cpu.for_rows(lambda lo, hi: calls.append((lo, hi)), 1000, row_size=1000, xp=FakeCupy())
+    kernels.for_rows(lambda lo, hi: calls.append((lo, hi)), 1000, row_size=1000, xp=FakeCupy())
     assert calls == [(0, 1000)]
 
 
@@ -79,11 +79,11 @@ def test_a_few_rows_by_a_shared_weight_are_not_split(threads):
     threads(2)
     calls = []
     record = lambda lo, hi: calls.append((lo, hi))  # noqa: E731
-    cpu.for_rows(record, 8, row_size=10**6, blas=True, shared_weight=True)    # sampling 8 rows
+    kernels.for_rows(record, 8, row_size=10**6, blas=True, shared_weight=True)    # sampling 8 rows
     assert calls == [(0, 8)]
-    if cpu._openblas() is not None:
-        cpu.for_rows(record, 2048, row_size=10**4, blas=True, shared_weight=True)   # training
-        assert len(calls) == 1 + 2 * cpu.BLAS_BLOCKS_PER_THREAD
+    if kernels._openblas() is not None:
+        kernels.for_rows(record, 2048, row_size=10**4, blas=True, shared_weight=True)   # training
+        assert len(calls) == 1 + 2 * kernels.BLAS_BLOCKS_PER_THREAD
 
 
 def test_work_runs_on_several_threads(split_everything):
@@ -95,21 +95,21 @@ def test_work_runs_on_several_threads(split_everything):
             names.add(threading.current_thread().name)
         time.sleep(0.002)        # long enough blocks that the pool threads wake before all are taken
 
-    cpu.for_rows(rows, 300, row_size=1)
+    kernels.for_rows(rows, 300, row_size=1)
     assert "MainThread" in names and len(names) >= 2
 
 
 def test_blocks_are_shared_out_so_a_late_thread_delays_nothing(threads, monkeypatch):
     # a pool thread that wakes late (here: never, it is kept busy) leaves its blocks to the caller
-    monkeypatch.setattr(cpu, "BLOCK_NUMBERS", 10)
-    monkeypatch.setattr(cpu, "MIN_PARALLEL_NUMBERS", 1)
+    monkeypatch.setattr(kernels, "BLOCK_NUMBERS", 10)
+    monkeypatch.setattr(kernels, "MIN_PARALLEL_NUMBERS", 1)
     threads(2)
     release = threading.Event()
-    blocker = cpu._Job(lambda lo, hi: release.wait(timeout=10), [(0, 1)])
-    cpu._state["pool"].wake(blocker)                   # the only pool thread is now stuck
+    blocker = kernels._Job(lambda lo, hi: release.wait(timeout=10), [(0, 1)])
+    kernels._state["pool"].wake(blocker)                   # the only pool thread is now stuck
     try:
         done = []
-        cpu.for_rows(lambda lo, hi: done.append(threading.current_thread().name), 100, row_size=1)
+        kernels.for_rows(lambda lo, hi: done.append(threading.current_thread().name), 100, row_size=1)
         assert done == ["MainThread"] * 10
     finally:
         release.set()
@@ -122,7 +122,7 @@ def test_an_error_in_a_block_reaches_the_caller(split_everything):
             raise RuntimeError(f"block {lo}:{hi} failed")
 
     with pytest.raises(RuntimeError, match="failed"):
-        cpu.for_rows(rows, 300, row_size=1)
+        kernels.for_rows(rows, 300, row_size=1)
 
 
 @pytest.fixture
@@ -134,21 +134,21 @@ def openblas_threads(monkeypatch):
     def put(n):
         setting["threads"] = n
 
-    monkeypatch.setitem(cpu._state, "blas", (lambda: setting["threads"], put))
+    monkeypatch.setitem(kernels._state, "blas", (lambda: setting["threads"], put))
     return lambda: setting["threads"]
 
 
 def test_numpys_openblas_is_found():
     blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"].lower()
     if "openblas" in blas and sys.platform.startswith("linux"):
-        get, put = cpu._openblas()
+        get, put = kernels._openblas()
         before = get()
         put(1)
         assert get() == 1
         put(before)
         assert get() == before
     else:
-        assert cpu._openblas() is None      # then products are left to the BLAS, not split
+        assert kernels._openblas() is None      # then products are left to the BLAS, not split
 
 
 def test_openblas_runs_on_one_thread_inside_and_is_restored_after(split_everything,
@@ -156,7 +156,7 @@ def test_openblas_runs_on_one_thread_inside_and_is_restored_after(split_everythi
     get = openblas_threads
     before = get()
     seen = []
-    cpu.for_rows(lambda lo, hi: seen.append(get()), 300, row_size=1, blas=True)
+    kernels.for_rows(lambda lo, hi: seen.append(get()), 300, row_size=1, blas=True)
     assert set(seen) == {1}
     assert get() == before
 
@@ -165,17 +165,17 @@ def test_layer_norm_keeps_openblas_on_one_thread(openblas_threads, monkeypatch):
     # LayerNorm's matrix-vector products would otherwise wake OpenBLAS's threads, which then spin
     get = openblas_threads
     before = get()
-    with cpu.blas_on_one_thread():
+    with kernels.blas_on_one_thread():
         assert get() == 1
     assert get() == before
-    with cpu.blas_on_one_thread(size=cpu.GEMV_ONE_THREAD_BELOW):
+    with kernels.blas_on_one_thread(size=kernels.GEMV_ONE_THREAD_BELOW):
         assert get() == 1
-    with cpu.blas_on_one_thread(size=cpu.GEMV_ONE_THREAD_BELOW - 1):
+    with kernels.blas_on_one_thread(size=kernels.GEMV_ONE_THREAD_BELOW - 1):
         assert get() == before                           # OpenBLAS keeps these on one thread itself
     assert get() == before
 
     seen = []
-    real = cpu.blas_on_one_thread
+    real = kernels.blas_on_one_thread
 
     class Spy:
         def __init__(self, size=None):
@@ -189,7 +189,7 @@ def test_layer_norm_keeps_openblas_on_one_thread(openblas_threads, monkeypatch):
         def __exit__(self, *exc):
             self.region.__exit__(*exc)
 
-    monkeypatch.setattr(cpu, "blas_on_one_thread", Spy)
+    monkeypatch.setattr(kernels, "blas_on_one_thread", Spy)
     for rows, held in ((2048, 1), (8, before)):          # a training batch; a sampling step's rows
         seen.clear()
         x = Tensor(np.random.default_rng(0).normal(size=(rows, 8)), requires_grad=True)
@@ -202,14 +202,14 @@ def test_layer_norm_keeps_openblas_on_one_thread(openblas_threads, monkeypatch):
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
 def test_a_forked_child_gets_its_own_pool(split_everything):
     import multiprocessing
-    cpu.for_rows(lambda lo, hi: None, 300, row_size=1)               # the parent's pool exists
+    kernels.for_rows(lambda lo, hi: None, 300, row_size=1)               # the parent's pool exists
     context = multiprocessing.get_context("fork")
     with context.Pool(1) as pool:                # the child's work must not wait on parent threads
         assert pool.apply_async(_sum_rows_in_threads).get(timeout=60) == 300
 
 
 def _sum_rows_in_threads():
-    counts = cpu.for_rows(lambda lo, hi: hi - lo, 300, row_size=1)
+    counts = kernels.for_rows(lambda lo, hi: hi - lo, 300, row_size=1)
     return sum(counts)
 
 
@@ -220,7 +220,7 @@ def test_overlapping_regions_from_user_threads_restore_openblas(split_everything
     barrier = threading.Barrier(2)
 
     def user_thread():
-        cpu.for_rows(lambda lo, hi: barrier.wait(timeout=10) if lo == 0 else None, 300,
+        kernels.for_rows(lambda lo, hi: barrier.wait(timeout=10) if lo == 0 else None, 300,
                      row_size=1, blas=True)
 
     callers = [threading.Thread(target=user_thread) for _ in range(2)]   # both inside at once
@@ -234,28 +234,28 @@ def test_overlapping_regions_from_user_threads_restore_openblas(split_everything
 def test_set_num_threads_refuses_nonsense():
     for bad in (0, -1, 1.5, "2"):
         with pytest.raises(ValueError, match="positive int"):
-            cpu.set_num_threads(bad)
+            kernels.set_num_threads(bad)
 
 
 def test_bad_thread_count_in_the_environment_is_named(monkeypatch):
-    monkeypatch.setitem(cpu._state, "threads", None)
+    monkeypatch.setitem(kernels._state, "threads", None)
     monkeypatch.setenv("MINIRLHF_NUM_THREADS", "many")
     with pytest.raises(ValueError, match="MINIRLHF_NUM_THREADS.*'many'"):
-        cpu.get_num_threads()
+        kernels.get_num_threads()
 
 
 def test_keeping_freed_memory_can_be_turned_off(monkeypatch):
-    monkeypatch.setitem(cpu._state, "memory_kept", None)
+    monkeypatch.setitem(kernels._state, "memory_kept", None)
     monkeypatch.setenv("MINIRLHF_KEEP_MEMORY", "0")
-    assert cpu.keep_freed_memory() is False
-    monkeypatch.setitem(cpu._state, "memory_kept", None)
+    assert kernels.keep_freed_memory() is False
+    monkeypatch.setitem(kernels._state, "memory_kept", None)
     monkeypatch.delenv("MINIRLHF_KEEP_MEMORY")
-    assert cpu.keep_freed_memory() in (True, False)    # True on glibc, False on other C libraries
+    assert kernels.keep_freed_memory() in (True, False)    # True on glibc, False on other C libraries
 
 
 def test_add_up_sums_each_position():
     parts = [(np.ones(2), np.full(3, 2.0)), (np.ones(2), np.full(3, 5.0))]
-    total = cpu.add_up(parts)
+    total = kernels.add_up(parts)
     assert np.array_equal(total[0], [2, 2]) and np.array_equal(total[1], [7, 7, 7])
 
 
@@ -294,14 +294,14 @@ def test_split_ops_equal_unsplit_ones(index, monkeypatch, threads):
     name, fn, arrays = _ops(np.random.default_rng(index))[index]
     threads(1)
     whole, whole_grads = _value_and_grads(fn, arrays)
-    monkeypatch.setattr(cpu, "BLOCK_NUMBERS", 8)
-    monkeypatch.setattr(cpu, "MIN_PARALLEL_NUMBERS", 1)
-    monkeypatch.setattr(cpu, "MIN_PARALLEL_PRODUCTS", 1)
-    monkeypatch.setattr(cpu, "MIN_ROWS_PER_WEIGHT", 1)
-    monkeypatch.setattr(cpu, "for_rows", _counting(cpu.for_rows))
+    monkeypatch.setattr(kernels, "BLOCK_NUMBERS", 8)
+    monkeypatch.setattr(kernels, "MIN_PARALLEL_NUMBERS", 1)
+    monkeypatch.setattr(kernels, "MIN_PARALLEL_PRODUCTS", 1)
+    monkeypatch.setattr(kernels, "MIN_ROWS_PER_WEIGHT", 1)
+    monkeypatch.setattr(kernels, "for_rows", _counting(kernels.for_rows))
     threads(3)
     split, split_grads = _value_and_grads(fn, arrays)
-    assert cpu.for_rows.split_calls > 0, f"{name} never split its rows"
+    assert kernels.for_rows.split_calls > 0, f"{name} never split its rows"
     np.testing.assert_allclose(split, whole, rtol=1e-12, atol=1e-12)
     for g_split, g_whole in zip(split_grads, whole_grads):
         np.testing.assert_allclose(g_split, g_whole, rtol=1e-12, atol=1e-12)

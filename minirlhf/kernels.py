@@ -1,0 +1,522 @@
+"""The CPU scheduling of the fused ops: threads for the big row-wise kernels, the BLAS, freed memory,
+and the kernels themselves (the end of the file), named by what they compute.
+
+`functional.py` states each op's math and calls the kernel here; `reference.py` holds the plain
+version of each. Measurements behind the constants below: benchmarks/README.md.
+
+Threads. NumPy runs each ufunc on one core. The large fused ops of a GPT step (the linear layers,
+attention, GELU, cross-entropy) work on rows that do not depend on each other, so they are cut into
+blocks of rows, and the caller's thread and a small pool take the blocks one at a time until none
+is left (NumPy and the BLAS release Python's GIL while they compute). Each op writes the loop body
+it would write for all rows at once:
+
+    def rows(lo, hi):                       # rows lo:hi of x (N, C) and of the output y
+        xp.exp(x[lo:hi], out=y[lo:hi])
+    kernels.for_rows(rows, N, row_size=C)
+
+Elementwise blocks hold about 256K numbers (1 MB of float32): fewer, longer NumPy calls win, because
+every call hands Python's GIL between threads and a thread left waiting for it is put to sleep.
+Work that calls the BLAS (matrix products) is cut into two blocks per thread. On CuPy arrays, small
+inputs or one thread, ``fn`` is simply called once.
+
+The BLAS. Two thread pools on the same cores fight, so while our threads run matrix products
+OpenBLAS is held to one thread each (and set back after). The products minirlhf splits are the big
+ones; small ones (sampling a few rows at a time) are left to OpenBLAS's own threads.
+
+Freed memory. glibc gives freed blocks larger than 128 KB back to the operating system, and the next
+training step, which allocates the same activations again, faults them back in page by page. On
+first use minirlhf tells glibc to keep freed
+memory below 32 MB for reuse (``mallopt``), as PyTorch's and CuPy's GPU memory pools do. The cost:
+the process does not shrink after its peak. ``MINIRLHF_KEEP_MEMORY=0`` turns this off.
+
+``MINIRLHF_NUM_THREADS`` (or ``set_num_threads``) sets the number of threads; by default, the CPUs
+this process may use, at most 8.
+"""
+
+import contextlib
+import ctypes
+import itertools
+import os
+import queue
+import threading
+
+from . import backend
+
+BLOCK_NUMBERS = 1 << 18          # numbers per block of an elementwise op: 1 MB of float32
+MIN_PARALLEL_NUMBERS = 1 << 19   # below two blocks, threads cost more than they save ...
+MIN_PARALLEL_PRODUCTS = 1 << 22  # ... and for matrix work, below this many multiply-adds
+MIN_ROWS_PER_WEIGHT = 64         # rows per block when every block reads one shared weight
+BLAS_BLOCKS_PER_THREAD = 2       # matrix work: blocks per thread (see "Sharing the blocks")
+
+_state = {"threads": None, "pool": None, "pool_pid": None, "memory_kept": None,
+          "blas": None, "blas_regions": 0, "blas_before": None}
+_lock = threading.Lock()
+
+
+def get_num_threads():
+    """The number of threads minirlhf's row-wise kernels use."""
+    if _state["threads"] is None:
+        keep_freed_memory()
+        env = os.environ.get("MINIRLHF_NUM_THREADS")
+        if env is not None:
+            if not env.strip().isdigit() or int(env) < 1:
+                raise ValueError(f"MINIRLHF_NUM_THREADS must be a positive integer, got {env!r}")
+            set_num_threads(int(env))
+        else:
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+            set_num_threads(min(cpus or 1, 8))
+    return _state["threads"]
+
+
+def set_num_threads(n):
+    """Use ``n`` threads for minirlhf's row-wise kernels (1: blocks run one after another)."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"set_num_threads: need a positive int, got {n!r}")
+    with _lock:
+        if _state["pool"] is not None and _state["pool_pid"] == os.getpid():
+            _state["pool"].shutdown()
+        _state["threads"] = n
+        _state["pool"] = _Pool(n - 1) if n > 1 else None
+        _state["pool_pid"] = os.getpid()
+
+
+def for_rows(fn, n_rows, row_size, blas=False, shared_weight=False, xp=None):
+    """Call ``fn(lo, hi)`` on blocks of rows that cover ``range(n_rows)``; its results, in order.
+
+    ``row_size``: numbers per row, which sets the block size (for BLAS work, multiply-adds per row).
+    ``fn`` must only write its own rows of its outputs; what it returns (a partial sum, say) comes
+    back as a list, one per block.
+    ``blas=True``: ``fn`` calls the BLAS, so blocks are few and large (a couple per thread).
+    ``shared_weight=True``: every block multiplies by the same weight, so each block needs
+    ``MIN_ROWS_PER_WEIGHT`` rows (a few rows by a shared weight read the whole weight for little work).
+    ``xp``: the array module; on CuPy ``fn(0, n_rows)`` runs once, the GPU being parallel already.
+    """
+    total = n_rows * row_size
+    if (xp is not None and xp.__name__ != "numpy") or total < (
+            MIN_PARALLEL_PRODUCTS if blas else MIN_PARALLEL_NUMBERS):
+        return [fn(0, n_rows)]                                # GPU, or too little work to split
+    threads = get_num_threads()
+    if threads > 1 and _state["pool_pid"] != os.getpid():
+        set_num_threads(threads)        # a forked child: the parent's pool threads did not come along
+    if blas:  # a few blocks per thread, if the product is big enough and OpenBLAS can be held to one
+        worth_it = threads > 1 and _openblas() is not None
+        min_rows = MIN_ROWS_PER_WEIGHT if shared_weight else 1
+        n_blocks = min(BLAS_BLOCKS_PER_THREAD * threads, n_rows // min_rows) if worth_it else 1
+    else:     # blocks of BLOCK_NUMBERS numbers
+        n_blocks = min(n_rows, total // BLOCK_NUMBERS)
+    if n_blocks <= 1:
+        return [fn(0, n_rows)]
+    bounds = [n_rows * i // n_blocks for i in range(n_blocks + 1)]
+    job = _Job(fn, list(zip(bounds[:-1], bounds[1:])))
+    if threads == 1 or threading.current_thread().name.startswith("minirlhf"):
+        job.work()                                            # one after another
+    else:
+        with blas_on_one_thread() if blas else contextlib.nullcontext():
+            _state["pool"].wake(job)
+            job.work()                                        # this thread takes blocks too
+            job.all_done.acquire()                            # no block is still running
+    if job.error is not None:
+        raise job.error
+    return job.results
+
+
+# ----- sharing the blocks ---------------------------------------------------------------------------
+#
+# A thread woken from sleep starts late, so a fixed share per thread would make the caller wait for
+# the last one; instead the blocks sit in a `_Job` and each thread takes the next one when it is
+# free: the caller starts at once, and a pool thread that wakes late finds fewer blocks left.
+
+class _Job:
+    """One call of `for_rows`: its blocks, taken one at a time by whichever thread is free."""
+
+    def __init__(self, fn, blocks):
+        self.fn, self.blocks = fn, blocks
+        self.results = [None] * len(blocks)
+        self.error = None
+        self._next = itertools.count()             # next() on a count is atomic under the GIL
+        self._finished = itertools.count(1)
+        self.all_done = threading.Lock()           # held until the last block has finished
+        self.all_done.acquire()
+
+    def work(self):
+        """Run blocks until none is left to take."""
+        for i in self._next:
+            if i >= len(self.blocks):
+                return
+            try:
+                self.results[i] = self.fn(*self.blocks[i])
+            except BaseException as e:             # kept for the caller, who raises it
+                self.error = e
+            if next(self._finished) == len(self.blocks):
+                self.all_done.release()
+
+
+class _Pool:
+    """``n`` threads that sleep until a job is handed to them, then take its blocks."""
+
+    def __init__(self, n):
+        self.jobs = queue.SimpleQueue()
+        self.threads = [threading.Thread(target=self._run, name=f"minirlhf-{i}", daemon=True)
+                        for i in range(n)]
+        for t in self.threads:
+            t.start()
+
+    def wake(self, job):
+        for _ in self.threads:
+            self.jobs.put(job)
+
+    def shutdown(self):
+        for _ in self.threads:
+            self.jobs.put(None)
+        for t in self.threads:
+            t.join()
+
+    def _run(self):
+        while (job := self.jobs.get()) is not None:
+            job.work()
+
+
+def add_up(parts):
+    """Sum per-block results elementwise: ``[(gw, gb), (gw, gb)] -> (gw + gw, gb + gb)``."""
+    total = list(parts[0])
+    for part in parts[1:]:
+        for i, value in enumerate(part):
+            total[i] += value
+    return tuple(total)
+
+
+# ----- OpenBLAS's thread count ----------------------------------------------------------------------
+
+def _openblas():
+    """(get, set) of the thread count of the OpenBLAS that NumPy loaded, or None when it cannot be
+    found (MKL, Apple's Accelerate, a platform without /proc): then matrix products are not split
+    and the BLAS threads them on its own."""
+    if _state["blas"] is None:
+        _state["blas"] = _find_openblas() or False
+    return _state["blas"] or None
+
+
+def _find_openblas():
+    # NumPy is imported by now (backend.py), so its BLAS shows in the process's memory map
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "openblas" in line.lower()}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        lib = ctypes.CDLL(path)
+        for prefix, suffix in (("scipy_", "64_"), ("", "64_"), ("scipy_", ""), ("", "")):
+            get = getattr(lib, f"{prefix}openblas_get_num_threads{suffix}", None)
+            put = getattr(lib, f"{prefix}openblas_set_num_threads{suffix}", None)
+            if get is not None and put is not None:
+                get.restype, put.argtypes = ctypes.c_int, [ctypes.c_int]
+                return get, put
+    return None
+
+
+# OpenBLAS runs a matrix-vector product of fewer numbers than this on one thread anyway (its rule:
+# 2304 × GEMM_MULTITHREAD_THRESHOLD, which is 4)
+GEMV_ONE_THREAD_BELOW = 2304 * 4
+_NO_REGION = contextlib.nullcontext()
+
+
+def blas_on_one_thread(size=None):
+    """``with kernels.blas_on_one_thread():`` OpenBLAS computes on the calling thread only inside, and
+    as before after.
+
+    `for_rows` holds it while its threads run matrix products. Outside, LayerNorm's matrix-vector
+    products use it: OpenBLAS would split them across its threads, which then spin waiting for
+    more work and hold the cores that the next op's threads need. Regions may overlap (ops called
+    from several threads of the user's): the first to enter saves OpenBLAS's setting, the last to
+    leave puts it back.
+
+    ``size``: the numbers in the matrix of the matrix-vector products inside. Below
+    ``GEMV_ONE_THREAD_BELOW`` OpenBLAS keeps them on one thread itself, and the region, which costs
+    more than such small products, is skipped.
+    """
+    if size is not None and size < GEMV_ONE_THREAD_BELOW:
+        return _NO_REGION
+    return _blas_region()
+
+
+@contextlib.contextmanager
+def _blas_region():
+    blas = _openblas()
+    if blas is None:
+        yield
+        return
+    get, put = blas
+    with _lock:
+        if _state["blas_regions"] == 0:
+            _state["blas_before"] = get()
+            put(1)
+        _state["blas_regions"] += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _state["blas_regions"] -= 1
+            if _state["blas_regions"] == 0:
+                put(_state["blas_before"])
+
+
+# ----- freed memory ---------------------------------------------------------------------------------
+
+def keep_freed_memory():
+    """Ask glibc to keep freed blocks under 32 MB for reuse instead of returning them to the OS.
+
+    True when glibc took the settings; False elsewhere (another C library, MINIRLHF_KEEP_MEMORY=0).
+    """
+    if _state["memory_kept"] is None:
+        _state["memory_kept"] = False
+        if os.environ.get("MINIRLHF_KEEP_MEMORY", "1") != "0":
+            try:
+                mallopt = ctypes.CDLL(None).mallopt
+            except (OSError, AttributeError):  # not glibc
+                return False
+            mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+            M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3    # from glibc's <malloc.h>
+            _state["memory_kept"] = bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)
+                                         and mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    return _state["memory_kept"]
+
+
+# ===================================================================================================
+# the fused ops' kernels
+#
+# What the Functions of functional.py compute, scheduled for the CPU: rows cut into blocks that the
+# threads above share, results written into arrays made once, intermediates reused in place. Each
+# function's docstring says what it computes; functional.py states the math and calls it. On CuPy
+# arrays every block is the whole array, so the same code runs as a few whole-array kernels.
+
+
+def log_softmax(x, axis=-1, out=None):
+    """log softmax(x) = (x - max x) - log Σ exp(x - max x) of a raw array: shifting by the max
+    keeps ``exp`` from overflowing. ``out``: an array to write the result into."""
+    xp = backend.get_array_module(x)
+    shifted = xp.subtract(x, x.max(axis=axis, keepdims=True), out=out)
+    shifted -= xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+    return shifted
+
+
+def log_softmax_rows(x):
+    """log softmax of each row of x (N, V): a new (N, V) array."""
+    xp = backend.get_array_module(x)
+    logp = xp.empty(x.shape, x.dtype)
+
+    def rows(lo, hi):
+        log_softmax(x[lo:hi], axis=-1, out=logp[lo:hi])
+
+    for_rows(rows, x.shape[0], x.shape[1], xp=xp)
+    return logp
+
+
+def softmax_rows_times(logp, scale):
+    """softmax · scale of each row, from its log-softmax logp (N, V) and a scale (N, 1): (N, V)."""
+    xp = backend.get_array_module(logp)
+    g = xp.empty(logp.shape, logp.dtype)
+
+    def rows(lo, hi):
+        xp.exp(logp[lo:hi], out=g[lo:hi])
+        g[lo:hi] *= scale[lo:hi]
+
+    for_rows(rows, g.shape[0], g.shape[1], xp=xp)
+    return g
+
+
+def affine_rows(x, weight, bias=None):
+    """x W + b for x (N, in), W (in, out), b (out,): (N, out), one GEMM per block of rows."""
+    xp = backend.get_array_module(x)
+    y = xp.empty((x.shape[0], weight.shape[1]), xp.result_type(x, weight))
+
+    def rows(lo, hi):
+        block = y[lo:hi]
+        xp.matmul(x[lo:hi], weight, out=block)
+        if bias is not None:
+            block += bias                      # in place (`y[lo:hi] += bias` would copy it back)
+
+    for_rows(rows, x.shape[0], weight.size, blas=True, shared_weight=True, xp=xp)
+    return y
+
+
+def affine_rows_grads(x, weight, gy, with_bias):
+    """The gradients of y = x W + b over rows: gx = gy Wᵀ (N, in), gW = xᵀ gy (in, out) and, with
+    ``with_bias``, gb = Σ_rows gy (out,). Each block adds its rows' share to the sums gW and gb."""
+    xp = backend.get_array_module(gy)
+    gx = xp.empty(x.shape, xp.result_type(gy, weight))
+
+    def rows(lo, hi):
+        xp.matmul(gy[lo:hi], weight.T, out=gx[lo:hi])
+        gw = x[lo:hi].T @ gy[lo:hi]
+        return (gw, backend.sum_first(gy[lo:hi])) if with_bias else (gw,)
+
+    sums = add_up(for_rows(rows, gy.shape[0], weight.size, blas=True, shared_weight=True, xp=xp))
+    return (gx,) + sums
+
+
+def normalize_rows(x, eps):
+    """x̂ = (x - μ) / sqrt(σ² + eps) and rstd = 1 / sqrt(σ² + eps) (N, 1), μ and σ² each row's
+    mean and variance, for x (N, C). The means are matrix-vector products on one OpenBLAS thread
+    (`blas_on_one_thread` says why)."""
+    xp = backend.get_array_module(x)
+    with blas_on_one_thread(size=x.size):
+        xhat = x - backend.mean_last(x)[:, None]                     # x - μ
+        var = backend.mean_last(xp.square(xhat))                     # σ², (N,)
+    rstd = ((var + x.dtype.type(eps)) ** -0.5)[:, None]              # (N, 1)
+    xhat *= rstd                                                     # x̂, in place
+    return xhat, rstd
+
+
+def layer_norm_grads(gy, xhat, weight, rstd):
+    """The gradients of y = x̂ w + b over the rows of gy (N, C):
+    gx = rstd · (g - mean(g) - x̂ · mean(g x̂)) with g = gy w,  gw = Σ_rows gy x̂,  gb = Σ_rows gy."""
+    xp = backend.get_array_module(gy)
+    gy_xhat = gy * xhat                                              # (N, C)
+    w_over_C = weight / xhat.shape[-1]                               # (C,)
+    with blas_on_one_thread(size=gy.size):
+        gw, gb = backend.sum_first(gy_xhat), backend.sum_first(gy)   # Σ_rows gy x̂, Σ_rows gy
+        mean_g = gy @ w_over_C                                       # mean(g), (N,)
+        mean_g_xhat = gy_xhat @ w_over_C                             # mean(g x̂), (N,)
+    gx = gy * weight                                                 # g
+    gx -= mean_g[:, None]
+    gx -= xp.multiply(xhat, mean_g_xhat[:, None], out=gy_xhat)      # x̂ · mean(g x̂)
+    gx *= rstd
+    return gx, gw, gb
+
+
+GELU_C = 0.7978845608028654          # √(2/π)
+
+
+def gelu_tanh(x):
+    """y = x σ(2u), u = √(2/π)(x + 0.044715 x³) (the same as ½ x (1 + tanh u)), and s = σ(2u):
+    both shaped like x. σ rather than tanh, because NumPy's float32 tanh is the slower one."""
+    xp = backend.get_array_module(x)
+    c, a = x.dtype.type(GELU_C), x.dtype.type(0.044715)
+    flat, s, y = x.reshape(-1), xp.empty(x.size, x.dtype), xp.empty(x.size, x.dtype)
+
+    def rows(lo, hi):                          # elements lo:hi
+        xb, e = flat[lo:hi], s[lo:hi]
+        xp.multiply(xb, xb, out=e)             # -2u = -2√(2/π)(x + a x³) = x(-2c - 2c·a·x²)
+        e *= -2 * c * a
+        e -= 2 * c
+        e *= xb
+        xp.clip(e, -80, 80, out=e)             # exp(80) is finite in float32; σ is 0 or 1 there
+        xp.exp(e, out=e)
+        e += 1
+        xp.divide(1, e, out=e)                 # s = σ(2u) = 1 / (1 + e^(-2u))
+        xp.multiply(xb, e, out=y[lo:hi])       # y = x σ(2u)
+
+    for_rows(rows, flat.size, 1, xp=xp)
+    return y.reshape(x.shape), s.reshape(x.shape)
+
+
+def gelu_tanh_grad(x, s, gy):
+    """gx = gy · (σ + x · 2σ(1 - σ) · √(2/π)(1 + 3 · 0.044715 x²)) with σ = s = σ(2u): shaped like x."""
+    xp = backend.get_array_module(gy)
+    flat, s, gy = x.reshape(-1), s.reshape(-1), gy.reshape(-1)
+    c, a = x.dtype.type(GELU_C), x.dtype.type(0.044715)
+    gx = xp.empty(flat.size, x.dtype)
+
+    def rows(lo, hi):
+        xb, sb, g = flat[lo:hi], s[lo:hi], gx[lo:hi]
+        xp.multiply(xb, xb, out=g)             # 2x · c(1 + 3a x²)
+        g *= 6 * c * a
+        g += 2 * c
+        g *= xb
+        g *= sb                                # · σ(1 - σ)
+        g *= 1 - sb
+        g += sb                                # + σ
+        g *= gy[lo:hi]
+
+    for_rows(rows, flat.size, 1, xp=xp)
+    return gx.reshape(x.shape)
+
+
+def compact_rows(a):
+    """``a`` with compact rows (its last two axes laid out densely), copied only if it is not.
+    Heads split out of one (B, T, 3C) projection are views whose rows are far apart, and batched
+    GEMMs on compact copies are faster (a KV cache's slices are compact already)."""
+    if a.strides[-2] == a.shape[-1] * a.itemsize and a.strides[-1] == a.itemsize:
+        return a
+    return backend.get_array_module(a).ascontiguousarray(a)
+
+
+_CAUSAL_BIAS = {}
+
+
+def causal_bias(xp, Tq, Tk, dtype):
+    """(Tq, Tk): 0 where query i may see key j, -inf on the future. Query i sits at absolute
+    position Tk - Tq + i, after every cached key. Built once per shape and reused."""
+    key = (xp.__name__, Tq, Tk, dtype)
+    if key not in _CAUSAL_BIAS:
+        future = xp.triu(xp.ones((Tq, Tk), dtype=bool), k=Tk - Tq + 1)
+        _CAUSAL_BIAS[key] = xp.where(future, dtype.type(-xp.inf), dtype.type(0))
+    return _CAUSAL_BIAS[key]
+
+
+def attention(q, k, v, scale, allowed=None):
+    """y = P v with P = softmax(scale · q kᵀ + mask), for q (..., Tq, hs), k and v (..., Tk, hs):
+    returns y (..., Tq, hs) and P (..., Tq, Tk). The mask is causal, or, given ``allowed`` (a
+    boolean array broadcastable to (..., Tq, Tk)), -inf where it is False. Blocks of batch rows
+    run on threads; P is computed in place in its own array."""
+    xp = backend.get_array_module(q)
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    P = xp.empty(q.shape[:-1] + (Tk,), q.dtype)                     # (..., Tq, Tk)
+    y = xp.empty(q.shape, q.dtype)                                   # (..., Tq, hs)
+
+    def rows(lo, hi):                                                # batch rows lo:hi
+        q_, k_, v_, P_, y_ = _batch_rows(lo, hi, q, q, k, v, P, y)
+        # scaling q (…, T, hs) is cheaper than scaling s (…, T, T)
+        xp.matmul(q_ * scale, xp.swapaxes(k_, -1, -2), out=P_)      # s
+        if allowed is None:
+            if Tq > 1:                                               # (one new query sees all keys)
+                P_ += causal_bias(xp, Tq, Tk, P_.dtype)              # -inf on future keys
+        else:
+            allowed_, = _batch_rows(lo, hi, q, allowed)
+            P_[...] = xp.where(allowed_, P_, P_.dtype.type(-xp.inf))
+        P_ -= P_.max(axis=-1, keepdims=True)
+        xp.exp(P_, out=P_)
+        P_ /= backend.sum_last(P_)[..., None]                        # softmax, in place
+        xp.matmul(P_, v_, out=y_)                                    # y = P v
+
+    _for_batch_rows(rows, q, k, P, xp)
+    return y, P
+
+
+def attention_grads(q, k, v, P, gy, scale, out=None):
+    """The gradients of y = P v, P = softmax(s), s = scale · q kᵀ (masked): gv = Pᵀ gy,
+    gs = P ⊙ (gP - Σ_j gP_j P_j) with gP = gy vᵀ, gq = scale · gs k, gk = scale · gsᵀ q.
+    ``out``: three arrays shaped like q, k and v to write gq, gk and gv into."""
+    xp = backend.get_array_module(gy)
+    gq, gk, gv = out if out is not None else (xp.empty_like(q), xp.empty_like(k), xp.empty_like(v))
+
+    def rows(lo, hi):                                                # batch rows lo:hi
+        q_, k_, v_, P_, gy_, gq_, gk_, gv_ = _batch_rows(lo, hi, q, q, k, v, P, gy, gq, gk, gv)
+        xp.matmul(xp.swapaxes(P_, -1, -2), gy_, out=gv_)            # (..., Tk, hs)
+        gs = gy_ @ xp.swapaxes(v_, -1, -2)                           # gP, (..., Tq, Tk)
+        gs -= backend.sum_last(gs * P_)[..., None]                   # gs = P ⊙ (gP - Σ gP P)
+        gs *= P_
+        xp.matmul(gs, k_, out=gq_)                                   # scale applied to the small
+        gq_ *= scale                                                 # (…, T, hs) results
+        xp.matmul(xp.swapaxes(gs, -1, -2), q_, out=gk_)
+        gk_ *= scale
+
+    _for_batch_rows(rows, q, k, P, xp)
+    return gq, gk, gv
+
+
+def _for_batch_rows(rows, q, k, P, xp):
+    """Run ``rows(lo, hi)`` over blocks of the leading (batch) axis, on CPU threads."""
+    if q.ndim < 3 or q.shape[:-2] != k.shape[:-2]:
+        rows(0, None)                                                # everything in one block
+        return
+    per_row = P[:1].size * q.shape[-1]                               # multiply-adds of one row
+    for_rows(rows, q.shape[0], per_row, blas=True, xp=xp)
+
+
+def _batch_rows(lo, hi, q, *arrays):
+    """Each array's batch rows lo:hi; an array (a mask) broadcast along that axis is kept."""
+    if hi is None:
+        return arrays
+    n = q.shape[0]
+    return tuple(a[lo:hi] if a.ndim == q.ndim and a.shape[0] == n and n > 1 else a for a in arrays)
