@@ -47,7 +47,7 @@ def save_checkpoint(path, model, config, optimizer=None, step=0, rng_state=None,
     """
     path = os.fspath(path)
     state = model.state_dict()
-    bad = _non_finite(state)
+    bad = non_finite(state)
     if bad:
         raise CheckpointError(f"{path}: not written: the weights {bad} are NaN or infinite")
     arrays = {}
@@ -185,7 +185,7 @@ def _read(path):
     return arrays, header
 
 
-def _non_finite(state):
+def non_finite(state):
     """The names (comma-separated, or "") of the arrays in ``state`` with a NaN or an infinity."""
     bad = [name for name, a in state.items()
            if hasattr(a, "dtype") and a.dtype.kind in "fc"
@@ -194,7 +194,7 @@ def _non_finite(state):
 
 
 def _check_finite(path, weights):
-    bad = _non_finite(weights or {})
+    bad = non_finite(weights or {})
     if bad:
         raise CheckpointError(f"{path}: the weights {bad} are NaN or infinite (the run that wrote it "
                               f"diverged); use an earlier checkpoint")

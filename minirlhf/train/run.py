@@ -35,7 +35,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..checkpoint import CheckpointError, non_finite, load_checkpoint, save_checkpoint
 from .common import ConfigError, _jsonable
 
 try:
@@ -73,6 +73,7 @@ class Run:
         self.out = Path(cfg.out_dir)
         self.ckpt_path = self.out / checkpoint_name
         self.metrics_path, self.record_path = self.out / "metrics.jsonl", self.out / "run.json"
+        self.also = {}
         self.model = self.optimizer = self.bar = self.metrics_file = self._lock = None
         self.rngs, self.last, self.saved_step, self.step = {}, {}, None, 0
         self.t0 = time.time()
@@ -172,13 +173,16 @@ class Run:
 
     # ----- resuming ----------------------------------------------------------------------------
 
-    def restore(self, model, optimizer, rngs=None):
+    def restore(self, model, optimizer, rngs=None, also=None):
         """Register what a checkpoint holds and load the last one, if any; returns its step (or 0).
 
         ``rngs``: named ``numpy.random.Generator`` s, restored in place (``model.dropout_rng`` is
-        added as "dropout"). ``metrics.jsonl`` is cut back to the steps the checkpoint has seen.
+        added as "dropout"). ``also``: more named things with ``state_dict``/``load_state_dict``
+        (a value model, its optimizer). ``metrics.jsonl`` is cut back to the steps the checkpoint
+        has seen.
         """
         self.model, self.optimizer = model, optimizer
+        self.also = dict(also or {})
         self.rngs = dict(rngs or {})
         if getattr(model, "dropout_rng", None) is not None:
             self.rngs["dropout"] = model.dropout_rng
@@ -191,6 +195,14 @@ class Run:
                 if name not in saved:
                     raise CheckpointError(f"{self.ckpt_path}: no state of the {name} RNG")
                 rng.bit_generator.state = saved[name]
+            also = (ckpt["extra"] or {}).get("also", {})
+            for name, obj in self.also.items():
+                if name not in also:
+                    raise CheckpointError(f"{self.ckpt_path}: no state of {name}")
+                try:
+                    obj.load_state_dict(also[name])
+                except (ValueError, KeyError, IndexError) as e:
+                    raise CheckpointError(f"{self.ckpt_path}: the state of {name} does not fit: {e}") from None
         self._open_metrics(start)
         self.step = start
         return start
@@ -294,10 +306,15 @@ class Run:
 
     def save(self, step):
         """Write the checkpoint of ``step`` atomically (a file with a NaN weight is refused)."""
+        also = {name: obj.state_dict() for name, obj in self.also.items()}
+        for name, state in also.items():
+            bad = non_finite(state)
+            if bad:
+                raise CheckpointError(f"{self.ckpt_path}: not written: {name}'s {bad} are NaN or infinite")
         save_checkpoint(self.ckpt_path, self.model, self.model.config, self.optimizer, step=step,
                         rng_state=self.rngs,
                         extra={"stage": self.stage, "init": getattr(self.cfg, "init", None),
-                               "settings": asdict(self.cfg)})
+                               "settings": asdict(self.cfg), "also": also})
         self.saved_step = step
 
     def print(self, text):
