@@ -64,9 +64,9 @@ def check_common(cfg):
         if hasattr(cfg, name):
             require(getattr(cfg, name) >= 1, f"{name} must be at least 1, got {getattr(cfg, name)}")
     if hasattr(cfg, "lr"):
-        require(math.isfinite(cfg.lr) and cfg.lr > 0, f"lr must be a positive number, got {cfg.lr}")
+        require(math.isfinite(cfg.lr) and cfg.lr > 0, f"lr must be positive and finite, got {cfg.lr}")
     if hasattr(cfg, "beta"):
-        require(math.isfinite(cfg.beta) and cfg.beta > 0, f"beta must be a positive number, got {cfg.beta}")
+        require(math.isfinite(cfg.beta) and cfg.beta > 0, f"beta must be positive and finite, got {cfg.beta}")
     for name in ("grad_clip", "weight_decay", "margin", "label_smoothing", "val_fraction"):
         if hasattr(cfg, name):  # inf or NaN would reach the weights as NaN
             require(math.isfinite(getattr(cfg, name)), f"{name} must be a finite number, got {getattr(cfg, name)}")
