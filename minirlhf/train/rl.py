@@ -198,7 +198,10 @@ def _train(cfg, run, metrics_fn):
     run.print(f"rl: {len(records)} prompts from {cfg.prompts}\n{config_summary(cfg)}")
     for step in run.steps(start):
         prompt_texts = prompts[step - 1]
-        rows, completions, group = sample_batch(policy, prompt_texts, cfg, tokenizer, rng)
+        try:
+            rows, completions, group = sample_batch(policy, prompt_texts, cfg, tokenizer, rng)
+        except FloatingPointError:   # the last update made the logits overflow: diverged
+            run.check_finite("policy's logits", math.nan)
         row_prompts = [prompt_texts[g] for g in group]
         R = rewarder(rows, row_prompts, completions)                         # (N,)
 

@@ -44,7 +44,7 @@ except ImportError:          # Windows: no advisory locks; runs are then not pro
     fcntl = None
 
 # settings that may change between the runs of one folder: they change neither the numbers nor the data
-NOT_SETTINGS = ("quiet", "device", "overwrite", "max_steps")
+NOT_SETTINGS = ("quiet", "device", "overwrite", "max_steps", "ckpt_interval")
 # config fields that name input files: a run made from other versions of them is another run
 INPUT_FIELDS = ("data", "init", "prompts", "reward_model")
 
