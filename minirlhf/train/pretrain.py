@@ -124,7 +124,8 @@ def _train(cfg, run):
         optimizer.lr = lr_schedule(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr)
         x, y = get_batch(train_tokens, cfg.block_size, cfg.batch_size, data_rng)
         logits = model(batch_tensor(x, cfg.device))                  # (B, T, V)
-        loss, grad_norm = run.update(F.cross_entropy(logits, batch_tensor(y, cfg.device)))
+        loss_t = F.cross_entropy(logits, batch_tensor(y, cfg.device))
+        loss, grad_norm = run.update(loss_t)
 
         metrics = {"loss": loss, "lr": optimizer.lr, "grad_norm": grad_norm}
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
