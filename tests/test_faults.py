@@ -59,14 +59,10 @@ def files(tmp_path_factory):
     pretrain(PretrainConfig(data=str(corpus), out_dir=str(root / "pre"), **MODEL, dropout=0.1,
                             batch_size=4, max_steps=2, eval_interval=2, eval_batches=1,
                             sample_interval=0, quiet=True))
-    rng = np.random.default_rng(0)
-    words = ["love", "hate", "sweet", "foul", "fair", "night"]
-    sft_rows, prefs, prompts = [], [], []
-    for i in range(12):
-        prompt = f"S{i}: " + " ".join(rng.choice(words, 2))
-        sft_rows.append({"prompt": prompt, "completion": "sweet love"})
-        prefs.append({"prompt": prompt, "chosen": "fair love", "rejected": "foul hate"})
-        prompts.append({"prompt": prompt})
+    texts = [f"S{i}: {w}" for i, w in enumerate(["love", "hate", "sweet", "foul", "fair", "night"] * 2)]
+    sft_rows = [{"prompt": t, "completion": "sweet love"} for t in texts]
+    prefs = [{"prompt": t, "chosen": "fair love", "rejected": "foul hate"} for t in texts]
+    prompts = [{"prompt": t} for t in texts]
     (root / "score.py").write_text("def score(prompt, completion):\n"
                                    "    return completion.count('e') - 0.1 * len(completion)\n")
     return {"root": root, "corpus": str(corpus), "pre": str(root / "pre" / "ckpt.npz"),

@@ -101,14 +101,7 @@ class RunLog:
 
     def step(self, step, metrics, advance=1):
         """Record one step's metrics (floats) and advance the bar."""
-        row = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()},
-               "time": round(time.time() - self.start, 3)}
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-        shown = {k: f"{v:.4g}" for k, v in row.items() if isinstance(v, float) and k != "time"}
-        self.bar.set_postfix(shown, refresh=False)
-        self.bar.update(advance)
-        return row
+        return log_row(self.file, self.bar, self.start, step, metrics, advance)
 
     def print(self, text):
         """A message that does not break the progress bar."""
@@ -118,6 +111,18 @@ class RunLog:
     def close(self):
         self.bar.close()
         self.file.close()
+
+
+def log_row(file, bar, start, step, metrics, advance=1):
+    """Write ``{"step", **metrics, "time"}`` as one JSON line (NaN as null), show it on ``bar``."""
+    row = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()},
+           "time": round(time.time() - start, 3)}
+    file.write(json.dumps(row) + "\n")
+    file.flush()
+    shown = {k: f"{v:.4g}" for k, v in row.items() if isinstance(v, float) and k != "time"}
+    bar.set_postfix(shown, refresh=False)
+    bar.update(advance)
+    return row
 
 
 def _jsonable(v):

@@ -36,7 +36,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..checkpoint import CheckpointError, non_finite, load_checkpoint, save_checkpoint
-from .common import ConfigError, _jsonable
+from .common import ConfigError, _jsonable, log_row
 
 try:
     import fcntl
@@ -289,15 +289,8 @@ class Run:
 
     def log(self, step, metrics):
         """One JSON line of ``metrics`` for ``step`` (non-finite values as null) and the bar."""
-        row = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()},
-               "time": round(time.time() - self.t0, 3)}
-        self.metrics_file.write(json.dumps(row) + "\n")
-        self.metrics_file.flush()
-        shown = {k: f"{v:.4g}" for k, v in row.items() if isinstance(v, float) and k != "time"}
-        self.bar.set_postfix(shown, refresh=False)
-        self.bar.update(1)
-        self.last = row
-        return row
+        self.last = log_row(self.metrics_file, self.bar, self.t0, step, metrics)
+        return self.last
 
     def save_if_due(self, step):
         interval = getattr(self.cfg, "ckpt_interval", 0) or self.max_steps
