@@ -13,8 +13,9 @@ Every trainer runs the same way (`Run`'s docstring shows the code):
 
 * Running the same command again goes on from the last checkpoint, bit for bit: the data order
   comes from the seed and the step (`minirlhf.datasets.Minibatches`), the RNG states are saved.
-  A finished run says so and does nothing; other settings or other input files in the same folder
-  are refused unless ``--overwrite`` (``max_steps`` may change: a finished run goes on to more steps).
+  A finished run says so and does nothing; other settings or input files of other content in the
+  same folder are refused unless ``--overwrite``. ``max_steps`` may change (a finished run goes on
+  to more steps), and so may ``ckpt_interval``, ``device``, ``quiet`` and the folder's place.
 * A second run in a folder in use refuses, naming the process; the lock of a dead process is taken
   over, and the ``*.tmp`` files of a save that was killed are removed.
 * A NaN or infinite loss or gradient norm stops the run with one line (`DivergenceError`) before

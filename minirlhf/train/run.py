@@ -22,6 +22,7 @@ any step from the seed alone, so a checkpoint needs only the model, the optimize
 """
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -43,8 +44,9 @@ try:
 except ImportError:          # Windows: no advisory locks; runs are then not protected from each other
     fcntl = None
 
-# settings that may change between the runs of one folder: they change neither the numbers nor the data
-NOT_SETTINGS = ("quiet", "device", "overwrite", "max_steps", "ckpt_interval")
+# what may change between the runs of one folder (the folder itself may move): none of it changes
+# the numbers of the steps already taken
+NOT_SETTINGS = ("quiet", "device", "overwrite", "max_steps", "ckpt_interval", "out_dir")
 # config fields that name input files: a run made from other versions of them is another run
 INPUT_FIELDS = ("data", "init", "prompts", "reward_model")
 
@@ -129,8 +131,7 @@ class Run:
         for name in INPUT_FIELDS:
             value = getattr(self.cfg, name, None)
             if isinstance(value, str) and os.path.isfile(value):
-                st = os.stat(value)
-                inputs[name] = [st.st_size, st.st_mtime_ns]
+                inputs[name] = _digest(value)
         return json.loads(json.dumps({"stage": self.stage, "settings": settings, "inputs": inputs}))
 
     def _check_record(self):
@@ -370,6 +371,15 @@ def _difference(old, mine):
         return (f"a {mine['stage']} run made from other versions of its inputs "
                 f"({', '.join(f'{k} {b.get(k)}' for k in changed)} changed since)")
     return None
+
+
+def _digest(path):
+    """The SHA-256 of a file's bytes: the same content is the same input, wherever it was copied."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _command():
