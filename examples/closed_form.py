@@ -25,6 +25,7 @@ and, when matplotlib is installed, saves a bar chart of p_ref, p* and the traine
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -59,7 +60,7 @@ def main():
     parser.add_argument("--beta", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="a quick run: few steps and samples")
-    parser.add_argument("--plot", default="closed_form.png", help="where to save the bar chart")
+    parser.add_argument("--plot", default="runs/examples/closed_form.png", help="where to save the bar chart")
     args = parser.parse_args()
     if args.beta <= 0:
         parser.error("--beta must be > 0")
@@ -155,6 +156,7 @@ def main():
         ax.set_ylabel(f"p(y | prompt {i})")
         ax.legend(fontsize=8)
     fig.tight_layout()
+    Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.plot, dpi=120)
     print(f"saved {args.plot}")
 

@@ -14,6 +14,8 @@ numbers (an optimizer state, an RNG state) come back as they were saved, with st
 
 Saving writes a temporary file in the same folder, fsyncs it, then renames it over ``path``
 (``os.replace`` is atomic): a crash leaves either the old checkpoint or the new one, never half a file.
+The file gets the permissions of any new file (the umask decides), not those of a temporary file.
+Weights that are NaN or infinite are never written, and a file that holds some is refused on loading.
 """
 
 import contextlib
@@ -44,6 +46,10 @@ def save_checkpoint(path, model, config, optimizer=None, step=0, rng_state=None,
     ``extra``: any JSON-like metadata (numbers, strings, lists, dicts, NumPy arrays).
     """
     path = os.fspath(path)
+    state = model.state_dict()
+    bad = non_finite(state)
+    if bad:
+        raise CheckpointError(f"{path}: not written: the weights {bad} are NaN or infinite")
     arrays = {}
     header = {
         "format": FORMAT,
@@ -51,7 +57,7 @@ def save_checkpoint(path, model, config, optimizer=None, step=0, rng_state=None,
         "model_class": type(model).__name__,
         "config": _config_dict(config),
         "step": int(step),
-        "model": _pack(model.state_dict(), "model", arrays),
+        "model": _pack(state, "model", arrays),
         "optimizer": _pack(optimizer.state_dict(), "optimizer", arrays) if optimizer else None,
         "rng_state": _pack(rng_state, "rng", arrays),
         "extra": _pack(extra, "extra", arrays),
@@ -61,6 +67,7 @@ def save_checkpoint(path, model, config, optimizer=None, step=0, rng_state=None,
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())         # mkstemp makes 0600; a checkpoint is an ordinary file
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
             f.flush()
@@ -95,6 +102,7 @@ def load_checkpoint(path, model=None, optimizer=None):
         "extra": _unpack(header.get("extra"), arrays, path),
     }
     if model is not None:
+        _check_finite(path, ckpt["model"])
         _check_architecture(path, ckpt, model)
         try:
             model.load_state_dict(ckpt["model"])
@@ -129,6 +137,7 @@ def load_model(path, device="cpu"):
         config = GPTConfig(**ckpt["config"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: bad model config {ckpt['config']}: {e}") from None
+    _check_finite(path, ckpt["model"])
     model = classes[ckpt["model_class"]](config)
     try:
         model.load_state_dict(ckpt["model"])
@@ -223,6 +232,27 @@ def _read(path):
         raise CheckpointError(f"{path}: checkpoint format version {header.get('version')!r} is newer "
                               f"than this minirlhf reads ({VERSION}); upgrade minirlhf")
     return arrays, header
+
+
+def non_finite(state):
+    """The names (comma-separated, or "") of the arrays in ``state`` with a NaN or an infinity."""
+    bad = [name for name, a in state.items()
+           if hasattr(a, "dtype") and a.dtype.kind in "fc"
+           and not bool(backend.get_array_module(a).isfinite(a).all())]
+    return ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+
+
+def _check_finite(path, weights):
+    bad = non_finite(weights or {})
+    if bad:
+        raise CheckpointError(f"{path}: the weights {bad} are NaN or infinite (the run that wrote it "
+                              f"diverged); use an earlier checkpoint")
+
+
+def _umask():
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def _check_architecture(path, ckpt, model):

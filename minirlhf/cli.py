@@ -94,15 +94,24 @@ def main(argv=None):
     from .datasets import DataError
     from .train.common import ConfigError
     from .train.rl import RewardFunctionError
+    from .train.run import DivergenceError, Interrupted, command_line
+    import numpy as np
     try:
-        run(config_cls(**args))
+        # a run checks its loss and gradients itself and stops at the first NaN in one line: NumPy's
+        # warnings about the overflows that lead there would only bury that line
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            run(config_cls(**args))
     except (ConfigError, DataError, DeviceError, CheckpointError, FileNotFoundError,
             RewardFunctionError) as e:
         # bad input: one clear line, no traceback
         print(f"minirlhf {stage}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"\nminirlhf {stage}: interrupted; finished checkpoints are intact, run again to go on",
+    except DivergenceError as e:
+        print(f"minirlhf {stage}: error: {e}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt as e:
+        done = f"{e}" if isinstance(e, Interrupted) else "the last checkpoint is intact"
+        print(f"\nminirlhf {stage}: interrupted: {done}; to go on, type: {command_line(argv)}",
               file=sys.stderr)
         return 130
     return 0

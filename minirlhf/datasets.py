@@ -81,7 +81,7 @@ def load_text(path=None) -> str:
     if path.is_dir():
         files = sorted(p for p in path.glob("*.txt") if p.is_file())
         if not files:
-            raise ValueError(f"corpus folder has no .txt files: {path}")
+            raise DataError(f"corpus folder has no .txt files: {path}")
     else:
         files = [path]
 
@@ -89,18 +89,18 @@ def load_text(path=None) -> str:
     for file in files:
         text = _read_utf8(file)
         if not text.strip():
-            raise ValueError(f"corpus file is empty (or only whitespace): {file}")
+            raise DataError(f"corpus file is empty (or only whitespace): {file}")
         texts.append(text)
     return "\n\n".join(texts)
 
 
 def _read_utf8(file: Path) -> str:
-    """The file's text, or a ValueError naming the file and the first bad byte."""
+    """The file's text, or a DataError naming the file and the first bad byte."""
     data = file.read_bytes()
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(
+        raise DataError(
             f"{file} is not UTF-8 text: byte 0x{data[err.start]:02x} at offset "
             f"{err.start} ({err.reason}); re-save it as UTF-8"
         ) from None
@@ -242,7 +242,8 @@ def load_jsonl(path, fields) -> list[dict]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON: {err}") from None
+                # err's own "line 1 column 5" would be a second line number: give the column only
+                raise DataError(f"{where}: not valid JSON: {err.msg} at character {err.pos + 1}") from None
             if not isinstance(record, dict):
                 raise DataError(
                     f"{where}: expected a JSON object with fields {', '.join(fields)}, "
@@ -398,6 +399,46 @@ def collate(batch, pad_id: int = PAD, pad_to: int | None = None) -> dict:
         "lengths": lengths,
         "prompt_lengths": prompt_lengths,
     }
+
+
+class Minibatches:
+    """An endless, epoch-by-epoch shuffled order of minibatches whose ``k``-th batch is known directly.
+
+    ``batches[k]`` (k = 0, 1, ...) is batch ``k % n`` of epoch ``k // n`` (n = ``len(batches)``, the
+    batches per epoch; the last one of an epoch may be smaller). Epoch e's order is the permutation
+    drawn by ``numpy.random.default_rng((seed, e))``: it depends on nothing but the seed and e, so a
+    resumed run finds its place in the data from the step alone, with no RNG state to carry.
+
+        batches = Minibatches(rows, batch_size=16, seed=0)
+        for step in range(start + 1, max_steps + 1):
+            batch = batches[step - 1]
+    """
+
+    def __init__(self, items, batch_size: int, seed: int):
+        self.items = list(items)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not self.items:
+            raise ValueError("cannot make minibatches from an empty list")
+        self.batch_size, self.seed = batch_size, seed
+        self._epoch, self._order = None, None
+
+    def __len__(self):
+        return -(-len(self.items) // self.batch_size)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The permutation of the items in ``epoch``."""
+        if epoch != self._epoch:  # consecutive steps mostly share an epoch: keep its order
+            self._epoch = epoch
+            self._order = np.random.default_rng((self.seed, epoch)).permutation(len(self.items))
+        return self._order
+
+    def __getitem__(self, k: int) -> list:
+        if k < 0:
+            raise IndexError(f"batch index must be >= 0, got {k}")
+        epoch, i = divmod(k, len(self))
+        chunk = self.order(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
+        return [self.items[j] for j in chunk]
 
 
 def iterate_minibatches(items, batch_size: int, rng: np.random.Generator,

@@ -8,6 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 from minirlhf.datasets import (
     DataError,
+    Minibatches,
     TextDataset,
     builtin_corpus_path,
     collate,
@@ -424,3 +425,23 @@ def test_minibatches_are_deterministic_and_can_drop_the_last():
 def test_minibatches_forever_and_in_order_without_shuffle():
     batches = iterate_minibatches("abc", 2, np.random.default_rng(0), epochs=None, shuffle=False)
     assert [next(batches) for _ in range(4)] == [["a", "b"], ["c"], ["a", "b"], ["c"]]
+
+
+def test_any_batch_of_the_endless_order_is_known_from_the_seed_alone():
+    """What a resumed run needs: batch k without replaying batches 0..k-1."""
+    items = list(range(10))
+    batches = Minibatches(items, 3, seed=5)
+    walked = [batches[k] for k in range(12)]                     # three epochs, in order
+    assert len(batches) == 4 and [len(b) for b in walked] == [3, 3, 3, 1] * 3
+    assert all(sorted(sum(walked[e * 4:(e + 1) * 4], [])) == items for e in range(3))
+    assert walked[:4] != walked[4:8]                             # each epoch reshuffled
+    assert Minibatches(items, 3, seed=5)[9] == walked[9]         # a fresh object jumps straight there
+    assert Minibatches(items, 3, seed=6)[0] != walked[0]
+    with pytest.raises(ValueError, match="empty"):
+        Minibatches([], 3, seed=0)
+
+
+def test_a_bad_corpus_is_a_data_error_naming_the_file(tmp_path):
+    (tmp_path / "bad.txt").write_bytes(b"caf\xe9")
+    with pytest.raises(DataError, match="bad.txt is not UTF-8"):
+        load_text(tmp_path / "bad.txt")

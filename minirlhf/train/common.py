@@ -1,8 +1,27 @@
-"""What every trainer shares: the run folder, JSON-lines metrics, the progress bar, validation of
-settings, and moving NumPy batches to the device.
+"""What every trainer shares: validation of settings, moving NumPy batches to the device, and the
+pieces of the fine-tuning stages. The run itself is a `minirlhf.train.run.Run`.
 
-A run folder holds ``metrics.jsonl`` (one JSON object per logged step, metric names as TRL logs them)
-and the checkpoints, written atomically by `minirlhf.checkpoint`.
+A run folder (``--out-dir``) holds one run:
+
+    ckpt.npz        the last checkpoint: model, optimizer, RNG states, step (written atomically)
+    metrics.jsonl   one JSON object per step, each step once (also after a resume), names as TRL's;
+                    a NaN or infinite metric is null
+    run.json        the stage, its settings and input files, and, once finished, its result
+    .lock           the process that holds the folder
+
+Every trainer runs the same way (`Run`'s docstring shows the code):
+
+* Running the same command again goes on from the last checkpoint, bit for bit: the data order
+  comes from the seed and the step (`minirlhf.datasets.Minibatches`), the RNG states are saved.
+  A finished run says so and does nothing; other settings or input files of other content in the
+  same folder are refused unless ``--overwrite``. ``max_steps`` may change (a finished run goes on
+  to more steps), and so may ``ckpt_interval``, ``device``, ``quiet`` and the folder's place.
+* A second run in a folder in use refuses, naming the process; the lock of a dead process is taken
+  over, and the ``*.tmp`` files of a save that was killed are removed.
+* A NaN or infinite loss or gradient norm stops the run with one line (`DivergenceError`) before
+  anything is saved: the last good checkpoint stays. A checkpoint with such weights is never written.
+* Ctrl-C ends the step in progress, saves it, and the message says what to type to go on.
+* Bad input is one line (`ConfigError`, `DataError`, ...), checked before any work starts.
 """
 
 import json
@@ -24,6 +43,12 @@ def opt(default, help, **extra):
     return field(default=default, metadata={"help": help, **extra})
 
 
+def overwrite_opt():
+    """The ``overwrite`` field every trainer's config has (see `minirlhf.train.run.Run`)."""
+    return opt(False, "replace a finished run, or a run of other settings or inputs, in out_dir "
+                      "(an unfinished run of the same settings is resumed)")
+
+
 class ConfigError(ValueError):
     """An impossible setting; the message names it and says what would be valid."""
 
@@ -41,12 +66,19 @@ def check_common(cfg):
         if hasattr(cfg, name):
             require(getattr(cfg, name) >= 1, f"{name} must be at least 1, got {getattr(cfg, name)}")
     if hasattr(cfg, "lr"):
-        require(cfg.lr > 0, f"lr must be positive, got {cfg.lr}")
+        require(math.isfinite(cfg.lr) and cfg.lr > 0, f"lr must be positive and finite, got {cfg.lr}")
     if hasattr(cfg, "beta"):
         try:
             check_beta(cfg.beta)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    for name in ("grad_clip", "weight_decay", "margin", "label_smoothing", "val_fraction"):
+        if hasattr(cfg, name):  # inf or NaN would reach the weights as NaN
+            require(math.isfinite(getattr(cfg, name)), f"{name} must be a finite number, got {getattr(cfg, name)}")
+    if hasattr(cfg, "grad_clip"):
+        require(cfg.grad_clip >= 0, f"grad_clip must be >= 0 (0: no clipping), got {cfg.grad_clip}")
+    if hasattr(cfg, "ckpt_interval"):
+        require(cfg.ckpt_interval >= 1, f"ckpt_interval must be at least 1, got {cfg.ckpt_interval}")
 
 
 def batch_tensor(array, device):
@@ -55,7 +87,7 @@ def batch_tensor(array, device):
 
 
 class RunLog:
-    """Metrics of a run: one JSON line per logged step in ``out_dir/metrics.jsonl``, a progress bar.
+    """(Superseded by `minirlhf.train.run.Run`, which also resumes.) Metrics of a run: one JSON line per logged step in ``out_dir/metrics.jsonl``, a progress bar.
 
         log = RunLog(out_dir, total_steps, desc="sft")
         log.step(step, {"loss": 1.23})          # writes {"step": 1, "loss": 1.23, "time": ...}
@@ -74,14 +106,7 @@ class RunLog:
 
     def step(self, step, metrics, advance=1):
         """Record one step's metrics (floats) and advance the bar."""
-        row = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()},
-               "time": round(time.time() - self.start, 3)}
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-        shown = {k: f"{v:.4g}" for k, v in row.items() if isinstance(v, float) and k != "time"}
-        self.bar.set_postfix(shown, refresh=False)
-        self.bar.update(advance)
-        return row
+        return log_row(self.file, self.bar, self.start, step, metrics, advance)
 
     def print(self, text):
         """A message that does not break the progress bar."""
@@ -93,11 +118,24 @@ class RunLog:
         self.file.close()
 
 
+def log_row(file, bar, start, step, metrics, advance=1):
+    """Write ``{"step", **metrics, "time"}`` as one JSON line (NaN as null), show it on ``bar``."""
+    row = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()},
+           "time": round(time.time() - start, 3)}
+    file.write(json.dumps(row) + "\n")
+    file.flush()
+    shown = {k: f"{v:.4g}" for k, v in row.items() if isinstance(v, float) and k != "time"}
+    bar.set_postfix(shown, refresh=False)
+    bar.update(advance)
+    return row
+
+
 def _jsonable(v):
+    """A metric as JSON: Python numbers, and null for NaN or infinity (JSON has neither)."""
     if hasattr(v, "item"):
         v = v.item()
     if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
+        return None
     return v
 
 
@@ -161,6 +199,22 @@ def optimise(model, optimizer, loss, grad_clip):
     norm = clip_grad_norm_(model.parameters(), grad_clip) if grad_clip else None
     optimizer.step()
     return norm
+
+
+def distinct_pairs(records, path, say):
+    """The preference records whose chosen and rejected differ; ``say`` one warning counting the rest.
+
+    A pair of two equal completions carries no preference: its loss gradient is zero and its
+    "accuracy" would be decided by float noise.
+    """
+    kept = [r for r in records if r["chosen"] != r["rejected"]]
+    if len(kept) < len(records):
+        say(f"warning: {path}: skipped {len(records) - len(kept)} of {len(records)} pairs whose "
+            f"chosen and rejected are the same text")
+    if not kept:
+        from ..datasets import DataError
+        raise DataError(f"{path}: every pair has chosen equal to rejected; nothing to learn")
+    return kept
 
 
 def weighted_means(rows, weights):

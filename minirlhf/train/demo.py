@@ -25,9 +25,8 @@
 
 Every stage writes its outputs atomically and is skipped when they are up to date (finished, and
 newer than what they were made from, as ``make`` decides), so a demo that was interrupted goes on
-where it stopped when run again: a pretraining run resumes from its last checkpoint; an unfinished
-SFT, reward, RL or DPO run starts that stage again; a stage that ran again makes the stages after
-it run again too. A run folder made with other settings is refused.
+where it stopped when run again: an unfinished stage resumes from its last checkpoint; a stage that
+ran again makes the stages after it run again too. A run folder made with other settings is refused.
 """
 
 import json
@@ -437,14 +436,14 @@ def demo(cfg):
     _check_out_dir(out, plan, cfg)
     stages = Stages(out, cfg)
     t_start = time.time()
-    common = dict(device=cfg.device, quiet=cfg.quiet)
+    # the demo decides itself which stages are up to date (`Stages`); one it runs again is replaced
+    common = dict(device=cfg.device, quiet=cfg.quiet, overwrite=True)
     data, labels = out / "data", out / "labels"
 
     # 1. pretraining, resumed from its last checkpoint if an earlier run stopped half-way
     pre_cfg = PretrainConfig(out_dir=str(out / "pretrain"), **plan["model"], **plan["pretrain"],
                              sample_interval=0, seed=cfg.seed + 1337, **common)
     pre_ckpt = out / "pretrain" / "ckpt.npz"
-    pre_cfg.resume = pre_ckpt.exists()
     stages.run("pretrain", pre_ckpt, lambda: pretrain(pre_cfg), steps=pre_cfg.max_steps)
 
     # 2. demonstrations from the plays, and SFT on them

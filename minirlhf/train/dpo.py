@@ -5,24 +5,23 @@ Put that implicit reward into the Bradley-Terry likelihood of the preferences, a
 
     L_DPO(θ) = -E log σ(β·log(p_θ(y_w|x)/p_ref(y_w|x)) - β·log(p_θ(y_l|x)/p_ref(y_l|x)))
 
-(`minirlhf.losses.dpo_loss`). p_ref is the frozen starting policy; its log-probs of every chosen and
-rejected completion are computed once, before training.
+(`minirlhf.losses.dpo_loss`). p_ref is the frozen starting policy; its log-prob of each chosen and
+rejected completion is computed once, when a batch first needs it (`ReferenceLogps`).
 """
 
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 
-from ..checkpoint import save_checkpoint, tokenizer_for
-from ..datasets import collate, iterate_minibatches, load_preferences
+from ..checkpoint import tokenizer_for
+from ..datasets import Minibatches, collate, load_preferences
 from ..logprobs import sequence_logprobs
 from ..losses import dpo_loss
 from ..optim import AdamW, lr_schedule, param_groups
 from ..tensor import no_grad
-from .common import (RunLog, batch_tensor, check_common, config_summary, encode_rows, load_policy,
-                     opt, optimise, require, split_holdout, weighted_means)
+from .common import (batch_tensor, check_common, config_summary, distinct_pairs, encode_rows,
+                     load_policy, opt, overwrite_opt, require, split_holdout, weighted_means)
+from .run import Run
 
 
 @dataclass
@@ -40,7 +39,9 @@ class DPOConfig:
     grad_clip: float = opt(1.0, "clip the global gradient norm (0: no clipping)")
     val_fraction: float = opt(0.1, "share of the pairs held out to report val metrics")
     eval_interval: int = opt(50, "held-out metrics every N steps")
+    ckpt_interval: int = opt(50, "write a checkpoint every N steps (and at the end)")
     seed: int = opt(0, "seed of the batches")
+    overwrite: bool = overwrite_opt()
     device: str = opt("cpu", "cpu (NumPy) or cuda (CuPy)", choices=["cpu", "cuda"])
     quiet: bool = opt(False, "no progress bar or messages")
 
@@ -54,39 +55,56 @@ def pair_logps(model, pairs, device):
     return logp[:B], logp[B:]
 
 
-def reference_logps(ref, pairs, cfg):
-    """log p_ref of every chosen and rejected completion, computed once: two host arrays (N,)."""
-    chosen, rejected = [], []
-    with no_grad():
-        for i in range(0, len(pairs), cfg.batch_size):
-            c, r = pair_logps(ref, pairs[i:i + cfg.batch_size], cfg.device)
-            chosen.append(c.numpy())
-            rejected.append(r.numpy())
-    return np.concatenate(chosen), np.concatenate(rejected)
+class ReferenceLogps:
+    """log p_ref of the chosen and rejected completion of each pair, computed when a batch first needs
+    them and kept. Pairs are scored in fixed chunks of ``batch_size`` (pairs 0..B-1, B..2B-1, ...), so
+    a value never depends on which batch asked first: a resumed run reads the same numbers."""
+
+    def __init__(self, ref, pairs, cfg):
+        self.ref, self.pairs, self.cfg = ref, pairs, cfg
+        self.chosen = np.full(len(pairs), np.nan)                          # (N,)
+        self.rejected = np.full(len(pairs), np.nan)                        # (N,)
+
+    def __call__(self, idx):
+        """(chosen, rejected): two host arrays (len(idx),) for the pair indices ``idx``."""
+        B = self.cfg.batch_size
+        for chunk in sorted({i // B for i in idx.tolist() if np.isnan(self.chosen[i])}):
+            lo, hi = chunk * B, min((chunk + 1) * B, len(self.pairs))
+            with no_grad():
+                c, r = pair_logps(self.ref, self.pairs[lo:hi], self.cfg.device)
+            self.chosen[lo:hi], self.rejected[lo:hi] = c.numpy(), r.numpy()
+        return self.chosen[idx], self.rejected[idx]
 
 
 def dpo(cfg):
-    """Train a policy with DPO on preference pairs; returns {"checkpoint", metrics...}."""
+    """Train a policy with DPO on preference pairs; returns {"checkpoint", metrics...}.
+
+    Running it again with the same ``out_dir`` goes on from the last checkpoint (`Run`).
+    """
     check_common(cfg)
     require(0 <= cfg.label_smoothing <= 0.5, f"label_smoothing must be in [0, 0.5], got {cfg.label_smoothing}")
+    with Run(cfg, "dpo") as run:
+        return run.result if run.finished else _train(cfg, run)
+
+
+def _train(cfg, run):
     tokenizer = tokenizer_for(cfg.init)   # the one the model was trained with
-    records = load_preferences(cfg.data)
+    records = distinct_pairs(load_preferences(cfg.data), cfg.data, run.print)
     policy = load_policy(cfg.init, cfg.device)
     block = policy.config.block_size
     pairs = list(zip(encode_rows(records, tokenizer, block, "chosen", cfg.data),
                      encode_rows(records, tokenizer, block, "rejected", cfg.data)))
-    rng = np.random.default_rng(cfg.seed)
-    train_idx, val_idx = split_holdout(range(len(pairs)), cfg.val_fraction, rng)
+    train_idx, val_idx = split_holdout(range(len(pairs)), cfg.val_fraction, np.random.default_rng(cfg.seed))
 
     ref = load_policy(cfg.init, cfg.device)
     ref.eval()
-    ref_chosen, ref_rejected = reference_logps(ref, pairs, cfg)            # (N,), (N,)
-    del ref
+    ref_logps = ReferenceLogps(ref, pairs, cfg)
 
     def loss_of(idx):
         idx = np.asarray(idx)
         pi_c, pi_r = pair_logps(policy, [pairs[i] for i in idx.tolist()], cfg.device)
-        return dpo_loss(pi_c, pi_r, ref_chosen[idx], ref_rejected[idx], beta=cfg.beta,
+        ref_c, ref_r = ref_logps(idx)                                      # (B,), (B,)
+        return dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=cfg.beta,
                         label_smoothing=cfg.label_smoothing, loss_type=cfg.loss_type)
 
     def evaluate():
@@ -99,26 +117,21 @@ def dpo(cfg):
                               [len(b) for b in batches])
 
     optimizer = AdamW(param_groups(policy, 0.0), lr=cfg.lr)
-    log = RunLog(cfg.out_dir, cfg.max_steps, "dpo", quiet=cfg.quiet)
-    log.print(f"dpo: {len(train_idx)} training and {len(val_idx)} held-out pairs from {cfg.data}\n"
+    start = run.restore(policy, optimizer)
+    run.print(f"dpo: {len(train_idx)} training and {len(val_idx)} held-out pairs from {cfg.data}\n"
               f"{config_summary(cfg)}")
-    batches = iterate_minibatches(train_idx, cfg.batch_size, rng, epochs=None)
-    t0, last, val = time.time(), {}, {}
-    for step in range(1, cfg.max_steps + 1):
+    batches = Minibatches(train_idx, cfg.batch_size, seed=cfg.seed)
+    val = {k[4:]: v for k, v in run.last.items() if k.startswith("val_")}
+    for step in run.steps(start):
         optimizer.lr = lr_schedule(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.lr / 10)
-        loss, metrics = loss_of(next(batches))
-        optimise(policy, optimizer, loss, cfg.grad_clip)
-        last = {"loss": loss.item(), **metrics, "lr": optimizer.lr}
+        loss_t, metrics = loss_of(batches[step - 1])
+        loss, grad_norm = run.update(loss_t)
+        row = {"loss": loss, **metrics, "lr": optimizer.lr, "grad_norm": grad_norm}
         if val_idx and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
             val = evaluate()
-            last.update({f"val_{k}": v for k, v in val.items()})
-        log.step(step, last)
-    log.close()
-
-    path = Path(cfg.out_dir) / "ckpt.npz"
-    save_checkpoint(path, policy, policy.config, optimizer, step=cfg.max_steps,
-                    extra={"stage": "dpo", "init": cfg.init, "settings": asdict(cfg)})
-    log.print(f"dpo: loss {last['loss']:.4f}, reward accuracy {last['rewards/accuracies']:.3f}; "
-              f"checkpoint {path}")
-    return {"checkpoint": str(path), **{k: v for k, v in last.items()}, "val": val,
-            "steps": cfg.max_steps, "seconds": time.time() - t0}
+            row.update({f"val_{k}": v for k, v in val.items()})
+        run.log(step, row)
+        run.save_if_due(step)
+    last = {k: v for k, v in run.last.items() if k not in ("step", "time") and not k.startswith("val_")}
+    return run.finish({**last, "val": val}, f"loss {last['loss']:.4f}, reward accuracy "
+                                            f"{last['rewards/accuracies']:.3f}")

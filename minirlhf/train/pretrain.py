@@ -8,20 +8,18 @@ with AdamW, a linear warm-up and a cosine decay. The loss is in nats per byte (t
 byte-level), so ``exp(loss)`` is the per-byte perplexity and ``loss / ln 2`` bits per byte.
 """
 
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 
 from .. import functional as F
-from ..checkpoint import load_checkpoint, rng_from_state, save_checkpoint
-from ..datasets import encode_corpus, get_batch, load_text, train_val_split
+from ..datasets import DataError, encode_corpus, get_batch, load_text, train_val_split
 from ..model import GPT, GPTConfig, generate
-from ..optim import AdamW, clip_grad_norm_, lr_schedule, param_groups
+from ..optim import AdamW, lr_schedule, param_groups
 from ..tensor import no_grad
 from ..tokenizer import ByteTokenizer
-from .common import RunLog, batch_tensor, check_common, config_summary, opt, require
+from .common import batch_tensor, check_common, config_summary, opt, overwrite_opt, require
+from .run import Run
 
 
 @dataclass
@@ -46,7 +44,7 @@ class PretrainConfig:
     ckpt_interval: int = opt(500, "write a checkpoint every N steps (and at the end)")
     seed: int = opt(1337, "seed of the weights and the batches")
     device: str = opt("cpu", "cpu (NumPy) or cuda (CuPy)", choices=["cpu", "cuda"])
-    resume: bool = opt(False, "go on from out_dir/ckpt.npz if it exists")
+    overwrite: bool = overwrite_opt()
     quiet: bool = opt(False, "no progress bar or messages")
 
 
@@ -89,68 +87,56 @@ def sample_text(model, tokenizer, prompt="\n", max_new_tokens=200, seed=0):
 
 
 def pretrain(cfg):
-    """Train a GPT on a text corpus; returns {"checkpoint", "val_loss", "train_loss", "steps", "seconds"}."""
+    """Train a GPT on a text corpus; returns {"checkpoint", "val_loss", "train_loss", "steps", "seconds"}.
+
+    Running it again with the same ``out_dir`` goes on from the last checkpoint (`Run`).
+    """
     check(cfg)
+    with Run(cfg, "pretrain") as run:
+        return run.result if run.finished else _train(cfg, run)
+
+
+def _train(cfg, run):
     tokenizer = ByteTokenizer()
     text = load_text(cfg.data)
-    train_tokens, val_tokens = train_val_split(encode_corpus(text, tokenizer))
-    require(len(val_tokens) > cfg.block_size + 1,
-            f"the corpus is too short for block_size={cfg.block_size}: its validation part has "
-            f"{len(val_tokens)} tokens")
+    tokens = encode_corpus(text, tokenizer)
+    try:
+        train_tokens, val_tokens = train_val_split(tokens)
+    except ValueError:                       # fewer than 20 tokens: the check below says it
+        train_tokens = val_tokens = tokens[:0]
+    if min(len(train_tokens), len(val_tokens)) <= cfg.block_size + 1:
+        raise DataError(f"the corpus ({len(tokens)} tokens) is too short for block_size="
+                        f"{cfg.block_size}: its training part (90%) and validation part (10%) each "
+                        f"need more than block_size + 1 = {cfg.block_size + 1} tokens")
 
-    out = Path(cfg.out_dir)
-    ckpt_path = out / "ckpt.npz"
     model_cfg = GPTConfig(block_size=cfg.block_size, vocab_size=tokenizer.vocab_size,
                           n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                           dropout=cfg.dropout)
     model = GPT(model_cfg, seed=cfg.seed).to(cfg.device)
     optimizer = AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     data_rng = np.random.default_rng(cfg.seed + 1)
-    start = 0
-    if cfg.resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, model, optimizer)
-        start = ckpt["step"]
-        data_rng = rng_from_state(ckpt["rng_state"]["data"])
-        model.dropout_rng = rng_from_state(ckpt["rng_state"]["dropout"])
-
-    log = RunLog(out, cfg.max_steps, "pretrain", quiet=cfg.quiet, resume=cfg.resume and start > 0)
-    log.print(f"pretrain: {model.num_parameters():,} parameters, {len(train_tokens):,} training "
+    start = run.restore(model, optimizer, rngs={"data": data_rng})
+    run.print(f"pretrain: {model.num_parameters():,} parameters, {len(train_tokens):,} training "
               f"tokens, starting at step {start}\n{config_summary(cfg)}")
-    log.bar.update(start)
 
-    def save(step):
-        save_checkpoint(ckpt_path, model, model_cfg, optimizer, step=step,
-                        rng_state={"data": data_rng, "dropout": model.dropout_rng},
-                        extra={"stage": "pretrain", "settings": asdict(cfg)})
-
-    t0, loss, val_loss = time.time(), float("nan"), None
-    for step in range(start, cfg.max_steps):
-        optimizer.lr = lr_schedule(step + 1, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr)
+    val_loss = run.last.get("val_loss")
+    for step in run.steps(start):
+        optimizer.lr = lr_schedule(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr)
         x, y = get_batch(train_tokens, cfg.block_size, cfg.batch_size, data_rng)
         logits = model(batch_tensor(x, cfg.device))                  # (B, T, V)
         loss_t = F.cross_entropy(logits, batch_tensor(y, cfg.device))
-        optimizer.zero_grad()
-        loss_t.backward()
-        grad_norm = clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
-        optimizer.step()
-        loss = loss_t.item()
+        loss, grad_norm = run.update(loss_t)
 
-        metrics = {"loss": loss, "lr": optimizer.lr}
-        if grad_norm is not None:
-            metrics["grad_norm"] = grad_norm
-        done = step + 1
-        if done % cfg.eval_interval == 0 or done == cfg.max_steps:
-            val_loss = evaluate(model, val_tokens, cfg)
-            metrics["val_loss"] = val_loss
-            log.print(f"step {done}: train loss {loss:.4f}, val loss {val_loss:.4f} nats/byte")
-        log.step(done, metrics)
-        if cfg.sample_interval and done % cfg.sample_interval == 0:
-            log.print("--- sample ---\n" + sample_text(model, tokenizer, seed=done) + "\n--------------")
-        if done % cfg.ckpt_interval == 0 or done == cfg.max_steps:
-            save(done)
-    log.close()
-    if start >= cfg.max_steps:  # resumed a finished run: report it again
+        metrics = {"loss": loss, "lr": optimizer.lr, "grad_norm": grad_norm}
+        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+            val_loss = metrics["val_loss"] = evaluate(model, val_tokens, cfg)
+            run.print(f"step {step}: train loss {loss:.4f}, val loss {val_loss:.4f} nats/byte")
+        run.log(step, metrics)
+        if cfg.sample_interval and step % cfg.sample_interval == 0:
+            run.print("--- sample ---\n" + sample_text(model, tokenizer, seed=step) + "\n--------------")
+        run.save_if_due(step)
+    if val_loss is None:
         val_loss = evaluate(model, val_tokens, cfg)
-    return {"checkpoint": str(ckpt_path), "val_loss": val_loss, "train_loss": loss,
-            "steps": cfg.max_steps, "seconds": time.time() - t0}
-
+    loss = run.last.get("loss")
+    return run.finish({"val_loss": val_loss, "train_loss": loss},
+                      f"train loss {loss:.4f}, val loss {val_loss:.4f} nats/byte")

@@ -9,20 +9,19 @@ r_φ is the pretrained (or SFT) GPT trunk with a scalar head, read at the last t
 Rewards are only defined up to a constant per prompt: only differences are ever observed.
 """
 
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 
-from ..checkpoint import save_checkpoint, tokenizer_for
-from ..datasets import collate, iterate_minibatches, load_preferences
+from ..checkpoint import tokenizer_for
+from ..datasets import Minibatches, collate, load_preferences
 from ..losses import bt_loss
 from ..model import RewardModel
 from ..optim import AdamW, lr_schedule, param_groups
 from ..tensor import no_grad
-from .common import (RunLog, batch_tensor, check_common, config_summary, encode_rows, load_policy,
-                     opt, optimise, split_holdout, weighted_means)
+from .common import (batch_tensor, check_common, config_summary, distinct_pairs, encode_rows,
+                     load_policy, opt, overwrite_opt, split_holdout, weighted_means)
+from .run import Run
 
 
 @dataclass
@@ -39,7 +38,9 @@ class RewardConfig:
     margin: float = opt(0.0, "ask r(chosen) - r(rejected) to exceed this margin")
     val_fraction: float = opt(0.1, "share of the pairs held out to report val accuracy")
     eval_interval: int = opt(100, "held-out accuracy every N steps")
+    ckpt_interval: int = opt(100, "write a checkpoint every N steps (and at the end)")
     seed: int = opt(0, "seed of the head and the batches")
+    overwrite: bool = overwrite_opt()
     device: str = opt("cpu", "cpu (NumPy) or cuda (CuPy)", choices=["cpu", "cuda"])
     quiet: bool = opt(False, "no progress bar or messages")
 
@@ -67,41 +68,42 @@ def evaluate(rm, pairs, cfg):
 
 
 def reward(cfg):
-    """Train a reward model on preference pairs; returns {"checkpoint", "val_accuracy", ...}."""
+    """Train a reward model on preference pairs; returns {"checkpoint", "val_accuracy", ...}.
+
+    Running it again with the same ``out_dir`` goes on from the last checkpoint (`Run`).
+    """
     check_common(cfg)
+    with Run(cfg, "reward") as run:
+        return run.result if run.finished else _train(cfg, run)
+
+
+def _train(cfg, run):
     tokenizer = tokenizer_for(cfg.init)   # the one the model was trained with
-    records = load_preferences(cfg.data)
+    records = distinct_pairs(load_preferences(cfg.data), cfg.data, run.print)
     gpt = load_policy(cfg.init, cfg.device)
     block = gpt.config.block_size
     pairs = list(zip(encode_rows(records, tokenizer, block, "chosen", cfg.data),
                      encode_rows(records, tokenizer, block, "rejected", cfg.data)))
-    rng = np.random.default_rng(cfg.seed)
-    train_pairs, val_pairs = split_holdout(pairs, cfg.val_fraction, rng)
+    train_pairs, val_pairs = split_holdout(pairs, cfg.val_fraction, np.random.default_rng(cfg.seed))
     rm = RewardModel.from_gpt(gpt, seed=cfg.seed)
     del gpt
 
     optimizer = AdamW(param_groups(rm, cfg.weight_decay), lr=cfg.lr)
-    log = RunLog(cfg.out_dir, cfg.max_steps, "reward", quiet=cfg.quiet)
-    log.print(f"reward: {len(train_pairs)} training and {len(val_pairs)} held-out pairs from "
+    start = run.restore(rm, optimizer)
+    run.print(f"reward: {len(train_pairs)} training and {len(val_pairs)} held-out pairs from "
               f"{cfg.data}\n{config_summary(cfg)}")
-    batches = iterate_minibatches(train_pairs, cfg.batch_size, rng, epochs=None)
-    t0, val = time.time(), {}
-    for step in range(1, cfg.max_steps + 1):
+    batches = Minibatches(train_pairs, cfg.batch_size, seed=cfg.seed)
+    val = {k[4:]: v for k, v in run.last.items() if k.startswith("val_")}
+    for step in run.steps(start):
         optimizer.lr = lr_schedule(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.lr / 10)
-        loss, metrics = pair_loss(rm, next(batches), cfg)
-        optimise(rm, optimizer, loss, cfg.grad_clip)
-        metrics = {"loss": loss.item(), **metrics, "lr": optimizer.lr}
+        loss_t, metrics = pair_loss(rm, batches[step - 1], cfg)
+        loss, grad_norm = run.update(loss_t)
+        metrics = {"loss": loss, **metrics, "lr": optimizer.lr, "grad_norm": grad_norm}
         if val_pairs and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
             val = evaluate(rm, val_pairs, cfg)
             metrics.update({f"val_{k}": v for k, v in val.items()})
-        log.step(step, metrics)
-    log.close()
-
-    path = Path(cfg.out_dir) / "ckpt.npz"
-    save_checkpoint(path, rm, rm.config, optimizer, step=cfg.max_steps,
-                    extra={"stage": "reward", "init": cfg.init, "settings": asdict(cfg)})
-    if val:
-        log.print(f"reward: held-out accuracy {val['accuracy']:.3f}, margin {val['margin']:.3f}; "
-                  f"checkpoint {path}")
-    return {"checkpoint": str(path), "val_accuracy": val.get("accuracy"),
-            "val_loss": val.get("loss"), "steps": cfg.max_steps, "seconds": time.time() - t0}
+        run.log(step, metrics)
+        run.save_if_due(step)
+    summary = (f"held-out accuracy {val['accuracy']:.3f}, margin {val['margin']:.3f}"
+               if val.get("accuracy") is not None else f"loss {run.last.get('loss'):.4f}")
+    return run.finish({"val_accuracy": val.get("accuracy"), "val_loss": val.get("loss")}, summary)

@@ -15,22 +15,22 @@ a trained reward model or from any Python function ``(prompt, completion) -> flo
 import importlib
 import importlib.util
 import math
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from ..backend import to_numpy
-from ..checkpoint import load_model, save_checkpoint, tokenizer_for
-from ..datasets import collate, encode_prompt, iterate_minibatches, load_prompts
+from ..checkpoint import load_model, tokenizer_for
+from ..datasets import Minibatches, collate, encode_prompt, load_prompts
 from ..logprobs import logprobs_from_logits, sequence_logprobs, token_entropy
 from ..losses import reinforce_kl_loss
 from ..model import RewardModel, generate
 from ..optim import AdamW, param_groups
 from ..tensor import no_grad
-from .common import (ConfigError, RunLog, batch_tensor, check_common, config_summary, load_policy,
-                     opt, optimise, require)
+from .common import (ConfigError, batch_tensor, check_common, config_summary, load_policy, opt,
+                     overwrite_opt, require)
+from .run import Run
 
 
 class RewardFunctionError(RuntimeError):
@@ -50,12 +50,14 @@ class RLConfig:
                         choices=["none", "mean", "loo"])
     prompts_per_step: int = opt(8, "prompts per step")
     samples_per_prompt: int = opt(4, "completions sampled per prompt (loo needs 2 or more)")
-    max_new_tokens: int = opt(48, "longest completion, in tokens")
+    max_new_tokens: int | None = opt(None, "longest completion, in tokens (default: 48, or "
+                                           "block_size - 2 of a smaller policy)")
     max_steps: int = opt(100, "optimisation steps")
     lr: float = opt(1e-4, "learning rate")
     grad_clip: float = opt(1.0, "clip the global gradient norm (0: no clipping)")
     ckpt_interval: int = opt(50, "write a checkpoint every N steps (and at the end)")
     seed: int = opt(0, "seed of the prompts and the sampling")
+    overwrite: bool = overwrite_opt()
     device: str = opt("cpu", "cpu (NumPy) or cuda (CuPy)", choices=["cpu", "cuda"])
     quiet: bool = opt(False, "no progress bar or messages")
 
@@ -69,8 +71,11 @@ def check(cfg):
             f"samples_per_prompt must be at least 1, got {cfg.samples_per_prompt}")
     require(cfg.baseline != "loo" or cfg.samples_per_prompt >= 2,
             "the leave-one-out baseline needs samples_per_prompt >= 2")
-    require(cfg.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {cfg.max_new_tokens}")
-    require(cfg.ckpt_interval >= 1, f"ckpt_interval must be at least 1, got {cfg.ckpt_interval}")
+    require(cfg.baseline != "mean" or cfg.samples_per_prompt >= 2,
+            "the mean baseline with samples_per_prompt=1 subtracts each sample's own reward: every "
+            "advantage is 0 and the policy never moves; use samples_per_prompt >= 2 or --baseline none")
+    require(cfg.max_new_tokens is None or cfg.max_new_tokens >= 1,
+            f"max_new_tokens must be at least 1, got {cfg.max_new_tokens}")
 
 
 def load_reward_fn(spec):
@@ -160,25 +165,42 @@ def rl(cfg, metrics_fn=None):
 
     ``metrics_fn(prompts, completions) -> dict``, if given, adds metrics to each step's log (the demo
     logs the hidden gold reward this way, to watch the reward model being over-optimised).
+    Running it again with the same ``out_dir`` goes on from the last checkpoint (`Run`).
     """
     check(cfg)
+    with Run(cfg, "rl") as run:
+        return run.result if run.finished else _train(cfg, run, metrics_fn)
+
+
+def _train(cfg, run, metrics_fn):
     tokenizer = tokenizer_for(cfg.init)   # the one the model was trained with
     records = load_prompts(cfg.prompts)
     policy = load_policy(cfg.init, cfg.device)
+    block = policy.config.block_size
+    if cfg.max_new_tokens is None:  # the default: 48, or what a small context leaves
+        cfg = replace(cfg, max_new_tokens=min(48, block - 2))
+    # a row is the start token + the prompt (1 token at least) + the completion + a closing EOT
+    require(1 <= cfg.max_new_tokens <= block - 2,
+            f"max_new_tokens={cfg.max_new_tokens} does not fit the policy's context of {block} tokens: "
+            f"a row also holds the start token and a closing end-of-text, so at most {block - 2}")
     ref = load_policy(cfg.init, cfg.device)
     ref.eval()
     rewarder = Rewarder(cfg, tokenizer)
-    rng = np.random.default_rng(cfg.seed)
+    if rewarder.rm is not None:
+        require(rewarder.rm.config.block_size >= block,
+                f"the reward model {cfg.reward_model} reads {rewarder.rm.config.block_size} tokens, "
+                f"fewer than the policy's context of {block}: a long sample could not be scored")
+    rng = np.random.default_rng(cfg.seed)                 # the sampling
     optimizer = AdamW(param_groups(policy, 0.0), lr=cfg.lr)
-    prompts = iterate_minibatches([r["prompt"] for r in records], cfg.prompts_per_step, rng, epochs=None)
-
-    log = RunLog(cfg.out_dir, cfg.max_steps, "rl", quiet=cfg.quiet)
-    log.print(f"rl: {len(records)} prompts from {cfg.prompts}\n{config_summary(cfg)}")
-    path = Path(cfg.out_dir) / "ckpt.npz"
-    t0, last = time.time(), {}
-    for step in range(1, cfg.max_steps + 1):
-        prompt_texts = next(prompts)
-        rows, completions, group = sample_batch(policy, prompt_texts, cfg, tokenizer, rng)
+    start = run.restore(policy, optimizer, rngs={"sampling": rng})
+    prompts = Minibatches([r["prompt"] for r in records], cfg.prompts_per_step, seed=cfg.seed)
+    run.print(f"rl: {len(records)} prompts from {cfg.prompts}\n{config_summary(cfg)}")
+    for step in run.steps(start):
+        prompt_texts = prompts[step - 1]
+        try:
+            rows, completions, group = sample_batch(policy, prompt_texts, cfg, tokenizer, rng)
+        except FloatingPointError:   # the last update made the logits overflow: diverged
+            run.check_finite("policy's logits", math.nan)
         row_prompts = [prompt_texts[g] for g in group]
         R = rewarder(rows, row_prompts, completions)                         # (N,)
 
@@ -190,19 +212,16 @@ def rl(cfg, metrics_fn=None):
         with no_grad():
             _, ref_logp = sequence_logprobs(ref, input_ids, mask)           # (N,) log p_ref(y|x)
             entropy = token_entropy(logits, mask).data.sum() / batch["completion_mask"].sum()
-        loss, metrics = reinforce_kl_loss(logp, ref_logp.data, R,
-                                          cfg.beta, baseline=cfg.baseline, group=group)
-        optimise(policy, optimizer, loss, cfg.grad_clip)
+        loss_t, metrics = reinforce_kl_loss(logp, ref_logp.data, R,
+                                            cfg.beta, baseline=cfg.baseline, group=group)
+        loss, grad_norm = run.update(loss_t)
 
-        last = {"loss": loss.item(), **metrics, "entropy": float(entropy),
-                "length": float((batch["completion_mask"].sum(axis=1)).mean())}
+        row = {"loss": loss, **metrics, "entropy": float(entropy), "grad_norm": grad_norm,
+               "length": float((batch["completion_mask"].sum(axis=1)).mean())}
         if metrics_fn is not None:
-            last.update(metrics_fn(row_prompts, completions))
-        log.step(step, last)
-        if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
-            save_checkpoint(path, policy, policy.config, optimizer, step=step,
-                            extra={"stage": "rl", "init": cfg.init, "settings": asdict(cfg)})
-    log.close()
-    log.print(f"rl: reward {last['reward']:.3f}, kl {last['kl']:.3f}; checkpoint {path}")
-    return {"checkpoint": str(path), "reward": last["reward"], "kl": last["kl"],
-            "steps": cfg.max_steps, "seconds": time.time() - t0}
+            row.update(metrics_fn(row_prompts, completions))
+        run.log(step, row)
+        run.save_if_due(step)
+    last = run.last
+    return run.finish({"reward": last.get("reward"), "kl": last.get("kl")},
+                      f"reward {last.get('reward'):.3f}, kl {last.get('kl'):.3f}")

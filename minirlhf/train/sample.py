@@ -1,4 +1,5 @@
-"""Generate text from a checkpoint: ``minirlhf sample --ckpt runs/pretrain/ckpt.npz --prompt "Ham."``."""
+"""Generate text from a checkpoint: ``minirlhf sample --ckpt runs/demo/pretrain/ckpt.npz --prompt "Ham."``
+(the demo's pretrained model; ``minirlhf pretrain`` writes ``runs/pretrain/ckpt.npz``, the default)."""
 
 from dataclasses import dataclass
 

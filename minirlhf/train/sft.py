@@ -7,19 +7,18 @@ Given pairs (x, y) of a prompt and a good completion, maximise the likelihood of
 The prompt is context, never a target (`minirlhf.losses.sft_loss` masks it).
 """
 
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 
-from ..checkpoint import save_checkpoint, tokenizer_for
-from ..datasets import collate, iterate_minibatches, load_sft
+from ..checkpoint import tokenizer_for
+from ..datasets import Minibatches, collate, load_sft
 from ..losses import sft_loss
 from ..optim import AdamW, lr_schedule, param_groups
 from ..tensor import no_grad
-from .common import (RunLog, batch_tensor, check_common, config_summary, encode_rows, load_policy,
-                     opt, optimise, split_holdout)
+from .common import (batch_tensor, check_common, config_summary, encode_rows, load_policy, opt,
+                     overwrite_opt, split_holdout)
+from .run import Run
 
 
 @dataclass
@@ -35,7 +34,9 @@ class SFTConfig:
     grad_clip: float = opt(1.0, "clip the global gradient norm (0: no clipping)")
     val_fraction: float = opt(0.05, "share of the examples held out to report val_loss")
     eval_interval: int = opt(100, "held-out loss every N steps")
+    ckpt_interval: int = opt(100, "write a checkpoint every N steps (and at the end)")
     seed: int = opt(0, "seed of the batches")
+    overwrite: bool = overwrite_opt()
     device: str = opt("cpu", "cpu (NumPy) or cuda (CuPy)", choices=["cpu", "cuda"])
     quiet: bool = opt(False, "no progress bar or messages")
 
@@ -60,38 +61,36 @@ def evaluate(model, rows, cfg):
 
 
 def sft(cfg):
-    """Fine-tune a GPT on prompt/completion pairs; returns {"checkpoint", "loss", "val_loss", ...}."""
+    """Fine-tune a GPT on prompt/completion pairs; returns {"checkpoint", "loss", "val_loss", ...}.
+
+    Running it again with the same ``out_dir`` goes on from the last checkpoint (`Run`).
+    """
     check_common(cfg)
+    with Run(cfg, "sft") as run:
+        return run.result if run.finished else _train(cfg, run)
+
+
+def _train(cfg, run):
     tokenizer = tokenizer_for(cfg.init)   # the one the model was trained with
     records = load_sft(cfg.data)
     model = load_policy(cfg.init, cfg.device)
-    rng = np.random.default_rng(cfg.seed)
     rows = encode_rows(records, tokenizer, model.config.block_size, "completion", cfg.data)
-    train_rows, val_rows = split_holdout(rows, cfg.val_fraction, rng)
+    train_rows, val_rows = split_holdout(rows, cfg.val_fraction, np.random.default_rng(cfg.seed))
 
     optimizer = AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    log = RunLog(cfg.out_dir, cfg.max_steps, "sft", quiet=cfg.quiet)
-    log.print(f"sft: {len(train_rows)} training and {len(val_rows)} held-out examples from "
+    start = run.restore(model, optimizer)
+    run.print(f"sft: {len(train_rows)} training and {len(val_rows)} held-out examples from "
               f"{cfg.data}\n{config_summary(cfg)}")
-    batches = iterate_minibatches(train_rows, cfg.batch_size, rng, epochs=None)
-    t0, loss, val_loss = time.time(), float("nan"), None
-    for step in range(1, cfg.max_steps + 1):
+    batches = Minibatches(train_rows, cfg.batch_size, seed=cfg.seed)
+    val_loss = run.last.get("val_loss")
+    for step in run.steps(start):
         optimizer.lr = lr_schedule(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.lr / 10)
-        loss_t = batch_loss(model, collate(next(batches)), cfg.device)
-        grad_norm = optimise(model, optimizer, loss_t, cfg.grad_clip)
-        loss = loss_t.item()
-        metrics = {"loss": loss, "lr": optimizer.lr}
-        if grad_norm is not None:
-            metrics["grad_norm"] = grad_norm
+        loss, grad_norm = run.update(batch_loss(model, collate(batches[step - 1]), cfg.device))
+        metrics = {"loss": loss, "lr": optimizer.lr, "grad_norm": grad_norm}
         if val_rows and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
             val_loss = metrics["val_loss"] = evaluate(model, val_rows, cfg)
-        log.step(step, metrics)
-    log.close()
-
-    path = Path(cfg.out_dir) / "ckpt.npz"
-    save_checkpoint(path, model, model.config, optimizer, step=cfg.max_steps,
-                    extra={"stage": "sft", "init": cfg.init, "settings": asdict(cfg)})
-    log.print(f"sft: loss {loss:.4f}" + (f", held-out loss {val_loss:.4f}" if val_loss else "")
-              + f"; checkpoint {path}")
-    return {"checkpoint": str(path), "loss": loss, "val_loss": val_loss, "steps": cfg.max_steps,
-            "seconds": time.time() - t0}
+        run.log(step, metrics)
+        run.save_if_due(step)
+    loss = run.last.get("loss")
+    return run.finish({"loss": loss, "val_loss": val_loss},
+                      f"loss {loss:.4f}" + (f", held-out loss {val_loss:.4f}" if val_loss else ""))

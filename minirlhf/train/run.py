@@ -1,0 +1,399 @@
+"""One training run in one folder: its lock, its settings, resuming, the finiteness checks, the
+checkpoints and the log. Every trainer follows the same lines (see `minirlhf.train.common`):
+
+    def sft(cfg):
+        check_common(cfg)
+        with Run(cfg, "sft") as run:             # lock out_dir, clean *.tmp, compare settings
+            return run.result if run.finished else _train(cfg, run)
+
+    def _train(cfg, run):
+        ...the data, the model, the optimizer, the RNGs
+        start = run.restore(model, optimizer, rngs={"sampling": rng})    # 0, or the last checkpoint's step
+        for step in run.steps(start):            # start+1 .. max_steps; Ctrl-C stops after a whole step
+            loss_t = ...                         # a scalar Tensor
+            loss, grad_norm = run.update(loss_t) # backward, clip, step; DivergenceError if not finite
+            run.log(step, {"loss": loss, "grad_norm": grad_norm})
+            run.save_if_due(step)                # every ckpt_interval steps and at max_steps
+        return run.finish({"loss": loss}, f"loss {loss:.4f}")
+
+The position in the data order is the step itself: `minirlhf.datasets.Minibatches` gives the batch of
+any step from the seed alone, so a checkpoint needs only the model, the optimizer, the RNG states
+(the model's dropout RNG is always included) and the step.
+"""
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shlex
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..checkpoint import CheckpointError, non_finite, load_checkpoint, save_checkpoint
+from .common import ConfigError, _jsonable, log_row
+
+try:
+    import fcntl
+except ImportError:          # Windows: no advisory locks; runs are then not protected from each other
+    fcntl = None
+
+# what may change between the runs of one folder (the folder itself may move): none of it changes
+# the numbers of the steps already taken
+NOT_SETTINGS = ("quiet", "device", "overwrite", "max_steps", "ckpt_interval", "out_dir")
+# config fields that name input files: a run made from other versions of them is another run
+INPUT_FIELDS = ("data", "init", "prompts", "reward_model")
+
+
+class DivergenceError(RuntimeError):
+    """A loss or a gradient norm that is NaN or infinite: the run stops before it can be saved."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, honoured after a whole step and its checkpoint; the message says how to go on."""
+
+
+class Run:
+    """The run of ``stage`` with config ``cfg`` in ``cfg.out_dir`` (see the module docstring).
+
+    Opening it takes the folder's lock (a second live run refuses, naming its process; the lock of
+    a dead process is taken over), removes the ``*.tmp`` files of a save that was killed, and reads
+    ``run.json``: the same settings and inputs go on from the last checkpoint, a finished run is
+    ``finished`` (with its ``result``), other settings are refused unless ``cfg.overwrite``.
+    """
+
+    def __init__(self, cfg, stage, checkpoint_name="ckpt.npz"):
+        self.cfg, self.stage = cfg, stage
+        self.quiet = getattr(cfg, "quiet", False)
+        self.max_steps = cfg.max_steps
+        self.out = Path(cfg.out_dir)
+        self.ckpt_path = self.out / checkpoint_name
+        self.metrics_path, self.record_path = self.out / "metrics.jsonl", self.out / "run.json"
+        self.also = {}
+        self.model = self.optimizer = self.bar = self.metrics_file = self._lock = None
+        self.rngs, self.last, self.saved_step, self.step = {}, {}, None, 0
+        self.t0 = time.time()
+        self._open_folder()
+        self._lock_folder()
+        for tmp in self.out.glob(".*.tmp"):  # what a save killed half-way leaves; we hold the lock
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        self.finished, self.result = False, None
+        self._check_record()
+
+    # ----- opening the folder -----------------------------------------------------------------
+
+    def _open_folder(self):
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"out_dir {self.out} is a file, not a folder")
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            probe = self.out / f".write-test-{os.getpid()}.tmp"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"cannot write to out_dir {self.out}: {e.strerror or e}") from None
+
+    def _lock_folder(self):
+        """Hold ``out_dir/.lock`` (an advisory lock, released by the system when the process dies)."""
+        if fcntl is None:
+            return
+        path = self.out / ".lock"
+        f = open(path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise ConfigError(f"out_dir {self.out} is in use by process {holder}; wait for it to "
+                              f"end, or use another --out-dir") from None
+        f.seek(0)
+        stale = f.read().strip()
+        if stale and not self.quiet:  # the process that wrote it died without releasing it
+            tqdm.write(f"{self.stage}: took over the lock of process {stale}, which is no longer running",
+                       file=sys.stderr)
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()} ({_command()})\n")
+        f.flush()
+        self._lock = f
+
+    def _settings(self):
+        settings = {k: v for k, v in asdict(self.cfg).items() if k not in NOT_SETTINGS}
+        inputs = {}
+        for name in INPUT_FIELDS:
+            value = getattr(self.cfg, name, None)
+            if isinstance(value, str) and os.path.exists(value):
+                inputs[name] = _digest(value)
+        return json.loads(json.dumps({"stage": self.stage, "settings": settings, "inputs": inputs}))
+
+    def _check_record(self):
+        """Compare ``run.json`` with this run: go on, say finished, refuse, or start afresh."""
+        mine = self._settings()
+        old = None
+        if self.record_path.exists():
+            with contextlib.suppress(OSError, ValueError):
+                old = json.loads(self.record_path.read_text(encoding="utf-8"))
+        overwrite = getattr(self.cfg, "overwrite", False)
+        has_ckpt = self.ckpt_path.exists()
+        if not has_ckpt:  # nothing done yet (or a run that failed before its first checkpoint)
+            return self._start_afresh(mine)
+        problem = _difference(old, mine) if old is not None else "a checkpoint of an unknown run"
+        if problem:
+            if not overwrite:
+                raise ConfigError(f"out_dir {self.out} holds {problem}; use another --out-dir, or "
+                                  f"--overwrite to replace it")
+            return self._start_afresh(mine)
+        if old.get("finished") and self.max_steps <= old.get("max_steps", 0):
+            if not overwrite:
+                self.finished, self.result = True, old.get("result") or {}
+                self.print(f"{self.stage}: {self.out} holds this run, finished at step "
+                           f"{old.get('max_steps')}; nothing to do (--overwrite trains it again)")
+                return None
+            return self._start_afresh(mine)
+        self._write_record({**mine, "max_steps": self.max_steps, "finished": False})
+
+    def _start_afresh(self, record):
+        for path in (self.ckpt_path, self.metrics_path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        self._write_record({**record, "max_steps": self.max_steps, "finished": False})
+
+    def _write_record(self, record):
+        tmp = self.out / ".run.json.tmp"
+        tmp.write_text(json.dumps(record, indent=1, default=_jsonable) + "\n", encoding="utf-8")
+        os.replace(tmp, self.record_path)
+        self.record = record
+
+    # ----- resuming ----------------------------------------------------------------------------
+
+    def restore(self, model, optimizer, rngs=None, also=None):
+        """Register what a checkpoint holds and load the last one, if any; returns its step (or 0).
+
+        ``rngs``: named ``numpy.random.Generator`` s, restored in place (``model.dropout_rng`` is
+        added as "dropout"). ``also``: more named things with ``state_dict``/``load_state_dict``
+        (a value model, its optimizer). ``metrics.jsonl`` is cut back to the steps the checkpoint
+        has seen.
+        """
+        self.model, self.optimizer = model, optimizer
+        self.also = dict(also or {})
+        self.rngs = dict(rngs or {})
+        if getattr(model, "dropout_rng", None) is not None:
+            self.rngs["dropout"] = model.dropout_rng
+        start = 0
+        if self.ckpt_path.exists():
+            ckpt = load_checkpoint(self.ckpt_path, model, optimizer)
+            start = self.saved_step = int(ckpt["step"])
+            saved = ckpt["rng_state"] or {}
+            for name, rng in self.rngs.items():
+                if name not in saved:
+                    raise CheckpointError(f"{self.ckpt_path}: no state of the {name} RNG")
+                rng.bit_generator.state = saved[name]
+            also = (ckpt["extra"] or {}).get("also", {})
+            for name, obj in self.also.items():
+                if name not in also:
+                    raise CheckpointError(f"{self.ckpt_path}: no state of {name}")
+                try:
+                    obj.load_state_dict(also[name])
+                except (ValueError, KeyError, IndexError) as e:
+                    raise CheckpointError(f"{self.ckpt_path}: the state of {name} does not fit: {e}") from None
+        self._open_metrics(start)
+        self.step = start
+        return start
+
+    def _open_metrics(self, start):
+        """metrics.jsonl holding exactly the rows of steps 1..start, ready to append to."""
+        rows = []
+        if start and self.metrics_path.exists():
+            for line in self.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines():
+                with contextlib.suppress(ValueError):  # a line torn by a kill is dropped
+                    row = json.loads(line)
+                    if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= start:
+                        rows.append(row)
+        seen = {}
+        for row in rows:  # an older copy of a step (from before an earlier resume) gives way
+            seen[row["step"]] = row
+        rows = [seen[s] for s in sorted(seen)]
+        self.last = rows[-1] if rows else {}
+        tmp = self.out / ".metrics.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        os.replace(tmp, self.metrics_path)
+        self.metrics_file = open(self.metrics_path, "a", encoding="utf-8")
+        self.bar = tqdm(total=self.max_steps, initial=min(start, self.max_steps), desc=self.stage,
+                        disable=self.quiet or None, dynamic_ncols=True, file=sys.stderr, leave=False)
+        if start:
+            self.print(f"{self.stage}: resuming at step {start} from {self.ckpt_path}")
+
+    # ----- the steps ---------------------------------------------------------------------------
+
+    def steps(self, start):
+        """Step numbers ``start+1 .. max_steps``. A first Ctrl-C lets the step in progress end, saves
+        it, and raises `Interrupted`; a second one stops at once (the last checkpoint stays)."""
+        stop = []
+        handler = None
+        if threading.current_thread() is threading.main_thread():
+            def on_sigint(signum, frame):
+                if stop:
+                    raise KeyboardInterrupt
+                stop.append(True)
+                self.print(f"{self.stage}: stopping after step {self.step + 1} "
+                           f"(Ctrl-C again to stop at once)")
+            handler = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            for step in range(start + 1, self.max_steps + 1):
+                self.step = step - 1
+                yield step
+                self.step = step
+                if stop and step < self.max_steps:
+                    if self.saved_step != step:
+                        self.save(step)
+                    raise Interrupted(f"stopped after step {step}, saved in {self.ckpt_path}")
+        finally:
+            if handler is not None:
+                signal.signal(signal.SIGINT, handler)
+
+    def update(self, loss):
+        """One optimizer step on the scalar Tensor ``loss``: zero the gradients, check the loss,
+        backpropagate, clip to ``cfg.grad_clip`` (0: no clipping), check the gradient norm, step.
+        Returns ``(loss, grad_norm)`` as floats. Nothing non-finite reaches the weights."""
+        from ..optim import clip_grad_norm_
+
+        value = loss.item()
+        self.check_finite("loss", value)
+        self.optimizer.zero_grad()
+        loss.backward()
+        clip = getattr(self.cfg, "grad_clip", 0) or math.inf
+        grad_norm = clip_grad_norm_(self.model.parameters(), clip)   # the norm before clipping
+        self.check_finite("gradient norm", grad_norm)
+        self.optimizer.step()
+        return value, grad_norm
+
+    def check_finite(self, quantity, value):
+        """Raise `DivergenceError` (one line: stage, step, quantity, what to try) unless finite."""
+        if math.isfinite(float(value)):
+            return
+        kept = (f"the checkpoint of step {self.saved_step} in {self.ckpt_path} is kept"
+                if self.saved_step else "no checkpoint was written")
+        hint = f"lower --lr (now {self.cfg.lr:g})" if hasattr(self.cfg, "lr") else "lower the lr"
+        if hasattr(self.cfg, "grad_clip"):
+            hint += (f" or clip the gradients (--grad-clip, now {self.cfg.grad_clip:g}; "
+                     f"0 means no clipping)")
+        raise DivergenceError(f"{self.stage} diverged at step {self.step + 1}: the {quantity} is "
+                              f"{value}; {kept}; {hint}")
+
+    def log(self, step, metrics):
+        """One JSON line of ``metrics`` for ``step`` (non-finite values as null) and the bar."""
+        self.last = log_row(self.metrics_file, self.bar, self.t0, step, metrics)
+        return self.last
+
+    def save_if_due(self, step):
+        interval = getattr(self.cfg, "ckpt_interval", 0) or self.max_steps
+        if step % interval == 0 or step == self.max_steps:
+            self.save(step)
+
+    def save(self, step):
+        """Write the checkpoint of ``step`` atomically (a file with a NaN weight is refused)."""
+        also = {name: obj.state_dict() for name, obj in self.also.items()}
+        for name, state in also.items():
+            bad = non_finite(state)
+            if bad:
+                raise CheckpointError(f"{self.ckpt_path}: not written: {name}'s {bad} are NaN or infinite")
+        save_checkpoint(self.ckpt_path, self.model, self.model.config, self.optimizer, step=step,
+                        rng_state=self.rngs,
+                        extra={"stage": self.stage, "init": getattr(self.cfg, "init", None),
+                               "settings": asdict(self.cfg), "also": also})
+        self.saved_step = step
+
+    def print(self, text):
+        """A message that does not break the progress bar (nothing with ``quiet``)."""
+        if not self.quiet:
+            tqdm.write(text, file=sys.stderr)
+
+    def finish(self, result, summary=""):
+        """Mark the run finished in ``run.json`` with ``result`` and print one summary line."""
+        if self.saved_step != self.max_steps and self.step == self.max_steps:
+            self.save(self.max_steps)
+        result = {"checkpoint": str(self.ckpt_path), **result, "steps": self.max_steps,
+                  "seconds": time.time() - self.t0}
+        self._write_record({**self.record, "finished": True,
+                            "result": json.loads(json.dumps(result, default=_jsonable))})
+        self._close_bar()
+        self.print(f"{self.stage}: {self.max_steps} steps in {result['seconds']:.1f} s"
+                   + (f", {summary}" if summary else "") + f"; checkpoint {self.ckpt_path}")
+        self.result = result
+        return result
+
+    # ----- closing -----------------------------------------------------------------------------
+
+    def _close_bar(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def close(self):
+        """Release the folder (the lock, the metrics file, the bar); safe to call twice."""
+        self._close_bar()
+        if self.metrics_file is not None:
+            self.metrics_file.close()
+            self.metrics_file = None
+        if self._lock is not None:
+            self._lock.seek(0)
+            self._lock.truncate()
+            self._lock.close()          # closing the file releases the lock
+            self._lock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def _difference(old, mine):
+    """What makes the recorded run ``old`` another run than ``mine`` (None if it is the same)."""
+    if old.get("stage") != mine["stage"]:
+        return f"a {old.get('stage')} run"
+    a, b = old.get("settings", {}), mine["settings"]
+    diff = [f"{k}={a.get(k)!r}, not {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if diff:
+        return f"a {mine['stage']} run with other settings ({'; '.join(diff)})"
+    changed = [k for k in sorted(set(old.get("inputs", {})) | set(mine["inputs"]))
+               if old.get("inputs", {}).get(k) != mine["inputs"].get(k)]
+    if changed:
+        return (f"a {mine['stage']} run made from other versions of its inputs "
+                f"({', '.join(f'{k} {b.get(k)}' for k in changed)} changed since)")
+    return None
+
+
+def _digest(path):
+    """The SHA-256 of a file's bytes, or of a folder's files (names and bytes, in sorted order: a
+    text corpus, a Hugging Face checkpoint): the same content is the same input, wherever it was
+    copied."""
+    h = hashlib.sha256()
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(d, name) for d, _, names in os.walk(path) for name in names)
+    for name in files:
+        if files != [path]:
+            h.update(os.path.relpath(name, path).encode() + b"\0")
+        with open(name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _command():
+    """The command line of this process, as typed (for the lock file and the interrupt message)."""
+    return command_line(sys.argv[1:])
+
+
+def command_line(argv):
+    """``minirlhf <argv>`` quoted for a shell: what to type to run the same command again."""
+    return "minirlhf " + shlex.join(argv)
