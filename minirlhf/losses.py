@@ -11,6 +11,8 @@ whole completions come from `minirlhf.logprobs.sequence_logprobs` (sums over com
                        Schulman's estimators of KL(p_θ ‖ p_ref) from samples of p_θ
     reinforce_kl_loss  REINFORCE on the KL-regularised reward R - β·(log p_θ - log p_ref)
     dpo_loss           direct preference optimisation (and its cDPO and IPO variants)
+    masked_mean, masked_var, masked_whiten, clipped_surrogate, kl_penalty_rewards, gae, value_loss
+                       PPO as InstructGPT ran it: per-token KL reward, GAE, clipped policy and value
 
 Losses that report something return ``(loss, metrics)``, metrics being a dict of Python floats under
 the names TRL logs, so runs can be compared with it.
@@ -360,3 +362,116 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
         "logps/rejected": _float(pr.data.mean()),
     }
     return loss, metrics
+
+
+# ===================================================================================================
+# policy optimisation: PPO's blocks
+#
+# Per-token quantities are (B, T) over the completion tokens with a 0/1 ``mask`` (prompt and padding
+# 0); per-sequence ones are (B,). Each block takes Tensors (differentiable) or raw arrays.
+
+
+def _keep(mask, like, fn):
+    """The mask as a boolean array on ``like``'s device, checked against ``like``'s shape."""
+    xp = backend.get_array_module(_data(like))
+    keep = _data(mask, xp) != 0
+    if tuple(keep.shape) != tuple(_data(like).shape):
+        raise ValueError(f"{fn}: mask of shape {tuple(keep.shape)} does not match values of shape "
+                         f"{tuple(_data(like).shape)}")
+    return keep
+
+
+def masked_mean(x, mask, axis=None):
+    """Mean of ``x`` over the entries where ``mask`` is 1:  Σ m·x / Σ m  (over ``axis``, or all).
+
+    Entries outside the mask never reach the sum, not even as 0·inf. A Tensor in gives a Tensor out.
+    """
+    keep = _keep(mask, x, "masked_mean")
+    count = keep.sum(axis=axis)
+    if bool((count == 0).any()):
+        raise ValueError("masked_mean: the mask selects no entry (all 0) along the reduced axis")
+    if isinstance(x, Tensor):
+        return ops.where(keep, x, 0.0).sum(axis=axis) / ops.as_tensor(count.astype(x.dtype), like=x)
+    xp = backend.get_array_module(x)
+    return xp.where(keep, x, 0).sum(axis=axis) / count
+
+
+def masked_var(x, mask, unbiased=True):
+    """Variance of ``x`` over the masked entries; ``unbiased`` multiplies by N/(N-1) (Bessel)."""
+    keep = _keep(mask, x, "masked_var")
+    n = int(keep.sum())
+    if unbiased and n < 2:
+        raise ValueError(f"masked_var: the unbiased variance needs at least 2 masked entries, got {n}")
+    centered = x - masked_mean(x, mask)
+    var = masked_mean(centered * centered, mask)
+    return var * (n / (n - 1)) if unbiased else var
+
+
+def masked_whiten(x, mask, shift_mean=True):
+    """(x - μ) / sqrt(σ² + 1e-8) with μ, σ² the masked mean and unbiased variance; 0 outside the mask.
+
+    PPO whitens its advantages over the whole batch so that one step's size does not depend on the
+    scale of the reward. σ² is the unbiased variance, as TRL's PPO computed it. ``shift_mean=False``
+    adds μ back (rescales only), as TRL's does.
+    """
+    keep = _keep(mask, x, "masked_whiten")
+    mu = masked_mean(x, mask)
+    white = (x - mu) * (masked_var(x, mask) + 1e-8) ** -0.5
+    if not shift_mean:
+        white = white + mu
+    if isinstance(x, Tensor):
+        return ops.where(keep, white, 0.0)
+    return backend.get_array_module(x).where(keep, white, 0)
+
+
+def clipped_surrogate(logp, old_logp, advantages, mask, epsilon_low=0.2, epsilon_high=None):
+    """PPO's clipped surrogate (Schulman et al., 2017), per token:
+
+        L_t = -min(ρ_t·A_t, clip(ρ_t, 1 - ε_low, 1 + ε_high)·A_t),    ρ_t = exp(log p_θ - log p_old)
+
+    ``logp`` (B, T) is the Tensor being trained; ``old_logp`` (B, T) the log-probs of the policy that
+    sampled the batch and ``advantages`` (B,) or (B, T) are constants. Why the min: once ρ has
+    moved past 1 ± ε in the direction the advantage rewards, the clipped term wins the min and
+    its gradient is 0, so one batch cannot push the policy far from the one that sampled it; in
+    the other direction the unclipped term stays, so a step that made things worse is undone.
+    ``epsilon_high`` defaults to ``epsilon_low`` (DAPO's clip-higher sets it larger).
+
+    Returns ``(per_token_loss, metrics)``: the (B, T) loss, 0 outside the mask (aggregate it with
+    `masked_mean`), and, as masked means over the tokens, ``clipfrac`` = fraction of tokens whose
+    clipped term is active, split into ``clipfrac/low`` (ρ < 1-ε_low, A < 0) and ``clipfrac/high``
+    (ρ > 1+ε_high, A > 0), and ``approxkl`` = ½(log ρ)², the k2 estimate of KL(p_old ‖ p_θ).
+    """
+    if not isinstance(logp, Tensor):
+        raise TypeError("clipped_surrogate: logp must be a Tensor (the policy's log p_θ per token)")
+    eps_lo = float(epsilon_low)
+    eps_hi = eps_lo if epsilon_high is None else float(epsilon_high)
+    if not (0 < eps_lo < 1 and eps_hi > 0):
+        raise ValueError(f"clipped_surrogate: need 0 < epsilon_low < 1 and epsilon_high > 0, "
+                         f"got {eps_lo} and {eps_hi}")
+    xp = backend.get_array_module(logp.data)
+    old = _data(old_logp, xp).astype(logp.dtype)                       # (B, T) constants
+    A = _data(advantages, xp).astype(logp.dtype)
+    if A.ndim == 1:
+        A = A[:, None]                                                   # (B, 1): one per sequence
+    _check_same_shape("clipped_surrogate", logp=logp.data, old_logp=old)
+    if A.shape[0] != logp.shape[0] or A.shape[1] not in (1, logp.shape[1]):
+        raise ValueError(f"clipped_surrogate: advantages must be (B,) or (B, T) for logp "
+                         f"{tuple(logp.shape)}, got {tuple(_data(advantages, xp).shape)}")
+    keep = _keep(mask, logp, "clipped_surrogate")
+
+    log_ratio = logp - ops.as_tensor(old, like=logp)                     # (B, T) log ρ
+    ratio = log_ratio.exp()                                              # (B, T) ρ
+    A_t = ops.as_tensor(A, like=logp)
+    unclipped = -(ratio * A_t)                                           # (B, T) -ρ·A
+    clipped = -(ratio.clip(1.0 - eps_lo, 1.0 + eps_hi) * A_t)            # (B, T) -clip(ρ)·A
+    per_token = ops.where(unclipped.data >= clipped.data, unclipped, clipped)   # -min(ρA, clip(ρ)A)
+    per_token = ops.where(keep, per_token, 0.0)
+
+    r = ratio.data
+    low = (r < 1.0 - eps_lo) & (A < 0) & keep
+    high = (r > 1.0 + eps_hi) & (A > 0) & keep
+    n = max(int(keep.sum()), 1)
+    metrics = {"clipfrac": _float((low | high).sum()) / n,
+               "clipfrac/low": _float(low.sum()) / n, "clipfrac/high": _float(high.sum()) / n,
+               "approxkl": _float(xp.where(keep, 0.5 * log_ratio.data ** 2, 0).sum()) / n}
+    return per_token, metrics
