@@ -475,3 +475,96 @@ def clipped_surrogate(logp, old_logp, advantages, mask, epsilon_low=0.2, epsilon
                "clipfrac/low": _float(low.sum()) / n, "clipfrac/high": _float(high.sum()) / n,
                "approxkl": _float(xp.where(keep, 0.5 * log_ratio.data ** 2, 0).sum()) / n}
     return per_token, metrics
+
+
+def kl_penalty_rewards(scores, logp, ref_logp, mask, beta, estimator="k1"):
+    """The per-token reward PPO maximises (Ziegler et al., 2019; InstructGPT), (B, T):
+
+        r_t = -β·k(log p_θ(y_t), log p_ref(y_t))  at every completion token t,
+        r_T += R(y|x)                             at the last completion token T,
+
+    with k Schulman's k1 (log p_θ - log p_ref, the default), k2 or k3 per token. Summed over the
+    completion this is the REINFORCE reward R - β·KL; spread over tokens it lets GAE credit each
+    token with the KL it itself added. 0 outside the mask. ``scores`` (B,) are R(y|x). Arrays
+    give an array; a Tensor ``logp`` gives a Tensor (differentiable through the KL term).
+    """
+    beta = _check_beta(beta, "kl_penalty_rewards", allow_zero=True)
+    if estimator not in _ESTIMATORS:
+        raise ValueError(f"kl_penalty_rewards: estimator must be 'k1', 'k2' or 'k3', got {estimator!r}")
+    k = _ESTIMATORS[estimator](logp, ref_logp)                           # (B, T)
+    keep = _keep(mask, k, "kl_penalty_rewards")
+    xp = backend.get_array_module(keep)
+    R = _data(scores, xp).astype(_data(k).dtype)
+    if tuple(R.shape) != (keep.shape[0],):
+        raise ValueError(f"kl_penalty_rewards: scores must be (B,) = ({keep.shape[0]},), "
+                         f"got {tuple(R.shape)}")
+    T = keep.shape[1]
+    last = T - 1 - xp.argmax(keep[:, ::-1], axis=1)                      # (B,) last completion token
+    at_last = (xp.arange(T)[None, :] == last[:, None]) & keep            # (B, T) one-hot
+    score = xp.where(at_last, R[:, None], 0)                             # (B, T)
+    if isinstance(k, Tensor):
+        return ops.where(keep, -beta * k, 0.0) + ops.as_tensor(score, like=k)
+    return xp.where(keep, -beta * k, 0) + score
+
+
+def gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """Generalised advantage estimation (Schulman et al., 2016) over the completion tokens, (B, T):
+
+        δ_t = r_t + γ·V_{t+1} - V_t,      A_t = δ_t + γλ·A_{t+1},      returns_t = A_t + V_t,
+
+    run backwards from the last completion token, where V_{T+1} = A_{T+1} = 0 (the episode ends).
+    Positions outside the mask are skipped (t+1 is the next *masked* token) and get 0. λ = 1 gives
+    the reward-to-go minus V (unbiased, high variance); λ = 0 the one-step TD error (low variance,
+    biased by V). Arrays in, arrays out: advantages are constants of the loss, never differentiated.
+    Returns ``(advantages, returns)``.
+    """
+    gamma, lam = float(gamma), float(lam)
+    if not (0 <= gamma <= 1 and 0 <= lam <= 1):
+        raise ValueError(f"gae: need 0 <= gamma <= 1 and 0 <= lam <= 1, got {gamma} and {lam}")
+    xp = backend.get_array_module(_data(rewards), _data(values))
+    r, v = _data(rewards, xp), _data(values, xp)
+    _check_same_shape("gae", rewards=r, values=v)
+    keep = _keep(mask, r, "gae")
+    r = xp.where(keep, r, 0)
+    v = xp.where(keep, v, 0)
+    advantages = xp.zeros_like(r)
+    next_value = xp.zeros_like(r[:, 0])                                  # (B,) V_{t+1}
+    next_adv = xp.zeros_like(r[:, 0])                                    # (B,) A_{t+1}
+    for t in reversed(range(r.shape[1])):
+        delta = r[:, t] + gamma * next_value - v[:, t]
+        adv = delta + gamma * lam * next_adv
+        advantages[:, t] = xp.where(keep[:, t], adv, 0)
+        next_value = xp.where(keep[:, t], v[:, t], next_value)
+        next_adv = xp.where(keep[:, t], adv, next_adv)
+    return advantages, xp.where(keep, advantages + v, 0)
+
+
+def value_loss(values, old_values, returns, mask, clip_range_value=0.2):
+    """PPO's clipped value loss, as in OpenAI's baselines and TRL:
+
+        L_V = ½·masked_mean(max((V - R)², (clip(V, V_old - c, V_old + c) - R)²))
+
+    ``values`` (B, T) is the Tensor being trained, ``old_values`` its values at rollout time and
+    ``returns`` R = A + V_old (from `gae`) constants. The clip keeps the value head, like the policy,
+    near where it was when the batch was sampled; the max makes the clip a pessimistic bound, never
+    a bonus. Returns ``(loss, metrics)``: ``clipfrac`` = fraction of tokens where the clipped term
+    is the larger.
+    """
+    if not isinstance(values, Tensor):
+        raise TypeError("value_loss: values must be a Tensor (the value head's output)")
+    c = float(clip_range_value)
+    if not c > 0:
+        raise ValueError(f"value_loss: clip_range_value must be > 0, got {c}")
+    xp = backend.get_array_module(values.data)
+    old = _data(old_values, xp).astype(values.dtype)                     # (B, T) constants
+    R = _data(returns, xp).astype(values.dtype)
+    _check_same_shape("value_loss", values=values.data, old_values=old, returns=R)
+    keep = _keep(mask, values, "value_loss")
+
+    R_t = ops.as_tensor(R, like=values)
+    err = values - R_t
+    err_clipped = values.clip(old - c, old + c) - R_t
+    loss1, loss2 = err * err, err_clipped * err_clipped                  # (B, T)
+    worse = loss2.data > loss1.data
+    loss = 0.5 * masked_mean(ops.where(worse, loss2, loss1), keep)
+    return loss, {"clipfrac": _float(masked_mean((worse & keep).astype(values.dtype), keep))}

@@ -8,7 +8,8 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import minirlhf as mr
-from minirlhf.losses import clipped_surrogate, masked_mean, masked_var, masked_whiten
+from minirlhf.losses import (clipped_surrogate, gae, kl_k3, kl_penalty_rewards, masked_mean,
+                             masked_var, masked_whiten, value_loss)
 from minirlhf.testing import arrays
 
 
@@ -158,3 +159,123 @@ def test_clipped_surrogate_refuses_bad_input():
         clipped_surrogate(lp, np.zeros((2, 3)), np.zeros(2), np.ones((2, 3)), epsilon_low=0)
     with pytest.raises(ValueError, match="mask"):
         clipped_surrogate(lp, np.zeros((2, 3)), np.zeros(2), np.ones((2, 2)))
+
+
+# ===================================================================================================
+# kl_penalty_rewards
+
+
+@given(masked_batches(), arrays((3, 5)), arrays((3,)), st.sampled_from(["k1", "k2", "k3"]))
+def test_kl_penalty_rewards_put_the_kl_on_every_token_and_the_score_on_the_last(batch, ref, R, est):
+    logp, mask = batch
+    B, T = logp.shape
+    ref, R = ref[:B, :T], R[:B]
+    beta = 0.3
+    rewards = kl_penalty_rewards(R, logp, ref, mask, beta, estimator=est)
+    k = {"k1": logp - ref, "k2": 0.5 * (ref - logp) ** 2, "k3": kl_k3(logp, ref)}[est]
+    for b in range(B):
+        last = np.nonzero(mask[b])[0][-1]
+        for t in range(T):
+            expected = (-beta * k[b, t] + (R[b] if t == last else 0)) if mask[b, t] else 0
+            assert rewards[b, t] == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    if est == "k1":                                                      # Σ_t r_t = R - β·KL_k1
+        np.testing.assert_allclose(rewards.sum(1), R - beta * ((logp - ref) * mask).sum(1),
+                                   rtol=1e-10, atol=1e-12)
+    t = kl_penalty_rewards(R, mr.tensor(logp), ref, mask, beta, estimator=est)
+    np.testing.assert_allclose(t.numpy(), rewards, rtol=1e-12, atol=1e-15)
+    assert mr.gradcheck(lambda lp: kl_penalty_rewards(R, lp, ref, mask, beta, estimator=est), [logp])
+
+
+def test_kl_penalty_rewards_refuse_bad_input():
+    with pytest.raises(ValueError, match="beta"):
+        kl_penalty_rewards(np.zeros(1), np.zeros((1, 2)), np.zeros((1, 2)), np.ones((1, 2)), -1.0)
+    with pytest.raises(ValueError, match="scores"):
+        kl_penalty_rewards(np.zeros(2), np.zeros((1, 2)), np.zeros((1, 2)), np.ones((1, 2)), 0.1)
+    with pytest.raises(ValueError, match="estimator"):
+        kl_penalty_rewards(np.zeros(1), np.zeros((1, 2)), np.zeros((1, 2)), np.ones((1, 2)), 0.1, "k4")
+
+
+# ===================================================================================================
+# gae
+
+
+def plain_gae(r, v, mask, gamma, lam):
+    """GAE one sequence at a time over its list of completion tokens, as the formula reads."""
+    adv = np.zeros_like(r)
+    for b in range(r.shape[0]):
+        ts = np.nonzero(mask[b])[0]
+        a_next, v_next = 0.0, 0.0
+        for t in ts[::-1]:
+            a_next = r[b, t] + gamma * v_next - v[b, t] + gamma * lam * a_next
+            v_next = v[b, t]
+            adv[b, t] = a_next
+    return adv
+
+
+@given(masked_batches(), arrays((3, 5)), st.floats(0, 1), st.floats(0, 1))
+def test_gae_is_the_backward_recursion(batch, v, gamma, lam):
+    r, mask = batch
+    v = v[:r.shape[0], :r.shape[1]]
+    adv, ret = gae(r, v, mask, gamma=gamma, lam=lam)
+    np.testing.assert_allclose(adv, plain_gae(r, v, mask, gamma, lam), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(ret, np.where(mask == 1, adv + v, 0), rtol=1e-12, atol=1e-12)
+
+
+@given(masked_batches(), arrays((3, 5)), st.floats(0, 1))
+def test_gae_lambda_one_is_reward_to_go_minus_v_and_lambda_zero_the_td_error(batch, v, gamma):
+    r, mask = batch
+    v = v[:r.shape[0], :r.shape[1]]
+    adv1, ret1 = gae(r, v, mask, gamma=gamma, lam=1.0)
+    adv0, _ = gae(r, v, mask, gamma=gamma, lam=0.0)
+    for b in range(r.shape[0]):
+        ts = list(np.nonzero(mask[b])[0])
+        for i, t in enumerate(ts):
+            to_go = sum(gamma ** j * r[b, s] for j, s in enumerate(ts[i:]))
+            v_next = v[b, ts[i + 1]] if i + 1 < len(ts) else 0.0
+            assert adv1[b, t] == pytest.approx(to_go - v[b, t], rel=1e-9, abs=1e-9)
+            assert ret1[b, t] == pytest.approx(to_go, rel=1e-9, abs=1e-9)
+            assert adv0[b, t] == pytest.approx(r[b, t] + gamma * v_next - v[b, t], rel=1e-12, abs=1e-12)
+
+
+def test_gae_refuses_gamma_or_lambda_outside_0_1():
+    with pytest.raises(ValueError, match="gamma"):
+        gae(np.zeros((1, 2)), np.zeros((1, 2)), np.ones((1, 2)), gamma=1.5)
+
+
+# ===================================================================================================
+# value_loss
+
+
+C = 0.2
+
+
+@st.composite
+def value_batches(draw):
+    x, mask = draw(masked_batches())
+    old = x + draw(arrays(x.shape, min_value=-0.5, max_value=0.5))
+    R = draw(arrays(x.shape))
+    assume(np.abs(np.abs(x - old) - C).min() > 1e-3)                     # away from the clip's edges
+    lo, hi = (x - R) ** 2, (np.clip(x, old - C, old + C) - R) ** 2
+    assume(np.abs(lo - hi)[mask == 1].min() > 1e-3)                      # a unique max
+    return x, old, R, mask
+
+
+@given(value_batches())
+def test_value_loss_matches_numpy_and_gradcheck(batch):
+    v, old, R, mask = batch
+    loss, metrics = value_loss(mr.tensor(v), old, R, mask, clip_range_value=C)
+    l1, l2 = (v - R) ** 2, (np.clip(v, old - C, old + C) - R) ** 2
+    m = mask == 1
+    assert loss.item() == pytest.approx(0.5 * np.maximum(l1, l2)[m].mean(), rel=1e-12)
+    assert metrics["clipfrac"] == pytest.approx((l2 > l1)[m].mean())
+    assert mr.gradcheck(lambda v: value_loss(v, old, R, mask, clip_range_value=C)[0], [v])
+
+
+def test_value_loss_stops_the_value_past_the_clip_from_moving_further():
+    """V moved 0.5 above V_old towards R: the clipped error is larger, so it wins and its gradient is 0."""
+    v = mr.tensor([[1.5, 1.5]], requires_grad=True)
+    loss, metrics = value_loss(v, np.array([[1.0, 1.0]]), np.array([[3.0, 0.0]]), np.ones((1, 2)))
+    loss.backward()
+    assert v.grad[0, 0] == 0                                             # clip(1.5) = 1.2, further from 3
+    assert v.grad[0, 1] == pytest.approx(0.5 * 2 * 1.5 / 2)              # moving away from R: free
+    assert metrics["clipfrac"] == 0.5
