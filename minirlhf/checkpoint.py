@@ -111,11 +111,12 @@ def load_checkpoint(path, model=None, optimizer=None):
 
 
 def load_model(path, device="cpu"):
-    """Rebuild the model saved in ``path`` (a `GPT` or `RewardModel`) with its weights, on ``device``."""
-    from .model import GPT, GPTConfig, RewardModel  # here, so that checkpoint.py works without model.py
+    """Rebuild the model saved in ``path`` (a `GPT`, `RewardModel` or `ValueModel`) with its weights,
+    on ``device``."""
+    from .model import GPT, GPTConfig, RewardModel, ValueModel  # here: checkpoint.py works alone
 
     ckpt = load_checkpoint(path)
-    classes = {"GPT": GPT, "RewardModel": RewardModel}
+    classes = {"GPT": GPT, "RewardModel": RewardModel, "ValueModel": ValueModel}
     if ckpt["model_class"] not in classes:
         raise CheckpointError(f"{path}: cannot rebuild a model of class {ckpt['model_class']!r} "
                               f"(known: {', '.join(classes)})")
