@@ -568,3 +568,157 @@ def value_loss(values, old_values, returns, mask, clip_range_value=0.2):
     worse = loss2.data > loss1.data
     loss = 0.5 * masked_mean(ops.where(worse, loss2, loss1), keep)
     return loss, {"clipfrac": _float(masked_mean((worse & keep).astype(values.dtype), keep))}
+
+
+# ===================================================================================================
+# policy optimisation: GRPO's blocks
+#
+# GRPO (Shao et al., 2024, DeepSeekMath) drops PPO's value model: it samples a group of G completions
+# per prompt and uses each one's reward, standardised within the group, as the advantage of every
+# one of its tokens. The formulas below are TRL's GRPOTrainer's, term for term.
+
+
+def group_advantages(rewards, group_size, scale="group", eps=1e-4):
+    """GRPO's advantages (B,) from the rewards (B,) of groups of ``group_size`` consecutive rows:
+
+        A_i = (r_i - mean_group(r)) / (std + eps)
+
+    ``scale`` picks the std: ``"group"`` the std of i's group (GRPO), ``"batch"`` the std of all B
+    rewards, ``"none"`` no division at all (Dr. GRPO: the division weighs prompts whose samples
+    agree, too easy or too hard, as much as the rest, and rescales the reward each step). The std is
+    the unbiased one (ddof = 1), as ``torch.std`` computes it in TRL. The mean includes r_i itself,
+    which shrinks the expected gradient by (G-1)/G (see `reinforce_kl_loss`'s ``"mean"``).
+    Arrays in, an array out: advantages are constants of the loss.
+    """
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"group_advantages: scale must be 'group', 'batch' or 'none', got {scale!r}")
+    r = _data(rewards)
+    xp = backend.get_array_module(r)
+    G = int(group_size)
+    if r.ndim != 1:
+        raise ValueError(f"group_advantages: rewards must be (B,), got {tuple(r.shape)}")
+    if G < 1 or r.shape[0] % G != 0:
+        raise ValueError(f"group_advantages: group_size {group_size} does not divide the batch of "
+                         f"{r.shape[0]} rewards")
+    if scale == "group" and G < 2:
+        raise ValueError("group_advantages: scale='group' needs group_size >= 2 (the std of one "
+                         "reward is undefined); use scale='none' or 'batch'")
+    if scale == "batch" and r.shape[0] < 2:
+        raise ValueError("group_advantages: scale='batch' needs at least 2 rewards")
+    groups = r.reshape(-1, G)                                            # (B/G, G)
+    A = (groups - groups.mean(axis=1, keepdims=True)).reshape(-1)        # (B,) r - mean_group
+    if scale == "group":
+        std = xp.repeat(groups.std(axis=1, ddof=1), G)                   # (B,)
+    elif scale == "batch":
+        std = r.std(ddof=1)
+    else:
+        return A
+    return A / (std + eps)
+
+
+LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo", "sequence")
+
+
+def aggregate_tokens(per_token_loss, mask, loss_type, max_completion_length=None):
+    """One scalar from a per-token loss (B, T) and its 0/1 mask, as each variant weighs tokens.
+
+    With |y_i| the number of tokens of sequence i (its mask's sum), m the mask, ℓ the loss:
+
+    ``"grpo"``:  (1/B) Σ_i (1/|y_i|) Σ_t m·ℓ. Each sequence weighs the same, so each of its tokens
+        weighs 1/|y_i|: a short sequence's tokens get larger steps, and a long wrong answer's tokens
+        are penalised less than a short one's. The length bias Dr. GRPO pointed out: it favours
+        short correct answers and long wrong ones.
+    ``"bnpo"``:  Σ_{i,t} m·ℓ / Σ_{i,t} m, the mean over all the batch's tokens. Every token weighs
+        the same (no length bias between sequences of one batch), but the normaliser is the batch's
+        length, so how much one sequence counts depends on how long the others are.
+    ``"dapo"``:  the same formula (DAPO's token-level loss). In TRL the normaliser is the number of
+        tokens of the *whole* generation batch (``num_items_in_batch``, across gradient-accumulation
+        steps and processes), so accumulated micro-batches sum to one token mean over all of them;
+        ``bnpo`` instead divides each micro-batch by its own tokens and averages those means, which
+        weighs the tokens of short micro-batches more. With one micro-batch the two are identical.
+    ``"dr_grpo"``:  Σ_{i,t} m·ℓ / (B · max_completion_length). A constant normaliser: the gradient
+        is the sequence-level sum (REINFORCE's) divided by a constant, with no length bias at all.
+    ``"sequence"``:  (1/B) Σ_i Σ_t m·ℓ, the lecture's REINFORCE on whole sequences: no length bias,
+        but longer sequences give larger (and noisier) steps, as their log-prob has more terms.
+
+    A sequence whose mask is all 0 (a truncated completion, masked) contributes 0; its count is
+    clamped at 1 as in TRL.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"aggregate_tokens: loss_type must be one of {', '.join(LOSS_TYPES)}, "
+                         f"got {loss_type!r}")
+    if loss_type == "dr_grpo" and (max_completion_length is None or max_completion_length < 1):
+        raise ValueError("aggregate_tokens: loss_type='dr_grpo' needs max_completion_length >= 1 "
+                         "(its constant normaliser)")
+    keep = _keep(mask, per_token_loss, "aggregate_tokens")
+    xp = backend.get_array_module(keep)
+    dtype = _data(per_token_loss).dtype
+    B = keep.shape[0]
+    if isinstance(per_token_loss, Tensor):
+        masked = ops.where(keep, per_token_loss, 0.0)                    # (B, T)
+        const = lambda a: ops.as_tensor(xp.asarray(a, dtype=dtype), like=per_token_loss)  # noqa: E731
+    else:
+        masked = xp.where(keep, per_token_loss, 0)
+        const = lambda a: xp.asarray(a, dtype=dtype)                     # noqa: E731
+    if loss_type == "grpo":
+        lengths = xp.maximum(keep.sum(axis=1), 1)                        # (B,) |y_i|, clamped
+        return (masked.sum(axis=1) / const(lengths)).sum() / B
+    if loss_type in ("bnpo", "dapo"):
+        return masked.sum() / const(max(int(keep.sum()), 1))
+    if loss_type == "dr_grpo":
+        return masked.sum() / (B * int(max_completion_length))
+    return masked.sum() / B
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.0, epsilon_low=0.2,
+              epsilon_high=None, loss_type="grpo", max_completion_length=None,
+              use_bias_correction_kl=False):
+    """GRPO's loss, as TRL's GRPOTrainer computes it, per token then aggregated:
+
+        ℓ_t = -min(ρ_t·A, clip(ρ_t, 1-ε_low, 1+ε_high)·A) + β·k3_t,     ρ_t = exp(log p_θ - log p_old)
+        k3_t = exp(log p_ref - log p_θ) - (log p_ref - log p_θ) - 1
+        L = aggregate_tokens(ℓ, mask, loss_type)
+
+    ``logp`` (B, T) is the Tensor being trained; ``old_logp`` (the sampler's log-probs; pass
+    ``logp``'s values on-policy, where ρ = 1 but ∇ρ = ∇log p_θ), ``ref_logp`` (B, T) and
+    ``advantages`` (B,) (from `group_advantages`) are constants. The KL is in the *loss*, not in the
+    reward: its gradient flows through k3 itself, whose expected gradient is that of the forward
+    KL(p_ref ‖ p_θ) token by token, not the lecture's KL(p_θ ‖ p_ref) (see `minirlhf.audit`).
+    ``use_bias_correction_kl=True`` multiplies k3_t by ρ_t (TRL's default since 1.x, after
+    DeepSeek-V3.2); ρ carries a gradient, which turns the expected gradient into the reverse KL's.
+    β = 0 (TRL's default) drops the reference entirely.
+
+    Returns ``(loss, metrics)`` with TRL's names, masked means over the tokens: ``kl`` (mean k3, only
+    when β > 0), ``clip_ratio/low_mean`` (ρ < 1-ε_low and A < 0), ``clip_ratio/high_mean``
+    (ρ > 1+ε_high and A > 0), ``clip_ratio/region_mean`` (either).
+    """
+    beta = _check_beta(beta, "grpo_loss", allow_zero=True)
+    if not isinstance(logp, Tensor):
+        raise TypeError("grpo_loss: logp must be a Tensor (the policy's log p_θ per token)")
+    if loss_type == "sequence" or loss_type not in LOSS_TYPES:
+        raise ValueError(f"grpo_loss: loss_type must be 'grpo', 'bnpo', 'dapo' or 'dr_grpo', "
+                         f"got {loss_type!r}")
+    if loss_type == "dr_grpo" and max_completion_length is None:
+        raise ValueError("grpo_loss: loss_type='dr_grpo' needs max_completion_length")
+    xp = backend.get_array_module(logp.data)
+    A = _data(advantages, xp)
+    if A.ndim != 1:
+        raise ValueError(f"grpo_loss: advantages must be one per sequence (B,), got {tuple(A.shape)}")
+    keep = _keep(mask, logp, "grpo_loss")
+
+    per_token, surrogate = clipped_surrogate(logp, old_logp, A, keep, epsilon_low, epsilon_high)
+    metrics = {"clip_ratio/low_mean": surrogate["clipfrac/low"],
+               "clip_ratio/high_mean": surrogate["clipfrac/high"],
+               "clip_ratio/region_mean": surrogate["clipfrac"]}
+    if beta > 0:
+        ref = _data(ref_logp, xp).astype(logp.dtype)
+        _check_same_shape("grpo_loss", logp=logp.data, ref_logp=ref)
+        k3 = kl_k3(logp, ref)                                            # (B, T)
+        if use_bias_correction_kl:
+            old = _data(old_logp, xp).astype(logp.dtype)
+            k3 = k3 * (logp - ops.as_tensor(old, like=logp)).exp()       # k3·ρ, ρ differentiable
+        k3 = ops.where(keep, k3, 0.0)
+        per_token = per_token + beta * k3
+        metrics = {"kl": _float(k3.data.sum()) / max(int(keep.sum()), 1), **metrics}
+    loss = aggregate_tokens(per_token, keep, loss_type, max_completion_length)
+    return loss, metrics
