@@ -20,7 +20,7 @@ from .train.rl import RewardFunctionError
 
 def _stages():
     """stage name -> (config class, run function, one-line help); imported lazily to start fast."""
-    from .train import demo, dpo, pretrain, reward, rl, sample, sft
+    from .train import demo, dpo, grpo, pretrain, reward, rl, sample, sft
     return {
         "pretrain": (pretrain.PretrainConfig, pretrain.pretrain,
                      "step 0: next-token pretraining of a GPT on a text corpus (default: Shakespeare)"),
@@ -29,6 +29,8 @@ def _stages():
         "reward": (reward.RewardConfig, reward.reward,
                    "step 2: a Bradley-Terry reward model on prompt/chosen/rejected JSONL"),
         "rl": (rl.RLConfig, rl.rl, "step 3: REINFORCE with a KL penalty against a frozen reference"),
+        "grpo": (grpo.GRPOConfig, grpo.grpo,
+                 "step 3 as GRPO: group-relative advantages, no value model (and Dr. GRPO, DAPO)"),
         "dpo": (dpo.DPOConfig, dpo.dpo, "DPO on prompt/chosen/rejected JSONL (replaces steps 2 and 3)"),
         "demo": (demo.DemoConfig, demo.demo,
                  "the whole pipeline on Shakespeare: pretrain, SFT, reward model, RL and DPO, report"),
