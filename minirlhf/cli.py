@@ -15,12 +15,13 @@ from .backend import DeviceError
 from .checkpoint import CheckpointError
 from .datasets import DataError
 from .train.common import ConfigError
+from .train.ppo import NonFiniteError
 from .train.rl import RewardFunctionError
 
 
 def _stages():
     """stage name -> (config class, run function, one-line help); imported lazily to start fast."""
-    from .train import demo, dpo, grpo, pretrain, reward, rl, sample, sft
+    from .train import demo, dpo, grpo, ppo, pretrain, reward, rl, sample, sft
     return {
         "pretrain": (pretrain.PretrainConfig, pretrain.pretrain,
                      "step 0: next-token pretraining of a GPT on a text corpus (default: Shakespeare)"),
@@ -29,6 +30,8 @@ def _stages():
         "reward": (reward.RewardConfig, reward.reward,
                    "step 2: a Bradley-Terry reward model on prompt/chosen/rejected JSONL"),
         "rl": (rl.RLConfig, rl.rl, "step 3: REINFORCE with a KL penalty against a frozen reference"),
+        "ppo": (ppo.PPOConfig, ppo.ppo, "step 3 as InstructGPT ran it: PPO with a value model, GAE and "
+                                        "a per-token KL penalty"),
         "grpo": (grpo.GRPOConfig, grpo.grpo,
                  "step 3 as GRPO: group-relative advantages, no value model (and Dr. GRPO, DAPO)"),
         "dpo": (dpo.DPOConfig, dpo.dpo, "DPO on prompt/chosen/rejected JSONL (replaces steps 2 and 3)"),
@@ -82,7 +85,7 @@ def main(argv=None):
     try:
         run(config_cls(**args))
     except (ConfigError, DataError, DeviceError, CheckpointError, FileNotFoundError,
-            RewardFunctionError) as e:
+            RewardFunctionError, NonFiniteError) as e:
         # bad input: one clear line, no traceback
         print(f"minirlhf {stage}: error: {e}", file=sys.stderr)
         return 2
