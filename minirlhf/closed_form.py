@@ -357,12 +357,14 @@ def train_ppo(policy, ref, value, problem, steps=300, n_per_prompt=32, lr=0.05, 
     return policy
 
 
-def train_dpo(policy, ref, problem, pairs, steps=300, lr=0.05, beta=None, log=None):
+def train_dpo(policy, ref, problem, pairs, steps=300, lr=0.05, beta=None, log=None,
+              loss_type="sigmoid"):
     """DPO on fixed preference pairs (prompt, chosen, rejected index arrays), full batch.
 
     Every completion's log-prob comes from one `exact_logprobs` pass over the P·N sequences
     (a pair is two rows of that table), so each step uses the exact gradient of the DPO loss of
-    all pairs. Reference log-probs are computed once, as in a DPO trainer.
+    all pairs. Reference log-probs are computed once, as in a DPO trainer. ``loss_type="ipo"`` trains
+    IPO instead (`dpo_loss`).
     """
     beta = problem.beta if beta is None else beta
     prompt, chosen, rejected = pairs
@@ -372,7 +374,8 @@ def train_dpo(policy, ref, problem, pairs, steps=300, lr=0.05, beta=None, log=No
     for step in range(steps):
         table = exact_logprobs(policy, problem.prompts, problem.completions)   # (P, N)
         loss, metrics = dpo_loss(table[prompt, chosen], table[prompt, rejected],
-                                 ref_table[prompt, chosen], ref_table[prompt, rejected], beta=beta)
+                                 ref_table[prompt, chosen], ref_table[prompt, rejected], beta=beta,
+                                 loss_type=loss_type)
         opt.lr = lr_schedule(step, lr, 0, steps, min_lr=lr / 20)
         opt.zero_grad()
         loss.backward()
