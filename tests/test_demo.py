@@ -190,7 +190,7 @@ def smoke_run(tmp_path_factory):
 def test_smoke_demo_writes_the_report_with_its_tables(smoke_run):
     report = (smoke_run / "report.md").read_text(encoding="utf-8")
     assert "| policy | gold reward ± se | gain over SFT | reward model | KL to SFT |" in report
-    for row in ("| SFT |", "| RL β=0.1 |", "| DPO β=0.1 |"):
+    for row in ("| SFT |", "| RL β=0.1 |", "| DPO β=0.1 |", "| GRPO β=0 |"):
         assert row in report
     assert "Reward model: on" in report
     assert "**Target**" in report and ("**met**" in report or "**not met**" in report)
@@ -198,7 +198,7 @@ def test_smoke_demo_writes_the_report_with_its_tables(smoke_run):
     assert "## Settings" in report
     assert "## Times" in report
     summary = json.loads((smoke_run / "summary.json").read_text())
-    assert set(summary["policies"]) == {"SFT", "RL β=0.1", "DPO β=0.1"}
+    assert set(summary["policies"]) == {"SFT", "RL β=0.1", "DPO β=0.1", "GRPO β=0"}
     assert summary["policies"]["SFT"]["kl"] == 0.0
 
 

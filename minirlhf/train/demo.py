@@ -14,8 +14,10 @@
 4. A **reward model** learns from those preferences (`reward`); we check how often it orders
    held-out pairs as R_gold does.
 5. **REINFORCE with a KL penalty** against the reward model (`rl`), and **DPO** on the same
-   preferences (`dpo`), each at a few β. During RL we also log the gold reward of the samples: where
-   the reward model's score climbs and the gold reward does not, the policy over-optimises a proxy.
+   preferences (`dpo`), each at a few β; **GRPO** (`grpo`) against the same reward model, at β = 0
+   (TRL's default: no reference in the loss) and β = 0.1 (k3 in the loss). During RL we also log
+   the gold reward of the samples: where the reward model's score climbs and the gold reward does
+   not, the policy over-optimises a proxy.
 6. **Evaluation** on held-out prompts: mean gold reward ± standard error, mean reward-model score,
    and KL(p_θ ‖ p_sft) estimated by Monte Carlo, mean over samples y ~ p_θ of
    log p_θ(y|x) - log p_sft(y|x); how often each policy's implicit reward β·log(p_θ/p_sft) orders
@@ -53,6 +55,7 @@ from ..tensor import no_grad
 from ..tokenizer import ByteTokenizer
 from .common import ConfigError, batch_tensor, check_common, opt, require
 from .dpo import DPOConfig, dpo
+from .grpo import GRPOConfig, grpo
 from .pretrain import PretrainConfig, pretrain
 from .reward import RewardConfig, reward
 from .rl import RLConfig, rl
@@ -83,6 +86,8 @@ QUICK = {
                max_steps=60, lr=2e-4, baseline="loo"),
     "dpo": dict(betas=(0.1, 0.5), batch_size=16, max_steps=80, lr=2e-4, warmup_steps=10,
                 val_fraction=0.05, eval_interval=40),
+    "grpo": dict(betas=(0.0, 0.1), prompts_per_step=8, num_generations=4, max_new_tokens=40,
+                 max_steps=60, lr=2e-4),
     "eval": dict(prompts=256, samples_per_prompt=3, max_new_tokens=40, shown=4),
 }
 
@@ -103,6 +108,8 @@ LARGE = {
                max_new_tokens=64, max_steps=150, lr=1e-4, baseline="loo"),
     "dpo": dict(betas=(0.05, 0.1, 0.2, 0.5), batch_size=32, max_steps=200, lr=1e-4,
                 warmup_steps=20, val_fraction=0.05, eval_interval=50),
+    "grpo": dict(betas=(0.0, 0.1), prompts_per_step=16, num_generations=4, max_new_tokens=64,
+                 max_steps=150, lr=1e-4),
     "eval": dict(prompts=512, samples_per_prompt=4, max_new_tokens=64, shown=4),
 }
 
@@ -123,6 +130,8 @@ SMOKE = {
                max_steps=2, lr=1e-4, baseline="loo"),
     "dpo": dict(betas=(0.1,), batch_size=4, max_steps=2, lr=1e-4, warmup_steps=1,
                 val_fraction=0.1, eval_interval=2),
+    "grpo": dict(betas=(0.0,), prompts_per_step=2, num_generations=2, max_new_tokens=24,
+                 max_steps=2, lr=1e-4),
     "eval": dict(prompts=6, samples_per_prompt=2, max_new_tokens=24, shown=2),
 }
 
@@ -167,8 +176,9 @@ def make_plan(cfg):
         plan["dpo"]["betas"] = parse_betas(cfg.dpo_betas, "dpo_betas")
     plan["rl"]["betas"] = tuple(plan["rl"]["betas"])
     plan["dpo"]["betas"] = tuple(plan["dpo"]["betas"])
+    plan["grpo"]["betas"] = tuple(plan["grpo"]["betas"])
     block = plan["model"]["block_size"]
-    for stage in ("labels", "rl", "eval"):
+    for stage in ("labels", "rl", "grpo", "eval"):
         n = plan[stage]["max_new_tokens"]
         require(n < block - 1, f"{stage}: max_new_tokens ({n}) must leave room for a prompt in "
                                f"block_size {block}")
@@ -228,9 +238,10 @@ def _beta_name(beta):
 def _check_out_dir(out, plan, cfg):
     """An out_dir that holds a demo of other settings is refused (its outputs would be mixed up)."""
     path = out / "plan.json"
-    key = {"plan": {k: v for k, v in plan.items() if k not in ("rl", "dpo")},
+    key = {"plan": {k: v for k, v in plan.items() if k not in ("rl", "dpo", "grpo")},
            "rl": {k: v for k, v in plan["rl"].items() if k != "betas"},
-           "dpo": {k: v for k, v in plan["dpo"].items() if k != "betas"}, "seed": cfg.seed}
+           "dpo": {k: v for k, v in plan["dpo"].items() if k != "betas"},
+           "grpo": {k: v for k, v in plan["grpo"].items() if k != "betas"}, "seed": cfg.seed}
     key = json.loads(json.dumps(key, default=_json_default))
     if path.exists():
         old = _read_json(path)
@@ -488,6 +499,17 @@ def demo(cfg):
         stages.run(name, ckpt, lambda c=dpo_cfg: dpo(c), inputs=[sft_ckpt, prefs],
                    steps=dpo_cfg.max_steps)
         policies[f"DPO β={_beta_name(beta)}"] = ckpt
+    grpo_settings = {k: v for k, v in plan["grpo"].items() if k != "betas"}
+    for beta in plan["grpo"]["betas"]:
+        name = f"grpo_beta{_beta_name(beta)}"
+        grpo_cfg = GRPOConfig(prompts=str(data / "prompts_train.jsonl"), init=str(sft_ckpt),
+                              reward_model=str(rm_ckpt), out_dir=str(out / name), beta=beta,
+                              **grpo_settings, ckpt_interval=grpo_settings["max_steps"],
+                              seed=cfg.seed, **common)
+        ckpt = out / name / "ckpt.npz"
+        stages.run(name, ckpt, lambda c=grpo_cfg: grpo(c, metrics_fn=gold_metrics),
+                   inputs=[sft_ckpt, rm_ckpt, grpo_cfg.prompts], steps=grpo_cfg.max_steps)
+        policies[f"GRPO β={_beta_name(beta)}"] = ckpt
 
     # 6. evaluation on held-out prompts
     evals = evaluate_all(out, plan, cfg, policies, rm_ckpt, sft_ckpt, stages)
@@ -600,7 +622,8 @@ def write_report(out, plan, cfg, evals, stages, seconds):
 
     rm = evals["reward"]
     met = {kind: [v for v in vs if v[0]] for kind, vs in verdicts.items()}
-    target_met = bool(verdicts) and all(met.get(k) for k in ("RL", "DPO"))
+    required = ["RL", "DPO"] + [k for k in ("GRPO",) if k in verdicts]
+    target_met = bool(verdicts) and all(met.get(k) for k in required)
     lab = plan["labels"]
     all_stages = sum(stages.times.get(name, 0) for name in stages.ran + stages.reused)
     lines = [
@@ -630,9 +653,9 @@ def write_report(out, plan, cfg, evals, stages, seconds):
         f"gold reward does (ties left out), and agrees with {_fmt(rm['label_accuracy'])} of the "
         f"labeler's (noisy) choices.", "",
     ]
-    lines.append("**Target** (RL and DPO each raise the mean gold reward over SFT by more than two "
-                 f"standard errors): **{'met' if target_met else 'not met'}**.")
-    for kind in ("RL", "DPO"):
+    lines.append(f"**Target** ({', '.join(required)} each raise the mean gold reward over SFT by more "
+                 f"than two standard errors): **{'met' if target_met else 'not met'}**.")
+    for kind in ("RL", "DPO", "GRPO"):
         vs = verdicts.get(kind, [])
         if not vs:
             continue
@@ -738,7 +761,7 @@ def make_plots(out, plan, evals, policies):
     fig, ax = plt.subplots(figsize=(6, 4.2))
     base = evals["SFT"]
     ax.errorbar([0], [base["gold"]], yerr=[base["gold_se"]], fmt="ks", label="SFT", capsize=3)
-    for kind, style in (("RL", "o-"), ("DPO", "^-")):
+    for kind, style in (("RL", "o-"), ("DPO", "^-"), ("GRPO", "s-")):
         names = [n for n in policies if n.startswith(kind + " ")]
         pts = sorted((evals[n]["kl"], evals[n]["gold"], evals[n]["gold_se"], n) for n in names)
         if not pts:
