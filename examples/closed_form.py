@@ -9,6 +9,7 @@ is p*(y|x) = p_ref(y|x)·exp(R(y|x)/β)/Z(x). This script trains with the librar
 prints how far each result is from it:
 
     (a) REINFORCE with KL, trained by sampling completions:   KL(p_θ ‖ p*) per prompt
+        PPO (k1 in a per-token reward, GAE, clipped surrogate, a value per prefix): the same
     (b) DPO on preference pairs drawn from Bradley-Terry(R):   KL(p_θ ‖ p*) per prompt
     (c) a Bradley-Terry reward model on the same pairs:        Pearson(r, R) after centering
     (d) the exact gradient of J (autograd through the table) against the REINFORCE estimator
@@ -29,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from minirlhf.closed_form import (TabularPolicy, bradley_terry_pairs, centered_pearson,
-                                  exact_gradient, exact_logprobs, exact_policy, kl, make_problem,
-                                  optimal_policy, reinforce_gradients, train_dpo, train_reinforce,
-                                  train_reward_table)
+from minirlhf.closed_form import (TabularPolicy, TabularValue, bradley_terry_pairs,
+                                  centered_pearson, exact_gradient, exact_logprobs, exact_policy, kl,
+                                  make_problem, make_sequences, optimal_policy, reinforce_gradients,
+                                  train_dpo, train_ppo, train_reinforce, train_reward_table)
 from minirlhf.losses import dpo_loss, kl_k1, kl_k2, kl_k3
 
 
@@ -88,6 +89,23 @@ def main():
     p_rl = exact_policy(rl_policy, problem.prompts, problem.completions)
     print(f"(a) REINFORCE-with-KL: KL(p_θ ‖ p*) = {fmt(kl(p_rl, p_star))}  "
           f"({time.time() - t0:.1f} s)")
+
+    # ----- (a) PPO as InstructGPT ran it: a tabular policy and a tabular value per prefix ----------
+    t0 = time.time()
+    ppo_policy = make_policy("tabular", problem, seed=1)
+    ppo_ref = ref if args.model == "tabular" else make_policy("tabular", problem, seed=1)
+    ppo_star = optimal_policy(exact_policy(ppo_ref, problem.prompts, problem.completions),
+                              problem.R, problem.beta)
+    value = TabularValue(problem.prompts, problem.n_tokens, problem.length)
+    train_ppo(ppo_policy, ppo_ref, value, problem, steps=min(steps, 150), n_per_prompt=32, lr=0.05,
+              seed=args.seed)
+    p_ppo = exact_policy(ppo_policy, problem.prompts, problem.completions)
+    ids, _ = make_sequences(problem.prompts, problem.completions[:len(problem.prompts)])
+    log_z = np.log((exact_policy(ppo_ref, problem.prompts, problem.completions)
+                    * np.exp(problem.R / problem.beta)).sum(axis=1))
+    print(f"(a) PPO (tabular policy and value): KL(p_θ ‖ p*) = {fmt(kl(p_ppo, ppo_star))}; "
+          f"V(x, empty prefix) = {fmt(value(ids).numpy()[:, 1])} vs β·log Z(x) = "
+          f"{fmt(problem.beta * log_z)}  ({time.time() - t0:.1f} s)")
 
     # ----- (b) DPO on Bradley-Terry pairs ----------------------------------------------------------
     t0 = time.time()
@@ -149,9 +167,10 @@ def main():
     labels = ["".join(map(str, y)) for y in problem.completions]
     x = np.arange(len(labels))
     for i, ax in enumerate(np.atleast_1d(axes)):
-        for k, (name, p) in enumerate([("p_ref", p_ref), ("p* (closed form)", p_star),
-                                       ("REINFORCE-with-KL", p_rl), ("DPO", p_dpo)]):
-            ax.bar(x + (k - 1.5) * 0.2, p[i], width=0.2, label=name)
+        bars = [("p_ref", p_ref), ("p* (closed form)", p_star), ("REINFORCE-with-KL", p_rl),
+                ("DPO", p_dpo)] + ([("PPO", p_ppo)] if args.model == "tabular" else [])
+        for k, (name, p) in enumerate(bars):
+            ax.bar(x + (k - (len(bars) - 1) / 2) * 0.16, p[i], width=0.16, label=name)
         ax.set_xticks(x, labels, rotation=90, fontsize=7)
         ax.set_ylabel(f"p(y | prompt {i})")
         ax.legend(fontsize=8)

@@ -119,17 +119,18 @@ def load_checkpoint(path, model=None, optimizer=None):
 
 
 def load_model(path, device="cpu"):
-    """Rebuild the model saved in ``path`` (a `GPT` or `RewardModel`) with its weights, on ``device``.
+    """Rebuild the model saved in ``path`` (a `GPT`, `RewardModel` or `ValueModel`) with its weights,
+    on ``device``.
 
     ``path`` may also be a Hugging Face GPT-2 folder (one with a config.json): `minirlhf.hf.load_gpt2`.
     """
-    from .model import GPT, GPTConfig, RewardModel  # here, so that checkpoint.py works without model.py
+    from .model import GPT, GPTConfig, RewardModel, ValueModel  # here: checkpoint.py works alone
 
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
         from .hf import load_gpt2
         return load_gpt2(path, device=device)[0]
     ckpt = load_checkpoint(path)
-    classes = {"GPT": GPT, "RewardModel": RewardModel}
+    classes = {"GPT": GPT, "RewardModel": RewardModel, "ValueModel": ValueModel}
     if ckpt["model_class"] not in classes:
         raise CheckpointError(f"{path}: cannot rebuild a model of class {ckpt['model_class']!r} "
                               f"(known: {', '.join(classes)})")

@@ -23,6 +23,10 @@ STAGES = {
     "reward": ("reward", "RewardConfig", "reward",
                "step 2: a Bradley-Terry reward model on prompt/chosen/rejected JSONL"),
     "rl": ("rl", "RLConfig", "rl", "step 3: REINFORCE with a KL penalty against a frozen reference"),
+    "ppo": ("ppo", "PPOConfig", "ppo",
+            "step 3 as InstructGPT ran it: PPO with a value model, GAE and a per-token KL penalty"),
+    "grpo": ("grpo", "GRPOConfig", "grpo",
+             "step 3 as GRPO: group-relative advantages, no value model (and Dr. GRPO, DAPO)"),
     "dpo": ("dpo", "DPOConfig", "dpo", "DPO on prompt/chosen/rejected JSONL (replaces steps 2 and 3)"),
     "demo": ("demo", "DemoConfig", "demo",
              "the whole pipeline on Shakespeare: pretrain, SFT, reward model, RL and DPO, report"),
@@ -93,6 +97,7 @@ def main(argv=None):
     from .checkpoint import CheckpointError
     from .datasets import DataError
     from .train.common import ConfigError
+    from .train.ppo import NonFiniteError
     from .train.rl import RewardFunctionError
     from .train.run import DivergenceError, Interrupted, command_line
     import numpy as np
@@ -102,7 +107,7 @@ def main(argv=None):
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             run(config_cls(**args))
     except (ConfigError, DataError, DeviceError, CheckpointError, FileNotFoundError,
-            RewardFunctionError) as e:
+            RewardFunctionError, NonFiniteError) as e:
         # bad input: one clear line, no traceback
         print(f"minirlhf {stage}: error: {e}", file=sys.stderr)
         return 2

@@ -12,8 +12,9 @@ has the unique maximiser
 
 because J(p) = -β·KL(p ‖ p*) + β·log Z(x). So KL(p_θ ‖ p*) measures how far training is from the
 optimum, in nats. This module provides the pieces to check that the library's losses get there:
-REINFORCE-with-KL trained by sampling, DPO trained on Bradley-Terry preference pairs, and a
-Bradley-Terry reward model, which recovers R up to a constant per prompt.
+REINFORCE-with-KL trained by sampling, PPO as InstructGPT ran it (with a `TabularValue` critic),
+DPO trained on Bradley-Terry preference pairs, and a Bradley-Terry reward model, which recovers R
+up to a constant per prompt.
 
 A *policy* is any callable mapping ``input_ids`` (B, T) to logits (B, T, n_tokens): a `GPT` or the
 `TabularPolicy` below. Prompts are rows of token ids (P, Tp); the model sees ``prompt + completion``
@@ -34,8 +35,10 @@ import numpy as np
 
 from . import backend
 from . import functional as F
+from . import ops
 from .logprobs import sequence_logprobs
-from .losses import bt_loss, dpo_loss, reinforce_kl_loss
+from .losses import (bt_loss, clipped_surrogate, dpo_loss, gae, kl_penalty_rewards, masked_mean,
+                     masked_whiten, reinforce_kl_loss, value_loss)
 from .nn import Module, Parameter
 from .optim import AdamW, lr_schedule
 from .tensor import Tensor, no_grad
@@ -231,6 +234,11 @@ class TabularPolicy(Module):
         self.weight = Parameter((init_std * rng.standard_normal((rows, n_tokens))).astype(dtype))
 
     def forward(self, input_ids):
+        xp = backend.get_array_module(self.weight.data)
+        return F.embedding(xp.asarray(self.rows(input_ids)), self.weight)  # (B, T, n_tokens)
+
+    def rows(self, input_ids):
+        """The table row each position reads: (B, T) integers."""
         ids = backend.to_numpy(input_ids.data if isinstance(input_ids, Tensor) else input_ids)
         B, T = ids.shape
         Tp = self.prompts.shape[1]
@@ -247,12 +255,30 @@ class TabularPolicy(Module):
             if Tp + k < T:
                 code = code * self.n_tokens + ids[:, Tp + k]
             offset += self.n_tokens ** k
+        return rows
+
+
+class TabularValue(TabularPolicy):
+    """PPO's critic on the toy problem: one free value V(x, y_<t) per (prompt, completion prefix).
+
+    ``forward(input_ids)`` -> (B, T), aligned like `minirlhf.model.ValueModel`: ``values[:, t]`` is
+    the value of the prefix before token t (read at position t-1), 0 at t = 0. Starts at 0.
+    """
+
+    def __init__(self, prompts, n_tokens, length, dtype="float64"):
+        super().__init__(prompts, n_tokens, length, init_std=0.0, dtype=dtype)
+        self.weight = Parameter(np.zeros((self.weight.shape[0], 1), dtype=dtype))
+
+    def forward(self, input_ids):
         xp = backend.get_array_module(self.weight.data)
-        return F.embedding(xp.asarray(rows), self.weight)                # (B, T, n_tokens)
+        v = F.embedding(xp.asarray(self.rows(input_ids)), self.weight)     # (B, T, 1)
+        B, T = v.shape[:2]
+        first = Tensor._wrap(xp.zeros((B, 1), dtype=v.dtype))
+        return ops.concatenate([first, v[:, :-1, 0]], axis=1)            # (B, T)
 
 
 # ===================================================================================================
-# the three experiments: each loop calls the library's losses exactly as the trainers do
+# the experiments: each loop calls the library's losses exactly as the trainers do
 
 
 def train_reinforce(policy, ref, problem, steps=300, n_per_prompt=32, lr=0.05, baseline="loo",
@@ -284,12 +310,61 @@ def train_reinforce(policy, ref, problem, steps=300, n_per_prompt=32, lr=0.05, b
     return policy
 
 
-def train_dpo(policy, ref, problem, pairs, steps=300, lr=0.05, beta=None, log=None):
+def train_ppo(policy, ref, value, problem, steps=300, n_per_prompt=32, lr=0.05, ppo_epochs=4,
+              num_minibatches=2, epsilon=0.2, vf_coef=1.0, lam=0.95, seed=0, log=None):
+    """PPO as InstructGPT ran it, on the toy problem: the k1 KL in a per-token reward, GAE, whitened
+    advantages, epochs of minibatches of the clipped surrogate plus the clipped value loss.
+
+    Each step samples ``n_per_prompt`` completions per prompt from the policy (p_old), keeps their
+    per-token log p_old, log p_ref and V_old, builds the rewards -β·k1_t (+ R at the last token)
+    with `kl_penalty_rewards`, the advantages with `gae` (γ = 1) and `masked_whiten`, then takes
+    ``ppo_epochs`` x ``num_minibatches`` AdamW steps on `clipped_surrogate` + vf_coef·`value_loss`.
+    Policy and value have their own optimiser; the learning rate decays by a cosine to lr/20.
+    """
+    rng = np.random.default_rng(seed)
+    opt = AdamW(policy.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    value_opt = AdamW(value.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    n = len(problem.prompts) * n_per_prompt
+    size = n // num_minibatches
+    for step in range(steps):
+        prompt_idx, ys = sample_completions(policy, problem.prompts, n_per_prompt, problem.length, rng)
+        ids, mask = make_sequences(problem.prompts[prompt_idx], ys)
+        scores = problem.R[prompt_idx, completion_index(ys, problem.n_tokens)]
+        with no_grad():
+            old_logp = sequence_logprobs(policy, ids, mask)[0].numpy()      # (B, T)
+            ref_logp = sequence_logprobs(ref, ids, mask)[0].numpy()
+            old_values = value(ids).numpy() * mask
+        rewards = kl_penalty_rewards(scores, old_logp, ref_logp, mask, problem.beta, "k1")
+        advantages, returns = gae(rewards, old_values, mask, gamma=1.0, lam=lam)
+        advantages = masked_whiten(advantages, mask)
+        opt.lr = value_opt.lr = lr_schedule(step, lr, 0, steps, min_lr=lr / 20)
+        for _ in range(ppo_epochs):
+            order = rng.permutation(n)
+            for i in range(0, n, size):
+                mb = order[i:i + size]
+                logp, _ = sequence_logprobs(policy, ids[mb], mask[mb])
+                per_token, metrics = clipped_surrogate(logp, old_logp[mb], advantages[mb], mask[mb],
+                                                       epsilon_low=epsilon)
+                vf_loss, _ = value_loss(value(ids[mb]), old_values[mb], returns[mb], mask[mb])
+                loss = masked_mean(per_token, mask[mb]) + vf_coef * vf_loss
+                opt.zero_grad()
+                value_opt.zero_grad()
+                loss.backward()
+                opt.step()
+                value_opt.step()
+        if log is not None:
+            log(step, {**metrics, "reward": float(scores.mean())})
+    return policy
+
+
+def train_dpo(policy, ref, problem, pairs, steps=300, lr=0.05, beta=None, log=None,
+              loss_type="sigmoid"):
     """DPO on fixed preference pairs (prompt, chosen, rejected index arrays), full batch.
 
     Every completion's log-prob comes from one `exact_logprobs` pass over the P·N sequences
     (a pair is two rows of that table), so each step uses the exact gradient of the DPO loss of
-    all pairs. Reference log-probs are computed once, as in a DPO trainer.
+    all pairs. Reference log-probs are computed once, as in a DPO trainer. ``loss_type="ipo"`` trains
+    IPO instead (`dpo_loss`).
     """
     beta = problem.beta if beta is None else beta
     prompt, chosen, rejected = pairs
@@ -299,7 +374,8 @@ def train_dpo(policy, ref, problem, pairs, steps=300, lr=0.05, beta=None, log=No
     for step in range(steps):
         table = exact_logprobs(policy, problem.prompts, problem.completions)   # (P, N)
         loss, metrics = dpo_loss(table[prompt, chosen], table[prompt, rejected],
-                                 ref_table[prompt, chosen], ref_table[prompt, rejected], beta=beta)
+                                 ref_table[prompt, chosen], ref_table[prompt, rejected], beta=beta,
+                                 loss_type=loss_type)
         opt.lr = lr_schedule(step, lr, 0, steps, min_lr=lr / 20)
         opt.zero_grad()
         loss.backward()

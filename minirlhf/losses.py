@@ -11,6 +11,8 @@ whole completions come from `minirlhf.logprobs.sequence_logprobs` (sums over com
                        Schulman's estimators of KL(p_θ ‖ p_ref) from samples of p_θ
     reinforce_kl_loss  REINFORCE on the KL-regularised reward R - β·(log p_θ - log p_ref)
     dpo_loss           direct preference optimisation (and its cDPO and IPO variants)
+    masked_mean, masked_var, masked_whiten, clipped_surrogate, kl_penalty_rewards, gae, value_loss
+                       PPO as InstructGPT ran it: per-token KL reward, GAE, clipped policy and value
 
 Losses that report something return ``(loss, metrics)``, metrics being a dict of Python floats under
 the names TRL logs, so runs can be compared with it.
@@ -347,4 +349,364 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
         "logps/chosen": _float(pc.data.mean()),
         "logps/rejected": _float(pr.data.mean()),
     }
+    return loss, metrics
+
+
+# ===================================================================================================
+# policy optimisation: PPO's blocks
+#
+# Per-token quantities are (B, T) over the completion tokens with a 0/1 ``mask`` (prompt and padding
+# 0); per-sequence ones are (B,). Each block takes Tensors (differentiable) or raw arrays.
+
+
+def _keep(mask, like, fn):
+    """The mask as a boolean array on ``like``'s device, checked against ``like``'s shape."""
+    xp = backend.get_array_module(_data(like))
+    keep = _data(mask, xp) != 0
+    if tuple(keep.shape) != tuple(_data(like).shape):
+        raise ValueError(f"{fn}: mask of shape {tuple(keep.shape)} does not match values of shape "
+                         f"{tuple(_data(like).shape)}")
+    return keep
+
+
+def masked_mean(x, mask, axis=None):
+    """Mean of ``x`` over the entries where ``mask`` is 1:  Σ m·x / Σ m  (over ``axis``, or all).
+
+    Entries outside the mask never reach the sum, not even as 0·inf. A Tensor in gives a Tensor out.
+    """
+    keep = _keep(mask, x, "masked_mean")
+    count = keep.sum(axis=axis)
+    if bool((count == 0).any()):
+        raise ValueError("masked_mean: the mask selects no entry (all 0) along the reduced axis")
+    if isinstance(x, Tensor):
+        return ops.where(keep, x, 0.0).sum(axis=axis) / ops.as_tensor(count.astype(x.dtype), like=x)
+    xp = backend.get_array_module(x)
+    return xp.where(keep, x, 0).sum(axis=axis) / count
+
+
+def masked_var(x, mask, unbiased=True):
+    """Variance of ``x`` over the masked entries; ``unbiased`` multiplies by N/(N-1) (Bessel)."""
+    keep = _keep(mask, x, "masked_var")
+    n = int(keep.sum())
+    if unbiased and n < 2:
+        raise ValueError(f"masked_var: the unbiased variance needs at least 2 masked entries, got {n}")
+    centered = x - masked_mean(x, mask)
+    var = masked_mean(centered * centered, mask)
+    return var * (n / (n - 1)) if unbiased else var
+
+
+def masked_whiten(x, mask, shift_mean=True):
+    """(x - μ) / sqrt(σ² + 1e-8) with μ, σ² the masked mean and unbiased variance; 0 outside the mask.
+
+    PPO whitens its advantages over the whole batch so that one step's size does not depend on the
+    scale of the reward. σ² is the unbiased variance, as TRL's PPO computed it. ``shift_mean=False``
+    adds μ back (rescales only), as TRL's does.
+    """
+    keep = _keep(mask, x, "masked_whiten")
+    mu = masked_mean(x, mask)
+    white = (x - mu) * (masked_var(x, mask) + 1e-8) ** -0.5
+    if not shift_mean:
+        white = white + mu
+    if isinstance(x, Tensor):
+        return ops.where(keep, white, 0.0)
+    return backend.get_array_module(x).where(keep, white, 0)
+
+
+def clipped_surrogate(logp, old_logp, advantages, mask, epsilon_low=0.2, epsilon_high=None):
+    """PPO's clipped surrogate (Schulman et al., 2017), per token:
+
+        L_t = -min(ρ_t·A_t, clip(ρ_t, 1 - ε_low, 1 + ε_high)·A_t),    ρ_t = exp(log p_θ - log p_old)
+
+    ``logp`` (B, T) is the Tensor being trained; ``old_logp`` (B, T) the log-probs of the policy that
+    sampled the batch and ``advantages`` (B,) or (B, T) are constants. Why the min: once ρ has
+    moved past 1 ± ε in the direction the advantage rewards, the clipped term wins the min and
+    its gradient is 0, so one batch cannot push the policy far from the one that sampled it; in
+    the other direction the unclipped term stays, so a step that made things worse is undone.
+    ``epsilon_high`` defaults to ``epsilon_low`` (DAPO's clip-higher sets it larger).
+
+    Returns ``(per_token_loss, metrics)``: the (B, T) loss, 0 outside the mask (aggregate it with
+    `masked_mean`), and, as masked means over the tokens, ``clipfrac`` = fraction of tokens whose
+    clipped term is active, split into ``clipfrac/low`` (ρ < 1-ε_low, A < 0) and ``clipfrac/high``
+    (ρ > 1+ε_high, A > 0), and ``approxkl`` = ½(log ρ)², the k2 estimate of KL(p_old ‖ p_θ).
+    """
+    if not isinstance(logp, Tensor):
+        raise TypeError("clipped_surrogate: logp must be a Tensor (the policy's log p_θ per token)")
+    eps_lo = float(epsilon_low)
+    eps_hi = eps_lo if epsilon_high is None else float(epsilon_high)
+    if not (0 < eps_lo < 1 and eps_hi > 0):
+        raise ValueError(f"clipped_surrogate: need 0 < epsilon_low < 1 and epsilon_high > 0, "
+                         f"got {eps_lo} and {eps_hi}")
+    xp = backend.get_array_module(logp.data)
+    old = _data(old_logp, xp).astype(logp.dtype)                       # (B, T) constants
+    A = _data(advantages, xp).astype(logp.dtype)
+    if A.ndim == 1:
+        A = A[:, None]                                                   # (B, 1): one per sequence
+    _check_same_shape("clipped_surrogate", logp=logp.data, old_logp=old)
+    if A.shape[0] != logp.shape[0] or A.shape[1] not in (1, logp.shape[1]):
+        raise ValueError(f"clipped_surrogate: advantages must be (B,) or (B, T) for logp "
+                         f"{tuple(logp.shape)}, got {tuple(_data(advantages, xp).shape)}")
+    keep = _keep(mask, logp, "clipped_surrogate")
+
+    log_ratio = logp - ops.as_tensor(old, like=logp)                     # (B, T) log ρ
+    ratio = log_ratio.exp()                                              # (B, T) ρ
+    A_t = ops.as_tensor(A, like=logp)
+    unclipped = -(ratio * A_t)                                           # (B, T) -ρ·A
+    clipped = -(ratio.clip(1.0 - eps_lo, 1.0 + eps_hi) * A_t)            # (B, T) -clip(ρ)·A
+    per_token = ops.where(unclipped.data >= clipped.data, unclipped, clipped)   # -min(ρA, clip(ρ)A)
+    per_token = ops.where(keep, per_token, 0.0)
+
+    r = ratio.data
+    low = (r < 1.0 - eps_lo) & (A < 0) & keep
+    high = (r > 1.0 + eps_hi) & (A > 0) & keep
+    n = max(int(keep.sum()), 1)
+    metrics = {"clipfrac": _float((low | high).sum()) / n,
+               "clipfrac/low": _float(low.sum()) / n, "clipfrac/high": _float(high.sum()) / n,
+               "approxkl": _float(xp.where(keep, 0.5 * log_ratio.data ** 2, 0).sum()) / n}
+    return per_token, metrics
+
+
+def kl_penalty_rewards(scores, logp, ref_logp, mask, beta, estimator="k1"):
+    """The per-token reward PPO maximises (Ziegler et al., 2019; InstructGPT), (B, T):
+
+        r_t = -β·k(log p_θ(y_t), log p_ref(y_t))  at every completion token t,
+        r_T += R(y|x)                             at the last completion token T,
+
+    with k Schulman's k1 (log p_θ - log p_ref, the default), k2 or k3 per token. Summed over the
+    completion this is the REINFORCE reward R - β·KL; spread over tokens it lets GAE credit each
+    token with the KL it itself added. 0 outside the mask. ``scores`` (B,) are R(y|x). Arrays
+    give an array; a Tensor ``logp`` gives a Tensor (differentiable through the KL term).
+    """
+    beta = _check_beta(beta, "kl_penalty_rewards", allow_zero=True)
+    if estimator not in _ESTIMATORS:
+        raise ValueError(f"kl_penalty_rewards: estimator must be 'k1', 'k2' or 'k3', got {estimator!r}")
+    k = _ESTIMATORS[estimator](logp, ref_logp)                           # (B, T)
+    keep = _keep(mask, k, "kl_penalty_rewards")
+    xp = backend.get_array_module(keep)
+    R = _data(scores, xp).astype(_data(k).dtype)
+    if tuple(R.shape) != (keep.shape[0],):
+        raise ValueError(f"kl_penalty_rewards: scores must be (B,) = ({keep.shape[0]},), "
+                         f"got {tuple(R.shape)}")
+    T = keep.shape[1]
+    last = T - 1 - xp.argmax(keep[:, ::-1], axis=1)                      # (B,) last completion token
+    at_last = (xp.arange(T)[None, :] == last[:, None]) & keep            # (B, T) one-hot
+    score = xp.where(at_last, R[:, None], 0)                             # (B, T)
+    if isinstance(k, Tensor):
+        return ops.where(keep, -beta * k, 0.0) + ops.as_tensor(score, like=k)
+    return xp.where(keep, -beta * k, 0) + score
+
+
+def gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """Generalised advantage estimation (Schulman et al., 2016) over the completion tokens, (B, T):
+
+        δ_t = r_t + γ·V_{t+1} - V_t,      A_t = δ_t + γλ·A_{t+1},      returns_t = A_t + V_t,
+
+    run backwards from the last completion token, where V_{T+1} = A_{T+1} = 0 (the episode ends).
+    Positions outside the mask are skipped (t+1 is the next *masked* token) and get 0. λ = 1 gives
+    the reward-to-go minus V (unbiased, high variance); λ = 0 the one-step TD error (low variance,
+    biased by V). Arrays in, arrays out: advantages are constants of the loss, never differentiated.
+    Returns ``(advantages, returns)``.
+    """
+    gamma, lam = float(gamma), float(lam)
+    if not (0 <= gamma <= 1 and 0 <= lam <= 1):
+        raise ValueError(f"gae: need 0 <= gamma <= 1 and 0 <= lam <= 1, got {gamma} and {lam}")
+    xp = backend.get_array_module(_data(rewards), _data(values))
+    r, v = _data(rewards, xp), _data(values, xp)
+    _check_same_shape("gae", rewards=r, values=v)
+    keep = _keep(mask, r, "gae")
+    r = xp.where(keep, r, 0)
+    v = xp.where(keep, v, 0)
+    advantages = xp.zeros_like(r)
+    next_value = xp.zeros_like(r[:, 0])                                  # (B,) V_{t+1}
+    next_adv = xp.zeros_like(r[:, 0])                                    # (B,) A_{t+1}
+    for t in reversed(range(r.shape[1])):
+        delta = r[:, t] + gamma * next_value - v[:, t]
+        adv = delta + gamma * lam * next_adv
+        advantages[:, t] = xp.where(keep[:, t], adv, 0)
+        next_value = xp.where(keep[:, t], v[:, t], next_value)
+        next_adv = xp.where(keep[:, t], adv, next_adv)
+    return advantages, xp.where(keep, advantages + v, 0)
+
+
+def value_loss(values, old_values, returns, mask, clip_range_value=0.2):
+    """PPO's clipped value loss, as in OpenAI's baselines and TRL:
+
+        L_V = ½·masked_mean(max((V - R)², (clip(V, V_old - c, V_old + c) - R)²))
+
+    ``values`` (B, T) is the Tensor being trained, ``old_values`` its values at rollout time and
+    ``returns`` R = A + V_old (from `gae`) constants. The clip keeps the value head, like the policy,
+    near where it was when the batch was sampled; the max makes the clip a pessimistic bound, never
+    a bonus. Returns ``(loss, metrics)``: ``clipfrac`` = fraction of tokens where the clipped term
+    is the larger.
+    """
+    if not isinstance(values, Tensor):
+        raise TypeError("value_loss: values must be a Tensor (the value head's output)")
+    c = float(clip_range_value)
+    if not c > 0:
+        raise ValueError(f"value_loss: clip_range_value must be > 0, got {c}")
+    xp = backend.get_array_module(values.data)
+    old = _data(old_values, xp).astype(values.dtype)                     # (B, T) constants
+    R = _data(returns, xp).astype(values.dtype)
+    _check_same_shape("value_loss", values=values.data, old_values=old, returns=R)
+    keep = _keep(mask, values, "value_loss")
+
+    R_t = ops.as_tensor(R, like=values)
+    err = values - R_t
+    err_clipped = values.clip(old - c, old + c) - R_t
+    loss1, loss2 = err * err, err_clipped * err_clipped                  # (B, T)
+    worse = loss2.data > loss1.data
+    loss = 0.5 * masked_mean(ops.where(worse, loss2, loss1), keep)
+    return loss, {"clipfrac": _float(masked_mean((worse & keep).astype(values.dtype), keep))}
+
+
+# ===================================================================================================
+# policy optimisation: GRPO's blocks
+#
+# GRPO (Shao et al., 2024, DeepSeekMath) drops PPO's value model: it samples a group of G completions
+# per prompt and uses each one's reward, standardised within the group, as the advantage of every
+# one of its tokens. The formulas below are TRL's GRPOTrainer's, term for term.
+
+
+def group_advantages(rewards, group_size, scale="group", eps=1e-4):
+    """GRPO's advantages (B,) from the rewards (B,) of groups of ``group_size`` consecutive rows:
+
+        A_i = (r_i - mean_group(r)) / (std + eps)
+
+    ``scale`` picks the std: ``"group"`` the std of i's group (GRPO), ``"batch"`` the std of all B
+    rewards, ``"none"`` no division at all (Dr. GRPO: the division weighs prompts whose samples
+    agree, too easy or too hard, as much as the rest, and rescales the reward each step). The std is
+    the unbiased one (ddof = 1), as ``torch.std`` computes it in TRL. The mean includes r_i itself,
+    which shrinks the expected gradient by (G-1)/G (see `reinforce_kl_loss`'s ``"mean"``).
+    Arrays in, an array out: advantages are constants of the loss.
+    """
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"group_advantages: scale must be 'group', 'batch' or 'none', got {scale!r}")
+    r = _data(rewards)
+    xp = backend.get_array_module(r)
+    G = int(group_size)
+    if r.ndim != 1:
+        raise ValueError(f"group_advantages: rewards must be (B,), got {tuple(r.shape)}")
+    if G < 1 or r.shape[0] % G != 0:
+        raise ValueError(f"group_advantages: group_size {group_size} does not divide the batch of "
+                         f"{r.shape[0]} rewards")
+    if scale == "group" and G < 2:
+        raise ValueError("group_advantages: scale='group' needs group_size >= 2 (the std of one "
+                         "reward is undefined); use scale='none' or 'batch'")
+    if scale == "batch" and r.shape[0] < 2:
+        raise ValueError("group_advantages: scale='batch' needs at least 2 rewards")
+    groups = r.reshape(-1, G)                                            # (B/G, G)
+    A = (groups - groups.mean(axis=1, keepdims=True)).reshape(-1)        # (B,) r - mean_group
+    if scale == "group":
+        std = xp.repeat(groups.std(axis=1, ddof=1), G)                   # (B,)
+    elif scale == "batch":
+        std = r.std(ddof=1)
+    else:
+        return A
+    return A / (std + eps)
+
+
+LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo", "sequence")
+
+
+def aggregate_tokens(per_token_loss, mask, loss_type, max_completion_length=None):
+    """One scalar from a per-token loss (B, T) and its 0/1 mask, as each variant weighs tokens.
+
+    With |y_i| the number of tokens of sequence i (its mask's sum), m the mask, ℓ the loss:
+
+    ``"grpo"``:  (1/B) Σ_i (1/|y_i|) Σ_t m·ℓ. Each sequence weighs the same, so each of its tokens
+        weighs 1/|y_i|: a short sequence's tokens get larger steps, and a long wrong answer's tokens
+        are penalised less than a short one's. The length bias Dr. GRPO pointed out: it favours
+        short correct answers and long wrong ones.
+    ``"bnpo"``:  Σ_{i,t} m·ℓ / Σ_{i,t} m, the mean over all the batch's tokens. Every token weighs
+        the same (no length bias between sequences of one batch), but the normaliser is the batch's
+        length, so how much one sequence counts depends on how long the others are.
+    ``"dapo"``:  the same formula (DAPO's token-level loss). In TRL the normaliser is the number of
+        tokens of the *whole* generation batch (``num_items_in_batch``, across gradient-accumulation
+        steps and processes), so accumulated micro-batches sum to one token mean over all of them;
+        ``bnpo`` instead divides each micro-batch by its own tokens and averages those means, which
+        weighs the tokens of short micro-batches more. With one micro-batch the two are identical.
+    ``"dr_grpo"``:  Σ_{i,t} m·ℓ / (B · max_completion_length). A constant normaliser: the gradient
+        is the sequence-level sum (REINFORCE's) divided by a constant, with no length bias at all.
+    ``"sequence"``:  (1/B) Σ_i Σ_t m·ℓ, the lecture's REINFORCE on whole sequences: no length bias,
+        but longer sequences give larger (and noisier) steps, as their log-prob has more terms.
+
+    A sequence whose mask is all 0 (a truncated completion, masked) contributes 0; its count is
+    clamped at 1 as in TRL.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"aggregate_tokens: loss_type must be one of {', '.join(LOSS_TYPES)}, "
+                         f"got {loss_type!r}")
+    if loss_type == "dr_grpo" and (max_completion_length is None or max_completion_length < 1):
+        raise ValueError("aggregate_tokens: loss_type='dr_grpo' needs max_completion_length >= 1 "
+                         "(its constant normaliser)")
+    keep = _keep(mask, per_token_loss, "aggregate_tokens")
+    xp = backend.get_array_module(keep)
+    dtype = _data(per_token_loss).dtype
+    B = keep.shape[0]
+    if isinstance(per_token_loss, Tensor):
+        masked = ops.where(keep, per_token_loss, 0.0)                    # (B, T)
+        const = lambda a: ops.as_tensor(xp.asarray(a, dtype=dtype), like=per_token_loss)  # noqa: E731
+    else:
+        masked = xp.where(keep, per_token_loss, 0)
+        const = lambda a: xp.asarray(a, dtype=dtype)                     # noqa: E731
+    if loss_type == "grpo":
+        lengths = xp.maximum(keep.sum(axis=1), 1)                        # (B,) |y_i|, clamped
+        return (masked.sum(axis=1) / const(lengths)).sum() / B
+    if loss_type in ("bnpo", "dapo"):
+        return masked.sum() / const(max(int(keep.sum()), 1))
+    if loss_type == "dr_grpo":
+        return masked.sum() / (B * int(max_completion_length))
+    return masked.sum() / B
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.0, epsilon_low=0.2,
+              epsilon_high=None, loss_type="grpo", max_completion_length=None,
+              use_bias_correction_kl=False):
+    """GRPO's loss, as TRL's GRPOTrainer computes it, per token then aggregated:
+
+        ℓ_t = -min(ρ_t·A, clip(ρ_t, 1-ε_low, 1+ε_high)·A) + β·k3_t,     ρ_t = exp(log p_θ - log p_old)
+        k3_t = exp(log p_ref - log p_θ) - (log p_ref - log p_θ) - 1
+        L = aggregate_tokens(ℓ, mask, loss_type)
+
+    ``logp`` (B, T) is the Tensor being trained; ``old_logp`` (the sampler's log-probs; pass
+    ``logp``'s values on-policy, where ρ = 1 but ∇ρ = ∇log p_θ), ``ref_logp`` (B, T) and
+    ``advantages`` (B,) (from `group_advantages`) are constants. The KL is in the *loss*, not in the
+    reward: its gradient flows through k3 itself, whose expected gradient is that of the forward
+    KL(p_ref ‖ p_θ) token by token, not the lecture's KL(p_θ ‖ p_ref) (see `minirlhf.audit`).
+    ``use_bias_correction_kl=True`` multiplies k3_t by ρ_t (TRL's default since 1.x, after
+    DeepSeek-V3.2); ρ carries a gradient, which turns the expected gradient into the reverse KL's.
+    β = 0 (TRL's default) drops the reference entirely.
+
+    Returns ``(loss, metrics)`` with TRL's names, masked means over the tokens: ``kl`` (mean k3, only
+    when β > 0), ``clip_ratio/low_mean`` (ρ < 1-ε_low and A < 0), ``clip_ratio/high_mean``
+    (ρ > 1+ε_high and A > 0), ``clip_ratio/region_mean`` (either).
+    """
+    beta = _check_beta(beta, "grpo_loss", allow_zero=True)
+    if not isinstance(logp, Tensor):
+        raise TypeError("grpo_loss: logp must be a Tensor (the policy's log p_θ per token)")
+    if loss_type == "sequence" or loss_type not in LOSS_TYPES:
+        raise ValueError(f"grpo_loss: loss_type must be 'grpo', 'bnpo', 'dapo' or 'dr_grpo', "
+                         f"got {loss_type!r}")
+    if loss_type == "dr_grpo" and max_completion_length is None:
+        raise ValueError("grpo_loss: loss_type='dr_grpo' needs max_completion_length")
+    xp = backend.get_array_module(logp.data)
+    A = _data(advantages, xp)
+    if A.ndim != 1:
+        raise ValueError(f"grpo_loss: advantages must be one per sequence (B,), got {tuple(A.shape)}")
+    keep = _keep(mask, logp, "grpo_loss")
+
+    per_token, surrogate = clipped_surrogate(logp, old_logp, A, keep, epsilon_low, epsilon_high)
+    metrics = {"clip_ratio/low_mean": surrogate["clipfrac/low"],
+               "clip_ratio/high_mean": surrogate["clipfrac/high"],
+               "clip_ratio/region_mean": surrogate["clipfrac"]}
+    if beta > 0:
+        ref = _data(ref_logp, xp).astype(logp.dtype)
+        _check_same_shape("grpo_loss", logp=logp.data, ref_logp=ref)
+        k3 = kl_k3(logp, ref)                                            # (B, T)
+        if use_bias_correction_kl:
+            old = _data(old_logp, xp).astype(logp.dtype)
+            k3 = k3 * (logp - ops.as_tensor(old, like=logp)).exp()       # k3·ρ, ρ differentiable
+        k3 = ops.where(keep, k3, 0.0)
+        per_token = per_token + beta * k3
+        metrics = {"kl": _float(k3.data.sum()) / max(int(keep.sum()), 1), **metrics}
+    loss = aggregate_tokens(per_token, keep, loss_type, max_completion_length)
     return loss, metrics

@@ -27,6 +27,7 @@ import numpy as np
 
 from . import backend
 from . import functional as F
+from . import ops
 from . import reference as R
 from .nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList
 from .tensor import Tensor, array_of, no_grad
@@ -334,6 +335,45 @@ class RewardModel(_Seeded):
         """A reward model whose trunk is a copy of ``gpt``'s (on its device) and whose head is new."""
         rm = cls(gpt.config, seed=seed).to(gpt.device)
         return rm.load_trunk(gpt.state_dict())
+
+
+class ValueModel(_Seeded):
+    """V(x, y_<t): the GPT trunk and a scalar head read at every position (PPO's critic).
+
+    ``vm(input_ids)``: input_ids (B, T) -> values (B, T), aligned like `minirlhf.logprobs`:
+    ``values[:, t]`` is read from the hidden state at t-1, the state *before* token t was sampled,
+    so it sits under the token it values; ``values[:, 0]`` is 0 (nothing comes before token 0).
+    Its weights have the names of a `RewardModel`'s, so InstructGPT's start, a value model that is
+    a copy of the reward model, is ``ValueModel.from_reward_model(rm)``.
+    """
+
+    load_trunk = RewardModel.load_trunk
+
+    def __init__(self, config, seed=0):
+        super().__init__(config, seed)
+        self.transformer = Transformer(config, self.init_rng, self.dropout_rng)
+        self.head = Linear(config.n_embd, 1, bias=True, rng=self.init_rng, dtype=config.dtype)
+
+    def forward(self, input_ids):
+        h = self.transformer(input_ids)                              # (B, T, C)
+        B, T, C = h.shape
+        v = self.head(h[:, :-1]).reshape(B, T - 1)                   # (B, T-1): V of token t from t-1
+        xp = backend.get_array_module(v.data)
+        first = Tensor._wrap(xp.zeros((B, 1), dtype=v.dtype))
+        return ops.concatenate([first, v], axis=1)                   # (B, T)
+
+    @classmethod
+    def from_gpt(cls, gpt, seed=0):
+        """A value model whose trunk is a copy of ``gpt``'s (on its device) and whose head is new."""
+        vm = cls(gpt.config, seed=seed).to(gpt.device)
+        return vm.load_trunk(gpt.state_dict())
+
+    @classmethod
+    def from_reward_model(cls, rm, seed=0):
+        """A value model that is a copy of the reward model, trunk and head (as InstructGPT began)."""
+        vm = cls(rm.config, seed=seed).to(rm.device)
+        vm.load_state_dict(rm.state_dict())
+        return vm
 
 
 # ===================================================================================================

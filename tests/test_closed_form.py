@@ -26,6 +26,7 @@ from minirlhf.closed_form import (TabularPolicy, bradley_terry_pairs, centered_p
                                   make_sequences, optimal_policy, reinforce_gradients,
                                   sample_completions, train_dpo, train_reinforce,
                                   train_reward_table)
+from minirlhf.closed_form import TabularValue, train_ppo
 from minirlhf.logprobs import sequence_logprobs
 from minirlhf.losses import dpo_loss, kl_k1, kl_k2, kl_k3, kl_per_sequence
 
@@ -141,6 +142,31 @@ def test_a_reinforce_with_kl_by_sampling_reaches_the_optimum(exact):
 
 # ===================================================================================================
 # (b) DPO on Bradley-Terry preference pairs
+
+
+def test_a_ppo_with_k1_in_the_reward_reaches_the_optimum_and_its_critic_the_optimal_value(exact):
+    """PPO as InstructGPT ran it (per-token -β·k1 reward, GAE λ = 0.95, whitened advantages, 4
+    epochs x 2 minibatches of the clipped surrogate and value loss) arrives at the same p*; its
+    value of the empty prefix is then max_p J = β·log Z(x), the value of the optimum."""
+    policy = reference()
+    value = TabularValue(PROBLEM.prompts, PROBLEM.n_tokens, PROBLEM.length)
+    train_ppo(policy, exact["ref"], value, PROBLEM, steps=150, n_per_prompt=32, lr=0.05,
+              ppo_epochs=4, num_minibatches=2, lam=0.95, seed=0)
+    end = kl_to_optimum(policy, exact["p_star"])
+    assert np.all(end <= 0.01), f"KL(p_θ ‖ p*) per prompt: {end}"
+    ids, _ = make_sequences(PROBLEM.prompts, PROBLEM.completions[:len(PROBLEM.prompts)])
+    log_Z = np.log((exact["p_ref"] * np.exp(PROBLEM.R / PROBLEM.beta)).sum(axis=1))
+    np.testing.assert_allclose(value(ids).numpy()[:, 1], PROBLEM.beta * log_Z, atol=0.05)
+
+
+def test_tabular_value_reads_one_value_per_prefix_before_the_token():
+    value = TabularValue(PROBLEM.prompts, PROBLEM.n_tokens, PROBLEM.length)
+    value.weight.data[:] = np.arange(value.weight.shape[0])[:, None]
+    ids, _ = make_sequences([[0], [1]], [[2, 1, 0], [2, 1, 0]])
+    v = value(ids).numpy()
+    n = value.n_prefixes                                                 # 13 prefixes per prompt
+    # token 1 (y_0) has the empty prefix; token 2 the prefix (2,); token 3 the prefix (2, 1)
+    np.testing.assert_array_equal(v, [[0, 0, 1 + 2, 4 + 2 * 3 + 1], [0, n, n + 3, n + 4 + 7]])
 
 
 def test_b_dpo_on_bradley_terry_pairs_reaches_the_optimum(exact):

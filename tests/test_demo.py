@@ -190,7 +190,7 @@ def smoke_run(tmp_path_factory):
 def test_smoke_demo_writes_the_report_with_its_tables(smoke_run):
     report = (smoke_run / "report.md").read_text(encoding="utf-8")
     assert "| policy | gold reward ± se | gain over SFT | reward model | KL to SFT |" in report
-    for row in ("| SFT |", "| RL β=0.1 |", "| DPO β=0.1 |"):
+    for row in ("| SFT |", "| RL β=0.1 |", "| PPO β=0.1 |", "| DPO β=0.1 |", "| GRPO β=0 |"):
         assert row in report
     assert "Reward model: on" in report
     assert "**Target**" in report and ("**met**" in report or "**not met**" in report)
@@ -198,17 +198,20 @@ def test_smoke_demo_writes_the_report_with_its_tables(smoke_run):
     assert "## Settings" in report
     assert "## Times" in report
     summary = json.loads((smoke_run / "summary.json").read_text())
-    assert set(summary["policies"]) == {"SFT", "RL β=0.1", "DPO β=0.1"}
+    assert set(summary["policies"]) == {"SFT", "RL β=0.1", "PPO β=0.1", "DPO β=0.1", "GRPO β=0"}
     assert summary["policies"]["SFT"]["kl"] == 0.0
 
 
 def test_smoke_demo_writes_every_stage_and_logs_gold_during_rl(smoke_run):
     for path in ("pretrain/ckpt.npz", "sft/ckpt.npz", "reward/ckpt.npz", "rl_beta0.1/ckpt.npz",
-                 "dpo_beta0.1/ckpt.npz", "data/sft_train.jsonl", "labels/prefs_train.jsonl",
+                 "dpo_beta0.1/ckpt.npz", "ppo_beta0.1/ckpt.npz", "ppo_beta0.1/value.npz",
+                 "data/sft_train.jsonl", "labels/prefs_train.jsonl",
                  "labels/prefs_held_out.jsonl", "eval/sft.json"):
         assert (smoke_run / path).exists(), path
     rows = [json.loads(line) for line in (smoke_run / "rl_beta0.1" / "metrics.jsonl").open()]
     assert all("gold" in r and "reward" in r for r in rows)
+    rows = [json.loads(line) for line in (smoke_run / "ppo_beta0.1" / "metrics.jsonl").open()]
+    assert all("gold" in r and "objective/scores" in r for r in rows)
     assert not list(smoke_run.rglob("*.tmp"))
 
 

@@ -13,9 +13,12 @@
    learners never see R_gold, only the preferences.
 4. A **reward model** learns from those preferences (`reward`); we check how often it orders
    held-out pairs as R_gold does.
-5. **REINFORCE with a KL penalty** against the reward model (`rl`), and **DPO** on the same
-   preferences (`dpo`), each at a few β. During RL we also log the gold reward of the samples: where
-   the reward model's score climbs and the gold reward does not, the policy over-optimises a proxy.
+5. **REINFORCE with a KL penalty** against the reward model (`rl`), **PPO** as InstructGPT ran it
+   (`ppo`, its value model a copy of the reward model), and **DPO** on the same preferences
+   (`dpo`), each at a few β (PPO at RL's); **GRPO** (`grpo`) against the same reward model, at
+   β = 0 (TRL's default: no reference in the loss) and β = 0.1 (k3 in the loss). During RL and PPO
+   we also log the gold reward of the samples: where the reward model's score climbs and the gold
+   reward does not, the policy over-optimises a proxy.
 6. **Evaluation** on held-out prompts: mean gold reward ± standard error, mean reward-model score,
    and KL(p_θ ‖ p_sft) estimated by Monte Carlo, mean over samples y ~ p_θ of
    log p_θ(y|x) - log p_sft(y|x); how often each policy's implicit reward β·log(p_θ/p_sft) orders
@@ -52,6 +55,8 @@ from ..tensor import no_grad
 from ..tokenizer import ByteTokenizer
 from .common import ConfigError, batch_tensor, check_common, opt, require
 from .dpo import DPOConfig, dpo
+from .grpo import GRPOConfig, grpo
+from .ppo import PPOConfig, ppo
 from .pretrain import PretrainConfig, pretrain
 from .reward import RewardConfig, reward
 from .rl import RLConfig, rl
@@ -82,6 +87,10 @@ QUICK = {
                max_steps=60, lr=2e-4, baseline="loo"),
     "dpo": dict(betas=(0.1, 0.5), batch_size=16, max_steps=80, lr=2e-4, warmup_steps=10,
                 val_fraction=0.05, eval_interval=40),
+    "ppo": dict(prompts_per_step=8, samples_per_prompt=4, max_new_tokens=40, max_steps=40,
+                ppo_epochs=2, num_minibatches=2, lr=2e-4, vf_coef=0.1),
+    "grpo": dict(betas=(0.0, 0.1), prompts_per_step=8, num_generations=4, max_new_tokens=40,
+                 max_steps=60, lr=2e-4),
     "eval": dict(prompts=256, samples_per_prompt=3, max_new_tokens=40, shown=4),
 }
 
@@ -102,6 +111,10 @@ LARGE = {
                max_new_tokens=64, max_steps=150, lr=1e-4, baseline="loo"),
     "dpo": dict(betas=(0.05, 0.1, 0.2, 0.5), batch_size=32, max_steps=200, lr=1e-4,
                 warmup_steps=20, val_fraction=0.05, eval_interval=50),
+    "ppo": dict(prompts_per_step=16, samples_per_prompt=4, max_new_tokens=64, max_steps=100,
+                ppo_epochs=4, num_minibatches=2, lr=1e-4, vf_coef=0.1),
+    "grpo": dict(betas=(0.0, 0.1), prompts_per_step=16, num_generations=4, max_new_tokens=64,
+                 max_steps=150, lr=1e-4),
     "eval": dict(prompts=512, samples_per_prompt=4, max_new_tokens=64, shown=4),
 }
 
@@ -122,6 +135,10 @@ SMOKE = {
                max_steps=2, lr=1e-4, baseline="loo"),
     "dpo": dict(betas=(0.1,), batch_size=4, max_steps=2, lr=1e-4, warmup_steps=1,
                 val_fraction=0.1, eval_interval=2),
+    "ppo": dict(prompts_per_step=2, samples_per_prompt=2, max_new_tokens=24, max_steps=2,
+                ppo_epochs=2, num_minibatches=2, lr=1e-4, vf_coef=0.1),
+    "grpo": dict(betas=(0.0,), prompts_per_step=2, num_generations=2, max_new_tokens=24,
+                 max_steps=2, lr=1e-4),
     "eval": dict(prompts=6, samples_per_prompt=2, max_new_tokens=24, shown=2),
 }
 
@@ -133,7 +150,7 @@ class DemoConfig:
     out_dir: str = opt("runs/demo", "where every stage's outputs, report.md and the plots go")
     preset: str = opt("quick", "quick (about 5 minutes on 2 CPU cores) or large (hours on a CPU: "
                                "use a GPU)", choices=["quick", "large"])
-    rl_betas: str | None = opt(None, "comma-separated β values for RL, e.g. '0.05,0.2' "
+    rl_betas: str | None = opt(None, "comma-separated β values for RL and PPO, e.g. '0.05,0.2' "
                                      "(default: the preset's)")
     dpo_betas: str | None = opt(None, "comma-separated β values for DPO (default: the preset's)")
     seed: int = opt(0, "seed of every stage (weights, data order, sampling, labels)")
@@ -166,8 +183,10 @@ def make_plan(cfg):
         plan["dpo"]["betas"] = parse_betas(cfg.dpo_betas, "dpo_betas")
     plan["rl"]["betas"] = tuple(plan["rl"]["betas"])
     plan["dpo"]["betas"] = tuple(plan["dpo"]["betas"])
+    plan["ppo"]["betas"] = plan["rl"]["betas"]                            # PPO and RL side by side
+    plan["grpo"]["betas"] = tuple(plan["grpo"]["betas"])
     block = plan["model"]["block_size"]
-    for stage in ("labels", "rl", "eval"):
+    for stage in ("labels", "rl", "ppo", "grpo", "eval"):
         n = plan[stage]["max_new_tokens"]
         require(n < block - 1, f"{stage}: max_new_tokens ({n}) must leave room for a prompt in "
                                f"block_size {block}")
@@ -227,9 +246,11 @@ def _beta_name(beta):
 def _check_out_dir(out, plan, cfg):
     """An out_dir that holds a demo of other settings is refused (its outputs would be mixed up)."""
     path = out / "plan.json"
-    key = {"plan": {k: v for k, v in plan.items() if k not in ("rl", "dpo")},
+    key = {"plan": {k: v for k, v in plan.items() if k not in ("rl", "dpo", "ppo", "grpo")},
            "rl": {k: v for k, v in plan["rl"].items() if k != "betas"},
            "dpo": {k: v for k, v in plan["dpo"].items() if k != "betas"}, "seed": cfg.seed}
+    key["ppo"] = {k: v for k, v in plan["ppo"].items() if k != "betas"}
+    key["grpo"] = {k: v for k, v in plan["grpo"].items() if k != "betas"}
     key = json.loads(json.dumps(key, default=_json_default))
     if path.exists():
         old = _read_json(path)
@@ -478,6 +499,17 @@ def demo(cfg):
         stages.run(name, ckpt, lambda c=rl_cfg: rl(c, metrics_fn=gold_metrics),
                    inputs=[sft_ckpt, rm_ckpt, rl_cfg.prompts], steps=rl_cfg.max_steps)
         policies[f"RL β={_beta_name(beta)}"] = ckpt
+    ppo_settings = {k: v for k, v in plan["ppo"].items() if k != "betas"}
+    for beta in plan["ppo"]["betas"]:
+        name = f"ppo_beta{_beta_name(beta)}"
+        ppo_cfg = PPOConfig(prompts=str(data / "prompts_train.jsonl"), init=str(sft_ckpt),
+                            reward_model=str(rm_ckpt), out_dir=str(out / name), beta=beta,
+                            **ppo_settings, ckpt_interval=ppo_settings["max_steps"],
+                            seed=cfg.seed, **common)
+        ckpt = out / name / "ckpt.npz"
+        stages.run(name, ckpt, lambda c=ppo_cfg: ppo(c, metrics_fn=gold_metrics),
+                   inputs=[sft_ckpt, rm_ckpt, ppo_cfg.prompts], steps=ppo_cfg.max_steps)
+        policies[f"PPO β={_beta_name(beta)}"] = ckpt
     dpo_settings = {k: v for k, v in plan["dpo"].items() if k != "betas"}
     for beta in plan["dpo"]["betas"]:
         name = f"dpo_beta{_beta_name(beta)}"
@@ -487,6 +519,17 @@ def demo(cfg):
         stages.run(name, ckpt, lambda c=dpo_cfg: dpo(c), inputs=[sft_ckpt, prefs],
                    steps=dpo_cfg.max_steps)
         policies[f"DPO β={_beta_name(beta)}"] = ckpt
+    grpo_settings = {k: v for k, v in plan["grpo"].items() if k != "betas"}
+    for beta in plan["grpo"]["betas"]:
+        name = f"grpo_beta{_beta_name(beta)}"
+        grpo_cfg = GRPOConfig(prompts=str(data / "prompts_train.jsonl"), init=str(sft_ckpt),
+                              reward_model=str(rm_ckpt), out_dir=str(out / name), beta=beta,
+                              **grpo_settings, ckpt_interval=grpo_settings["max_steps"],
+                              seed=cfg.seed, **common)
+        ckpt = out / name / "ckpt.npz"
+        stages.run(name, ckpt, lambda c=grpo_cfg: grpo(c, metrics_fn=gold_metrics),
+                   inputs=[sft_ckpt, rm_ckpt, grpo_cfg.prompts], steps=grpo_cfg.max_steps)
+        policies[f"GRPO β={_beta_name(beta)}"] = ckpt
 
     # 6. evaluation on held-out prompts
     evals = evaluate_all(out, plan, cfg, policies, rm_ckpt, sft_ckpt, stages)
@@ -599,7 +642,8 @@ def write_report(out, plan, cfg, evals, stages, seconds):
 
     rm = evals["reward"]
     met = {kind: [v for v in vs if v[0]] for kind, vs in verdicts.items()}
-    target_met = bool(verdicts) and all(met.get(k) for k in ("RL", "DPO"))
+    required = ["RL", "DPO"] + [k for k in ("PPO", "GRPO") if k in verdicts]
+    target_met = bool(verdicts) and all(met.get(k) for k in required)
     lab = plan["labels"]
     all_stages = sum(stages.times.get(name, 0) for name in stages.ran + stages.reused)
     lines = [
@@ -629,9 +673,9 @@ def write_report(out, plan, cfg, evals, stages, seconds):
         f"gold reward does (ties left out), and agrees with {_fmt(rm['label_accuracy'])} of the "
         f"labeler's (noisy) choices.", "",
     ]
-    lines.append("**Target** (RL and DPO each raise the mean gold reward over SFT by more than two "
-                 f"standard errors): **{'met' if target_met else 'not met'}**.")
-    for kind in ("RL", "DPO"):
+    lines.append(f"**Target** ({', '.join(required)} each raise the mean gold reward over SFT by more "
+                 f"than two standard errors): **{'met' if target_met else 'not met'}**.")
+    for kind in ("RL", "PPO", "DPO", "GRPO"):
         vs = verdicts.get(kind, [])
         if not vs:
             continue
@@ -679,18 +723,19 @@ def write_report(out, plan, cfg, evals, stages, seconds):
             lines.append(f"| {name} | {_fmt(evals[name]['implicit_agreement'])} |")
     lines.append("")
 
-    lines += ["## RL: reward model against gold during training", "",
+    lines += ["## RL and PPO: reward model against gold during training", "",
               "| run | steps | RM reward: first 10 → last 10 steps | gold: first 10 → last 10 steps | "
               "KL at the end |", "|---|---|---|---|---|"]
-    for beta in plan["rl"]["betas"]:
-        m = _read_metrics(out / f"rl_beta{_beta_name(beta)}")
-        if not m:
-            continue
-        head, tail = m[:10], m[-10:]
-        mean = lambda rows, k: float(np.mean([r[k] for r in rows]))  # noqa: E731
-        lines.append(f"| RL β={_beta_name(beta)} | {len(m)} | {mean(head, 'reward'):.3f} → "
-                     f"{mean(tail, 'reward'):.3f} | {mean(head, 'gold'):.3f} → {mean(tail, 'gold'):.3f} "
-                     f"| {mean(tail, 'kl'):.2f} |")
+    for kind, reward_key, kl_key in (("rl", "reward", "kl"), ("ppo", "objective/scores", "objective/kl")):
+        for beta in plan[kind]["betas"]:
+            m = _read_metrics(out / f"{kind}_beta{_beta_name(beta)}")
+            if not m:
+                continue
+            head, tail = m[:10], m[-10:]
+            mean = lambda rows, k: float(np.mean([r[k] for r in rows]))  # noqa: E731
+            lines.append(f"| {kind.upper()} β={_beta_name(beta)} | {len(m)} | "
+                         f"{mean(head, reward_key):.3f} → {mean(tail, reward_key):.3f} | "
+                         f"{mean(head, 'gold'):.3f} → {mean(tail, 'gold'):.3f} | {mean(tail, kl_key):.2f} |")
     lines.append("")
 
     lines += ["## Replies before and after", "",
@@ -737,7 +782,7 @@ def make_plots(out, plan, evals, policies):
     fig, ax = plt.subplots(figsize=(6, 4.2))
     base = evals["SFT"]
     ax.errorbar([0], [base["gold"]], yerr=[base["gold_se"]], fmt="ks", label="SFT", capsize=3)
-    for kind, style in (("RL", "o-"), ("DPO", "^-")):
+    for kind, style in (("RL", "o-"), ("PPO", "s-"), ("DPO", "^-"), ("GRPO", "D-")):
         names = [n for n in policies if n.startswith(kind + " ")]
         pts = sorted((evals[n]["kl"], evals[n]["gold"], evals[n]["gold_se"], n) for n in names)
         if not pts:
