@@ -100,6 +100,8 @@ def check(cfg):
                  "num_minibatches", "ckpt_interval", "kl_horizon", "ptx_batch_size"):
         require(getattr(cfg, name) >= 1, f"{name} must be at least 1, got {getattr(cfg, name)}")
     n = cfg.prompts_per_step * cfg.samples_per_prompt
+    require(n >= 2, "whitening the advantages needs at least 2 completions per rollout "
+                    "(prompts_per_step x samples_per_prompt)")
     require(n % cfg.num_minibatches == 0,
             f"num_minibatches ({cfg.num_minibatches}) must divide the rollout batch, prompts_per_step "
             f"x samples_per_prompt = {n}")
