@@ -112,9 +112,15 @@ def load_checkpoint(path, model=None, optimizer=None):
 
 def load_model(path, device="cpu"):
     """Rebuild the model saved in ``path`` (a `GPT`, `RewardModel` or `ValueModel`) with its weights,
-    on ``device``."""
+    on ``device``.
+
+    ``path`` may also be a Hugging Face GPT-2 folder (one with a config.json): `minirlhf.hf.load_gpt2`.
+    """
     from .model import GPT, GPTConfig, RewardModel, ValueModel  # here: checkpoint.py works alone
 
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        from .hf import load_gpt2
+        return load_gpt2(path, device=device)[0]
     ckpt = load_checkpoint(path)
     classes = {"GPT": GPT, "RewardModel": RewardModel, "ValueModel": ValueModel}
     if ckpt["model_class"] not in classes:
@@ -130,6 +136,49 @@ def load_model(path, device="cpu"):
     except ValueError as e:
         raise CheckpointError(f"{path}: the weights do not fit the model: {e}") from None
     return model.to(device)
+
+
+def tokenizer_for(path):
+    """The tokenizer a model in ``path`` reads: what the JSONL stages must encode with.
+
+    A Hugging Face folder: its vocab.json/merges.txt. A ``.npz``: the tokenizer stored in its
+    ``extra["tokenizer"]`` (``minirlhf import`` puts it there); else that of the checkpoint it was
+    trained from (``extra["init"]``, which every trainer records), followed back to where the run
+    began; else the byte tokenizer, if the model has its 258 tokens.
+    """
+    from .hf import is_hf_folder, load_tokenizer
+    from .tokenizer import BPETokenizer, ByteTokenizer
+
+    seen = []
+    while True:
+        if is_hf_folder(path):
+            tokenizer = load_tokenizer(path)
+            if tokenizer is None:
+                raise CheckpointError(f"{path} has no vocab.json: which tokenizer does the model read?")
+            return tokenizer
+        header = _read_header(path)
+        extra, config = header.get("extra") or {}, header.get("config") or {}
+        if isinstance(extra.get("tokenizer"), dict):
+            stored = extra["tokenizer"]
+            return BPETokenizer.from_texts(stored["vocab.json"], stored["merges.txt"], where=str(path))
+        seen.append(str(path))
+        init = extra.get("init")
+        if isinstance(init, str) and os.path.exists(init) and init not in seen:
+            path = init
+            continue
+        if config.get("vocab_size") == ByteTokenizer.vocab_size:
+            return ByteTokenizer()
+        raise CheckpointError(f"{seen[0]}: the model has {config.get('vocab_size')} tokens and no "
+                              f"tokenizer was found with it (looked in: {', '.join(seen)})")
+
+
+def _read_header(path):
+    """The header of a checkpoint without reading its arrays (an .npz is read member by member)."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return json.loads(npz["__header__"].tobytes().decode("utf-8"))
+    except Exception:   # not found, not a checkpoint, ...: _read says precisely what is wrong
+        return _read(path)[1]
 
 
 def rng_from_state(state):

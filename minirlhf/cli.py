@@ -21,7 +21,7 @@ from .train.rl import RewardFunctionError
 
 def _stages():
     """stage name -> (config class, run function, one-line help); imported lazily to start fast."""
-    from .train import demo, dpo, ppo, pretrain, reward, rl, sample, sft
+    from .train import demo, dpo, export, ppo, pretrain, reward, rl, sample, sft
     return {
         "pretrain": (pretrain.PretrainConfig, pretrain.pretrain,
                      "step 0: next-token pretraining of a GPT on a text corpus (default: Shakespeare)"),
@@ -35,6 +35,8 @@ def _stages():
         "dpo": (dpo.DPOConfig, dpo.dpo, "DPO on prompt/chosen/rejected JSONL (replaces steps 2 and 3)"),
         "demo": (demo.DemoConfig, demo.demo,
                  "the whole pipeline on Shakespeare: pretrain, SFT, reward model, RL and DPO, report"),
+        "export": (export.ExportConfig, export.export, "write a checkpoint as a Hugging Face GPT-2 folder"),
+        "import": (export.ImportConfig, export.import_hf, "read a Hugging Face GPT-2 folder into a .npz"),
     }
 
 

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minirlhf.tokenizer import EOT, PAD, ByteTokenizer
+from minirlhf.tokenizer import PAD, ByteTokenizer
 
 SFT_FIELDS = ("prompt", "completion")
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
@@ -311,8 +311,8 @@ def encode_prompt_completion(tokenizer, prompt: str, completion: str, block_size
             f"block_size must be >= 2 (one prompt token and one completion token), "
             f"got {block_size}")
 
-    prompt_ids = [EOT] + tokenizer.encode(prompt)
-    completion_ids = tokenizer.encode(completion) + ([EOT] if add_eot else [])
+    prompt_ids = [tokenizer.eot_id] + tokenizer.encode(prompt)
+    completion_ids = tokenizer.encode(completion) + ([tokenizer.eot_id] if add_eot else [])
     if not completion_ids:
         raise DataError(
             "empty completion with add_eot=False: the row has no token to learn or score")
@@ -343,7 +343,7 @@ def encode_prompt(tokenizer, prompt: str, block_size: int, max_new_tokens: int) 
             f"max_new_tokens={max_new_tokens} leaves no room for the prompt in a context of "
             f"{block_size} tokens; it must be between 0 and {block_size - 1}"
         )
-    return ([EOT] + tokenizer.encode(prompt))[-room:]
+    return ([tokenizer.eot_id] + tokenizer.encode(prompt))[-room:]
 
 
 def collate(batch, pad_id: int = PAD, pad_to: int | None = None) -> dict:

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import save_checkpoint
+from ..checkpoint import save_checkpoint, tokenizer_for
 from ..datasets import collate, iterate_minibatches, load_preferences
 from ..logprobs import sequence_logprobs
 from ..losses import dpo_loss
 from ..optim import AdamW, lr_schedule, param_groups
 from ..tensor import no_grad
-from ..tokenizer import ByteTokenizer
 from .common import (RunLog, batch_tensor, check_common, config_summary, encode_rows, load_policy,
                      opt, optimise, require, split_holdout, weighted_means)
 
@@ -70,7 +69,7 @@ def dpo(cfg):
     """Train a policy with DPO on preference pairs; returns {"checkpoint", metrics...}."""
     check_common(cfg)
     require(0 <= cfg.label_smoothing <= 0.5, f"label_smoothing must be in [0, 0.5], got {cfg.label_smoothing}")
-    tokenizer = ByteTokenizer()
+    tokenizer = tokenizer_for(cfg.init)   # the one the model was trained with
     records = load_preferences(cfg.data)
     policy = load_policy(cfg.init, cfg.device)
     block = policy.config.block_size

@@ -32,7 +32,7 @@ import numpy as np
 
 from .. import functional as F
 from ..backend import to_numpy
-from ..checkpoint import load_model, save_checkpoint
+from ..checkpoint import load_model, save_checkpoint, tokenizer_for
 from ..datasets import collate, encode_corpus, get_batch, iterate_minibatches, load_prompts, load_text
 from ..logprobs import logprobs_from_logits, token_entropy
 from ..losses import (clipped_surrogate, gae, kl_penalty_rewards, masked_mean, masked_whiten,
@@ -40,7 +40,6 @@ from ..losses import (clipped_surrogate, gae, kl_penalty_rewards, masked_mean, m
 from ..model import GPT, RewardModel, ValueModel
 from ..optim import AdamW, clip_grad_norm_, param_groups
 from ..tensor import no_grad
-from ..tokenizer import ByteTokenizer
 from .common import RunLog, batch_tensor, check_common, config_summary, load_policy, opt, require
 from .rl import Rewarder, sample_batch
 
@@ -189,7 +188,7 @@ def ppo(cfg, metrics_fn=None):
     "reward", "kl", "beta", ...}. ``metrics_fn(prompts, completions) -> dict`` adds metrics to each
     iteration's log, as in `minirlhf.train.rl.rl`."""
     check(cfg)
-    tokenizer = ByteTokenizer()
+    tokenizer = tokenizer_for(cfg.init)   # the one the model was trained with
     records = load_prompts(cfg.prompts)
     policy = load_policy(cfg.init, cfg.device)
     ref = load_policy(cfg.init, cfg.device)

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import save_checkpoint
+from ..checkpoint import save_checkpoint, tokenizer_for
 from ..datasets import collate, iterate_minibatches, load_preferences
 from ..losses import bt_loss
 from ..model import RewardModel
 from ..optim import AdamW, lr_schedule, param_groups
 from ..tensor import no_grad
-from ..tokenizer import ByteTokenizer
 from .common import (RunLog, batch_tensor, check_common, config_summary, encode_rows, load_policy,
                      opt, optimise, split_holdout, weighted_means)
 
@@ -70,7 +69,7 @@ def evaluate(rm, pairs, cfg):
 def reward(cfg):
     """Train a reward model on preference pairs; returns {"checkpoint", "val_accuracy", ...}."""
     check_common(cfg)
-    tokenizer = ByteTokenizer()
+    tokenizer = tokenizer_for(cfg.init)   # the one the model was trained with
     records = load_preferences(cfg.data)
     gpt = load_policy(cfg.init, cfg.device)
     block = gpt.config.block_size

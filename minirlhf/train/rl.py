@@ -22,14 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from ..backend import to_numpy
-from ..checkpoint import load_model, save_checkpoint
+from ..checkpoint import load_model, save_checkpoint, tokenizer_for
 from ..datasets import collate, encode_prompt, iterate_minibatches, load_prompts
 from ..logprobs import logprobs_from_logits, sequence_logprobs, token_entropy
 from ..losses import reinforce_kl_loss
 from ..model import RewardModel, generate
 from ..optim import AdamW, param_groups
 from ..tensor import no_grad
-from ..tokenizer import ByteTokenizer
 from .common import (ConfigError, RunLog, batch_tensor, check_common, config_summary, load_policy,
                      opt, optimise, require)
 
@@ -163,7 +162,7 @@ def rl(cfg, metrics_fn=None):
     logs the hidden gold reward this way, to watch the reward model being over-optimised).
     """
     check(cfg)
-    tokenizer = ByteTokenizer()
+    tokenizer = tokenizer_for(cfg.init)   # the one the model was trained with
     records = load_prompts(cfg.prompts)
     policy = load_policy(cfg.init, cfg.device)
     ref = load_policy(cfg.init, cfg.device)

@@ -2,9 +2,8 @@
 
 from dataclasses import dataclass
 
-from ..checkpoint import load_model
+from ..checkpoint import load_model, tokenizer_for
 from ..model import GPT, generate
-from ..tokenizer import ByteTokenizer
 from .common import ConfigError, check_common, opt, require
 
 
@@ -28,7 +27,7 @@ def sample(cfg):
     require(cfg.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {cfg.max_new_tokens}")
     model = load_model(cfg.ckpt, cfg.device)
     require(isinstance(model, GPT), f"{cfg.ckpt} holds a {type(model).__name__}, not a GPT to sample from")
-    tok = ByteTokenizer()
+    tok = tokenizer_for(cfg.ckpt)
     ids = [tok.eot_id] + tok.encode(cfg.prompt)
     try:
         out = generate(model, [ids] * cfg.num_samples, cfg.max_new_tokens, temperature=cfg.temperature,

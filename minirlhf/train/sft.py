@@ -13,12 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import save_checkpoint
+from ..checkpoint import save_checkpoint, tokenizer_for
 from ..datasets import collate, iterate_minibatches, load_sft
 from ..losses import sft_loss
 from ..optim import AdamW, lr_schedule, param_groups
 from ..tensor import no_grad
-from ..tokenizer import ByteTokenizer
 from .common import (RunLog, batch_tensor, check_common, config_summary, encode_rows, load_policy,
                      opt, optimise, split_holdout)
 
@@ -63,7 +62,7 @@ def evaluate(model, rows, cfg):
 def sft(cfg):
     """Fine-tune a GPT on prompt/completion pairs; returns {"checkpoint", "loss", "val_loss", ...}."""
     check_common(cfg)
-    tokenizer = ByteTokenizer()
+    tokenizer = tokenizer_for(cfg.init)   # the one the model was trained with
     records = load_sft(cfg.data)
     model = load_policy(cfg.init, cfg.device)
     rng = np.random.default_rng(cfg.seed)
