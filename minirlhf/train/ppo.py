@@ -225,6 +225,7 @@ def ppo(cfg, metrics_fn=None):
                                     step, path, ptx_tokens, rng))
 
         kl_mean = float(r["kl"].mean())
+        # TRL's names and definitions: objective/entropy is the mean of -log p_old(y|x) per completion
         last = {"objective/kl": kl_mean,
                 "objective/entropy": float((-r["old_logp"]).sum(axis=1).mean()),
                 "objective/non_score_reward": float(r["non_score"].mean()),
