@@ -32,7 +32,7 @@ import numpy as np
 
 from .. import functional as F
 from ..backend import to_numpy
-from ..checkpoint import load_model, save_checkpoint
+from ..checkpoint import load_model, save_checkpoint, tokenizer_for
 from ..datasets import collate, encode_corpus, get_batch, iterate_minibatches, load_prompts, load_text
 from ..logprobs import logprobs_from_logits, token_entropy
 from ..losses import (clipped_surrogate, gae, kl_penalty_rewards, masked_mean, masked_whiten,
@@ -40,7 +40,6 @@ from ..losses import (clipped_surrogate, gae, kl_penalty_rewards, masked_mean, m
 from ..model import GPT, RewardModel, ValueModel
 from ..optim import AdamW, clip_grad_norm_, param_groups
 from ..tensor import no_grad
-from ..tokenizer import ByteTokenizer
 from .common import RunLog, batch_tensor, check_common, config_summary, load_policy, opt, require
 from .rl import Rewarder, sample_batch
 
@@ -100,6 +99,8 @@ def check(cfg):
                  "num_minibatches", "ckpt_interval", "kl_horizon", "ptx_batch_size"):
         require(getattr(cfg, name) >= 1, f"{name} must be at least 1, got {getattr(cfg, name)}")
     n = cfg.prompts_per_step * cfg.samples_per_prompt
+    require(n >= 2, "whitening the advantages needs at least 2 completions per rollout "
+                    "(prompts_per_step x samples_per_prompt)")
     require(n % cfg.num_minibatches == 0,
             f"num_minibatches ({cfg.num_minibatches}) must divide the rollout batch, prompts_per_step "
             f"x samples_per_prompt = {n}")
@@ -187,7 +188,7 @@ def ppo(cfg, metrics_fn=None):
     "reward", "kl", "beta", ...}. ``metrics_fn(prompts, completions) -> dict`` adds metrics to each
     iteration's log, as in `minirlhf.train.rl.rl`."""
     check(cfg)
-    tokenizer = ByteTokenizer()
+    tokenizer = tokenizer_for(cfg.init)   # the one the model was trained with
     records = load_prompts(cfg.prompts)
     policy = load_policy(cfg.init, cfg.device)
     ref = load_policy(cfg.init, cfg.device)
@@ -224,6 +225,7 @@ def ppo(cfg, metrics_fn=None):
                                     step, path, ptx_tokens, rng))
 
         kl_mean = float(r["kl"].mean())
+        # TRL's names and definitions: objective/entropy is the mean of -log p_old(y|x) per completion
         last = {"objective/kl": kl_mean,
                 "objective/entropy": float((-r["old_logp"]).sum(axis=1).mean()),
                 "objective/non_score_reward": float(r["non_score"].mean()),
