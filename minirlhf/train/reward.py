@@ -78,8 +78,8 @@ def reward(cfg):
 
 
 def _train(cfg, run):
-    tokenizer = tokenizer_for(cfg.init)   # the one the model was trained with
     records = distinct_pairs(load_preferences(cfg.data), cfg.data, run.print)
+    tokenizer = tokenizer_for(cfg.init)   # the one the model was trained with
     gpt = load_policy(cfg.init, cfg.device)
     block = gpt.config.block_size
     pairs = list(zip(encode_rows(records, tokenizer, block, "chosen", cfg.data),

@@ -173,8 +173,8 @@ def rl(cfg, metrics_fn=None):
 
 
 def _train(cfg, run, metrics_fn):
-    tokenizer = tokenizer_for(cfg.init)   # the one the model was trained with
     records = load_prompts(cfg.prompts)
+    tokenizer = tokenizer_for(cfg.init)   # the one the model was trained with
     policy = load_policy(cfg.init, cfg.device)
     block = policy.config.block_size
     if cfg.max_new_tokens is None:  # the default: 48, or what a small context leaves

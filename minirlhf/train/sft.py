@@ -71,8 +71,8 @@ def sft(cfg):
 
 
 def _train(cfg, run):
-    tokenizer = tokenizer_for(cfg.init)   # the one the model was trained with
     records = load_sft(cfg.data)
+    tokenizer = tokenizer_for(cfg.init)   # the one the model was trained with
     model = load_policy(cfg.init, cfg.device)
     rows = encode_rows(records, tokenizer, model.config.block_size, "completion", cfg.data)
     train_rows, val_rows = split_holdout(rows, cfg.val_fraction, np.random.default_rng(cfg.seed))
