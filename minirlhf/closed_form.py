@@ -273,7 +273,7 @@ class TabularValue(TabularPolicy):
         xp = backend.get_array_module(self.weight.data)
         v = F.embedding(xp.asarray(self.rows(input_ids)), self.weight)     # (B, T, 1)
         B, T = v.shape[:2]
-        first = Tensor._wrap(xp.zeros((B, 1), dtype=v.dtype))
+        first = Tensor.from_array(xp.zeros((B, 1), dtype=v.dtype))
         return ops.concatenate([first, v[:, :-1, 0]], axis=1)            # (B, T)
 
 

@@ -10,9 +10,9 @@ blocks of rows, and the caller's thread and a small pool take the blocks one at 
 is left (NumPy and the BLAS release Python's GIL while they compute). Each op writes the loop body
 it would write for all rows at once:
 
-    def rows(lo, hi):                       # rows lo:hi of x (N, C) and of the output y
+    def block(lo, hi):                       # rows lo:hi of x (N, C) and of the output y
         xp.exp(x[lo:hi], out=y[lo:hi])
-    kernels.for_rows(rows, N, row_size=C)
+    kernels.for_rows(block, N, row_size=C)
 
 Elementwise blocks hold about 256K numbers (1 MB of float32): fewer, longer NumPy calls win, because
 every call hands Python's GIL between threads and a thread left waiting for it is put to sleep.
@@ -304,10 +304,10 @@ def log_softmax_rows(x):
     xp = backend.get_array_module(x)
     logp = xp.empty(x.shape, x.dtype)
 
-    def rows(lo, hi):
+    def block(lo, hi):
         log_softmax(x[lo:hi], axis=-1, out=logp[lo:hi])
 
-    for_rows(rows, x.shape[0], x.shape[1], xp=xp)
+    for_rows(block, x.shape[0], x.shape[1], xp=xp)
     return logp
 
 
@@ -316,11 +316,11 @@ def softmax_rows_times(logp, scale):
     xp = backend.get_array_module(logp)
     g = xp.empty(logp.shape, logp.dtype)
 
-    def rows(lo, hi):
+    def block(lo, hi):
         xp.exp(logp[lo:hi], out=g[lo:hi])
         g[lo:hi] *= scale[lo:hi]
 
-    for_rows(rows, g.shape[0], g.shape[1], xp=xp)
+    for_rows(block, g.shape[0], g.shape[1], xp=xp)
     return g
 
 
@@ -329,13 +329,13 @@ def affine_rows(x, weight, bias=None):
     xp = backend.get_array_module(x)
     y = xp.empty((x.shape[0], weight.shape[1]), xp.result_type(x, weight))
 
-    def rows(lo, hi):
+    def block(lo, hi):
         block = y[lo:hi]
         xp.matmul(x[lo:hi], weight, out=block)
         if bias is not None:
             block += bias                      # in place (`y[lo:hi] += bias` would copy it back)
 
-    for_rows(rows, x.shape[0], weight.size, blas=True, shared_weight=True, xp=xp)
+    for_rows(block, x.shape[0], weight.size, blas=True, shared_weight=True, xp=xp)
     return y
 
 
@@ -345,12 +345,12 @@ def affine_rows_grads(x, weight, gy, with_bias):
     xp = backend.get_array_module(gy)
     gx = xp.empty(x.shape, xp.result_type(gy, weight))
 
-    def rows(lo, hi):
+    def block(lo, hi):
         xp.matmul(gy[lo:hi], weight.T, out=gx[lo:hi])
         gw = x[lo:hi].T @ gy[lo:hi]
         return (gw, backend.sum_first(gy[lo:hi])) if with_bias else (gw,)
 
-    sums = add_up(for_rows(rows, gy.shape[0], weight.size, blas=True, shared_weight=True, xp=xp))
+    sums = add_up(for_rows(block, gy.shape[0], weight.size, blas=True, shared_weight=True, xp=xp))
     return (gx,) + sums
 
 
@@ -394,7 +394,7 @@ def gelu_tanh(x):
     c, a = x.dtype.type(GELU_C), x.dtype.type(0.044715)
     flat, s, y = x.reshape(-1), xp.empty(x.size, x.dtype), xp.empty(x.size, x.dtype)
 
-    def rows(lo, hi):                          # elements lo:hi
+    def block(lo, hi):                          # elements lo:hi
         xb, e = flat[lo:hi], s[lo:hi]
         xp.multiply(xb, xb, out=e)             # -2u = -2√(2/π)(x + a x³) = x(-2c - 2c·a·x²)
         e *= -2 * c * a
@@ -406,7 +406,7 @@ def gelu_tanh(x):
         xp.divide(1, e, out=e)                 # s = σ(2u) = 1 / (1 + e^(-2u))
         xp.multiply(xb, e, out=y[lo:hi])       # y = x σ(2u)
 
-    for_rows(rows, flat.size, 1, xp=xp)
+    for_rows(block, flat.size, 1, xp=xp)
     return y.reshape(x.shape), s.reshape(x.shape)
 
 
@@ -417,7 +417,7 @@ def gelu_tanh_grad(x, s, gy):
     c, a = x.dtype.type(GELU_C), x.dtype.type(0.044715)
     gx = xp.empty(flat.size, x.dtype)
 
-    def rows(lo, hi):
+    def block(lo, hi):
         xb, sb, g = flat[lo:hi], s[lo:hi], gx[lo:hi]
         xp.multiply(xb, xb, out=g)             # 2x · c(1 + 3a x²)
         g *= 6 * c * a
@@ -428,7 +428,7 @@ def gelu_tanh_grad(x, s, gy):
         g += sb                                # + σ
         g *= gy[lo:hi]
 
-    for_rows(rows, flat.size, 1, xp=xp)
+    for_rows(block, flat.size, 1, xp=xp)
     return gx.reshape(x.shape)
 
 
@@ -464,7 +464,7 @@ def attention(q, k, v, scale, allowed=None):
     P = xp.empty(q.shape[:-1] + (Tk,), q.dtype)                     # (..., Tq, Tk)
     y = xp.empty(q.shape, q.dtype)                                   # (..., Tq, hs)
 
-    def rows(lo, hi):                                                # batch rows lo:hi
+    def block(lo, hi):                                                # batch rows lo:hi
         q_, k_, v_, P_, y_ = _batch_rows(lo, hi, q, q, k, v, P, y)
         # scaling q (…, T, hs) is cheaper than scaling s (…, T, T)
         xp.matmul(q_ * scale, xp.swapaxes(k_, -1, -2), out=P_)      # s
@@ -479,7 +479,7 @@ def attention(q, k, v, scale, allowed=None):
         P_ /= backend.sum_last(P_)[..., None]                        # softmax, in place
         xp.matmul(P_, v_, out=y_)                                    # y = P v
 
-    _for_batch_rows(rows, q, k, P, xp)
+    _for_batch_rows(block, q, k, P, xp)
     return y, P
 
 
@@ -490,7 +490,7 @@ def attention_grads(q, k, v, P, gy, scale, out=None):
     xp = backend.get_array_module(gy)
     gq, gk, gv = out if out is not None else (xp.empty_like(q), xp.empty_like(k), xp.empty_like(v))
 
-    def rows(lo, hi):                                                # batch rows lo:hi
+    def block(lo, hi):                                                # batch rows lo:hi
         q_, k_, v_, P_, gy_, gq_, gk_, gv_ = _batch_rows(lo, hi, q, q, k, v, P, gy, gq, gk, gv)
         xp.matmul(xp.swapaxes(P_, -1, -2), gy_, out=gv_)            # (..., Tk, hs)
         gs = gy_ @ xp.swapaxes(v_, -1, -2)                           # gP, (..., Tq, Tk)
@@ -501,17 +501,17 @@ def attention_grads(q, k, v, P, gy, scale, out=None):
         xp.matmul(xp.swapaxes(gs, -1, -2), q_, out=gk_)
         gk_ *= scale
 
-    _for_batch_rows(rows, q, k, P, xp)
+    _for_batch_rows(block, q, k, P, xp)
     return gq, gk, gv
 
 
-def _for_batch_rows(rows, q, k, P, xp):
-    """Run ``rows(lo, hi)`` over blocks of the leading (batch) axis, on CPU threads."""
+def _for_batch_rows(block, q, k, P, xp):
+    """Run ``block(lo, hi)`` over blocks of the leading (batch) axis, on CPU threads."""
     if q.ndim < 3 or q.shape[:-2] != k.shape[:-2]:
         rows(0, None)                                                # everything in one block
         return
     per_row = P[:1].size * q.shape[-1]                               # multiply-adds of one row
-    for_rows(rows, q.shape[0], per_row, blas=True, xp=xp)
+    for_rows(block, q.shape[0], per_row, blas=True, xp=xp)
 
 
 def _batch_rows(lo, hi, q, *arrays):

@@ -67,7 +67,7 @@ def logprobs_from_logits(logits, input_ids, completion_mask):
 
     lp = token_logprobs(logits[:, :-1], ids[:, 1:])                       # (B, T-1): token t from t-1
     lp = ops.where(keep[:, 1:], lp, 0.0)                                  # where, not *: -inf·0 is nan
-    first = Tensor._wrap(xp.zeros((B, 1), dtype=lp.dtype))                # nothing predicts token 0
+    first = Tensor.from_array(xp.zeros((B, 1), dtype=lp.dtype))                # nothing predicts token 0
     per_token = ops.concatenate([first, lp], axis=1)                      # (B, T)
     return per_token, per_token.sum(axis=1)                               # (B, T), (B,)
 
@@ -113,5 +113,5 @@ def token_entropy(logits, completion_mask):
     keep = completion_positions(completion_mask, logits.shape[:2], xp, "logits' (B, T)")
     B = keep.shape[0]
     h = ops.where(keep[:, 1:], F.Entropy()(logits[:, :-1]), 0.0)            # (B, T-1)
-    first = Tensor._wrap(xp.zeros((B, 1), dtype=h.dtype))
+    first = Tensor.from_array(xp.zeros((B, 1), dtype=h.dtype))
     return ops.concatenate([first, h], axis=1)                            # (B, T)

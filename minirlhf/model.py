@@ -115,7 +115,7 @@ class KVCache:
         end = self.length + k.shape[2]
         self.k[layer][:, :, self.length:end] = k.data
         self.v[layer][:, :, self.length:end] = v.data
-        return Tensor._wrap(self.k[layer][:, :, :end]), Tensor._wrap(self.v[layer][:, :, :end])
+        return Tensor.from_array(self.k[layer][:, :, :end]), Tensor.from_array(self.v[layer][:, :, :end])
 
 
 # ===================================================================================================
@@ -237,9 +237,9 @@ def _as_ids(idx, xp, vocab_size):
     return xp.asarray(ids)
 
 
-class _Seeded(Module):
-    """What GPT and RewardModel share: weights drawn from ``seed`` (an int, None or a
-    ``numpy.random.Generator``) and one generator, ``dropout_rng``, for every Dropout's masks.
+class TransformerModel(Module):
+    """What GPT, RewardModel and ValueModel share: a `GPTConfig`, weights drawn from ``seed`` (an int,
+    None or a ``numpy.random.Generator``) and one generator, ``dropout_rng``, for every Dropout's masks.
 
     Assigning ``model.dropout_rng`` (say, a generator restored from a checkpoint) hands it to all of
     the model's Dropout layers, so a resumed run drops exactly what the uninterrupted run would.
@@ -263,10 +263,10 @@ class _Seeded(Module):
                 m.rng = rng
 
 
-class GPT(_Seeded):
+class GPT(TransformerModel):
     """GPT-2: ``model(idx)`` maps token ids (B, T) to next-token logits (B, T, vocab_size).
 
-    ``seed`` fixes the initial weights on every device; see `_Seeded` for ``dropout_rng``.
+    ``seed`` fixes the initial weights on every device; see `TransformerModel` for ``dropout_rng``.
     """
 
     def __init__(self, config, seed=0):
@@ -294,7 +294,7 @@ class GPT(_Seeded):
         return KVCache(self.config, batch_size, self.device, pad_lengths)
 
 
-class RewardModel(_Seeded):
+class RewardModel(TransformerModel):
     """r(x, y): the GPT trunk and a scalar head read at the last non-padding token.
 
     ``rm(input_ids, lengths)``: input_ids (B, T) right-padded, lengths (B,) the number of real
@@ -337,7 +337,7 @@ class RewardModel(_Seeded):
         return rm.load_trunk(gpt.state_dict())
 
 
-class ValueModel(_Seeded):
+class ValueModel(TransformerModel):
     """V(x, y_<t): the GPT trunk and a scalar head read at every position (PPO's critic).
 
     ``vm(input_ids)``: input_ids (B, T) -> values (B, T), aligned like `minirlhf.logprobs`:
@@ -352,14 +352,15 @@ class ValueModel(_Seeded):
     def __init__(self, config, seed=0):
         super().__init__(config, seed)
         self.transformer = Transformer(config, self.init_rng, self.dropout_rng)
-        self.head = Linear(config.n_embd, 1, bias=True, rng=self.init_rng, dtype=config.dtype)
+        self.head = Linear(config.n_embd, 1, bias=True, rng=self.init_rng, dtype=config.dtype,
+                           fused=config.fused)
 
     def forward(self, input_ids):
         h = self.transformer(input_ids)                              # (B, T, C)
         B, T, C = h.shape
         v = self.head(h[:, :-1]).reshape(B, T - 1)                   # (B, T-1): V of token t from t-1
         xp = backend.get_array_module(v.data)
-        first = Tensor._wrap(xp.zeros((B, 1), dtype=v.dtype))
+        first = Tensor.from_array(xp.zeros((B, 1), dtype=v.dtype))
         return ops.concatenate([first, v], axis=1)                   # (B, T)
 
     @classmethod

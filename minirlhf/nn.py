@@ -274,7 +274,7 @@ class LayerNorm(Module):
         bias = self.bias
         if bias is None:
             xp = backend.get_array_module(self.weight.data)
-            bias = Tensor._wrap(xp.zeros_like(self.weight.data))
+            bias = Tensor.from_array(xp.zeros_like(self.weight.data))
         if self.fused:
             return F.layer_norm(x, self.weight, bias, self.eps)
         return R.layer_norm(x, self.weight, bias, self.eps)
@@ -306,7 +306,7 @@ class Dropout(Module):
             return x
         keep = self.rng.random(x.shape) >= self.p
         mask = (keep / (1.0 - self.p)).astype(x.dtype)       # 0 or 1/(1-p)
-        return x * Tensor._wrap(backend.to_device(mask, x.device))
+        return x * Tensor.from_array(backend.to_device(mask, x.device))
 
     def extra_repr(self):
         return f"p={self.p}"

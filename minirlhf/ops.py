@@ -25,7 +25,7 @@ def as_tensor(x, like=None):
         dtype = like.dtype
         if dtype.kind != "f" and isinstance(x, float):
             dtype = np.float32
-        return Tensor._wrap(xp.asarray(x, dtype=dtype))
+        return Tensor.from_array(xp.asarray(x, dtype=dtype))
     return Tensor(x)
 
 
@@ -56,9 +56,9 @@ def _expand_reduced(g, shape, axis, keepdims):
 def _binary(fn_cls, a, b):
     # an integer tensor meeting a Python float becomes float32 (PyTorch's rule), not float64
     if isinstance(a, float) and isinstance(b, Tensor) and b.dtype.kind in "iub":
-        b = Tensor._wrap(b.data.astype(np.float32))
+        b = Tensor.from_array(b.data.astype(np.float32))
     if isinstance(b, float) and isinstance(a, Tensor) and a.dtype.kind in "iub":
-        a = Tensor._wrap(a.data.astype(np.float32))
+        a = Tensor.from_array(a.data.astype(np.float32))
     if not isinstance(a, Tensor):
         a = as_tensor(a, like=b)
     if not isinstance(b, Tensor):
@@ -152,7 +152,7 @@ def mul(a, b):
 def div(a, b):
     # true division of integers gives float32 (PyTorch's rule), not float64
     if isinstance(a, Tensor) and a.dtype.kind in "iub":
-        a = Tensor._wrap(a.data.astype(np.float32))
+        a = Tensor.from_array(a.data.astype(np.float32))
     return _binary(Div, a, b)
 
 

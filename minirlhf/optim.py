@@ -125,9 +125,9 @@ class Optimizer:
         g = xp.concatenate([q.grad.reshape(-1) for q in params])  # (N,) and their gradients
         t = self.state[params[0]]["step"] + 1
 
-        def rows(lo, hi):                          # written in place: p[lo:hi] is the parameters
+        def block(lo, hi):                          # written in place: p[lo:hi] is the parameters
             self._update(p[lo:hi], g[lo:hi], {k: a[lo:hi] for k, a in vector.items()}, group, t)
-        kernels.for_rows(rows, p.size, 1, xp=xp)
+        kernels.for_rows(block, p.size, 1, xp=xp)
 
         for q in params:
             self.state[q]["step"] = t

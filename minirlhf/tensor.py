@@ -68,7 +68,7 @@ class Function:
                 raise
             shapes = " and ".join(str(tuple(a.shape)) for a in arrays)
             raise ShapeError(f"{self.name()}: incompatible shapes {shapes}: {e}") from None
-        out = Tensor._wrap(y)
+        out = Tensor.from_array(y)
         if _GradMode.enabled and any(t.requires_grad for t in inputs):
             self.inputs = inputs
             out.requires_grad = True
@@ -128,8 +128,12 @@ class Tensor:
         self._ctx = None
 
     @classmethod
-    def _wrap(cls, array):
-        """Fast constructor for op outputs: the array is already valid."""
+    def from_array(cls, array):
+        """A Tensor holding ``array`` itself: no copy, no dtype conversion, no checks, no gradient.
+
+        What every op uses for its output (the array it computed is already valid), and what code
+        outside the engine uses for a constant it built with ``xp`` (zeros, a mask). A NumPy scalar
+        still becomes a 0-d array (see `_as_array`)."""
         t = cls.__new__(cls)
         if type(array) is not np.ndarray and isinstance(array, np.generic):  # see _as_array
             array = np.asarray(array)
@@ -201,7 +205,7 @@ class Tensor:
     # ----- graph ------------------------------------------------------------------------------------
     def detach(self):
         """The same values, cut from the graph: no gradient flows back through the result."""
-        return Tensor._wrap(self.data)
+        return Tensor.from_array(self.data)
 
     def requires_grad_(self, flag=True):
         if flag and self.data.dtype.kind not in _FLOAT_KINDS:
@@ -213,7 +217,7 @@ class Tensor:
         """This tensor on ``device`` ("cpu" or "cuda"); a leaf stays a leaf with the same flag."""
         if backend.device_of(self.data) == device:
             return self
-        out = Tensor._wrap(backend.to_device(self.data, device))
+        out = Tensor.from_array(backend.to_device(self.data, device))
         out.requires_grad = self.requires_grad
         return out
 
@@ -316,16 +320,16 @@ class Tensor:
 
     # comparisons give boolean tensors (masks); they are not differentiable
     def __lt__(self, other):
-        return Tensor._wrap(self.data < array_of(other))
+        return Tensor.from_array(self.data < array_of(other))
 
     def __le__(self, other):
-        return Tensor._wrap(self.data <= array_of(other))
+        return Tensor.from_array(self.data <= array_of(other))
 
     def __gt__(self, other):
-        return Tensor._wrap(self.data > array_of(other))
+        return Tensor.from_array(self.data > array_of(other))
 
     def __ge__(self, other):
-        return Tensor._wrap(self.data >= array_of(other))
+        return Tensor.from_array(self.data >= array_of(other))
 
     # ----- reductions, shapes and elementwise functions ---------------------------------------------
     def sum(self, axis=None, keepdims=False):

@@ -17,7 +17,7 @@ import minirlhf.functional as F
 import minirlhf.reference as R
 import minirlhf.testing as mrt
 from minirlhf.checkpoint import load_model, save_checkpoint
-from minirlhf.model import GPT, GPTConfig, RewardModel, generate
+from minirlhf.model import GPT, GPTConfig, RewardModel, ValueModel, generate
 from minirlhf.nn import Parameter
 from minirlhf.optim import AdamW
 
@@ -175,6 +175,12 @@ def test_plain_gpt_gives_the_fused_gpts_logits_and_gradients(dtype, tol):
 def test_plain_reward_model_gives_the_fused_rewards_and_gradients(dtype, tol):
     ids, lengths = np.random.default_rng(0).integers(0, 11, (3, 6)), np.array([6, 2, 4])
     assert_models_agree(lambda rm: rm(ids, lengths), RewardModel, dtype, tol)
+
+
+@pytest.mark.parametrize("dtype, tol", TOLERANCES)
+def test_plain_value_model_gives_the_fused_values_and_gradients(dtype, tol):
+    ids = np.random.default_rng(0).integers(0, 11, (3, 6))
+    assert_models_agree(lambda vm: vm(ids), ValueModel, dtype, tol)
 
 
 def test_plain_gpt_with_a_kv_cache_and_left_padding_gives_the_fused_logits():
