@@ -23,6 +23,8 @@ from minirlhf.model import GPT, GPTConfig, RewardModel
 from minirlhf.train import dpo as dpo_module
 from minirlhf.train.common import ConfigError
 from minirlhf.train.dpo import DPOConfig, dpo
+from minirlhf.train.grpo import GRPOConfig, grpo
+from minirlhf.train.ppo import PPOConfig, ppo
 from minirlhf.train.pretrain import PretrainConfig, pretrain
 from minirlhf.train.reward import RewardConfig, reward
 from minirlhf.train.rl import RLConfig, rl
@@ -86,11 +88,20 @@ def stage_run(stage, files, out, **over):
         "rl": (RLConfig, rl, dict(prompts=files["prompts"], reward_fn=files["score"], prompts_per_step=2,
                                   samples_per_prompt=2, max_new_tokens=6)),
         "dpo": (DPOConfig, dpo, dict(data=files["prefs"], batch_size=4, warmup_steps=2, eval_interval=3)),
+        # everything that carries state from step to step is on: the value model (with dropout), the
+        # adaptive β, the ptx windows, and (GRPO) a generation batch that two steps share
+        "ppo": (PPOConfig, ppo, dict(prompts=files["prompts"], reward_fn=files["score"], prompts_per_step=2,
+                                    samples_per_prompt=2, max_new_tokens=6, ppo_epochs=2,
+                                    num_minibatches=2, target_kl=0.01, kl_horizon=100, ptx_coef=0.1,
+                                    ptx_data=files["corpus"], ptx_batch_size=2)),
+        "grpo": (GRPOConfig, grpo, dict(prompts=files["prompts"], reward_fn=files["score"],
+                                      prompts_per_step=2, num_generations=2, max_new_tokens=6,
+                                      num_iterations=2, beta=0.1)),
     }[stage]
     return fn(cls(init=files["pre"], **{**extra, **common, **over}))
 
 
-STAGES = ["pretrain", "sft", "reward", "rl", "dpo"]
+STAGES = ["pretrain", "sft", "reward", "rl", "dpo", "ppo", "grpo"]
 
 
 @pytest.fixture(scope="module")
@@ -325,7 +336,7 @@ def test_a_nan_loss_at_a_chosen_step_keeps_the_last_good_checkpoint(files, tmp_p
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4, 5]   # no NaN row
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward", "rl", "dpo"])
+@pytest.mark.parametrize("stage", ["sft", "reward", "rl", "dpo", "ppo", "grpo"])
 def test_every_stage_stops_on_divergence(stage, files, tmp_path):
     with pytest.raises(DivergenceError, match=f"{stage} diverged at step"):
         stage_run(stage, files, tmp_path, lr=1e30, grad_clip=0.0)
@@ -417,7 +428,10 @@ def test_an_out_dir_that_is_a_file_or_not_writable_is_one_line(stage, files, tmp
             "sft": ["sft", "--data", files["sft"], "--init", files["pre"]],
             "reward": ["reward", "--data", files["prefs"], "--init", files["pre"]],
             "rl": ["rl", "--prompts", files["prompts"], "--init", files["pre"], "--reward-fn", files["score"]],
-            "dpo": ["dpo", "--data", files["prefs"], "--init", files["pre"]]}[stage]
+            "dpo": ["dpo", "--data", files["prefs"], "--init", files["pre"]],
+            "ppo": ["ppo", "--prompts", files["prompts"], "--init", files["pre"], "--reward-fn", files["score"]],
+            "grpo": ["grpo", "--prompts", files["prompts"], "--init", files["pre"],
+                     "--reward-fn", files["score"]]}[stage]
     (tmp_path / "file").write_text("x")
     assert "is a file, not a folder" in one_line_error(capsys, argv + ["--out-dir", str(tmp_path / "file")])
     assert "cannot write to out_dir" in one_line_error(capsys, argv + ["--out-dir", str(tmp_path / "file" / "x")])

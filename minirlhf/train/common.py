@@ -26,12 +26,10 @@ Every trainer runs the same way (`Run`'s docstring shows the code):
 
 import json
 import math
-import sys
 import time
 from dataclasses import field
-from pathlib import Path
 
-from tqdm.auto import tqdm
+import numpy as np
 
 from .. import backend
 from ..losses import check_beta
@@ -86,38 +84,6 @@ def batch_tensor(array, device):
     return Tensor(array).to(device)
 
 
-class RunLog:
-    """(Superseded by `minirlhf.train.run.Run`, which also resumes.) Metrics of a run: one JSON line per logged step in ``out_dir/metrics.jsonl``, a progress bar.
-
-        log = RunLog(out_dir, total_steps, desc="sft")
-        log.step(step, {"loss": 1.23})          # writes {"step": 1, "loss": 1.23, "time": ...}
-        log.close()
-    """
-
-    def __init__(self, out_dir, total_steps, desc, quiet=False, resume=False):
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.out_dir / "metrics.jsonl"
-        self.file = open(self.path, "a" if resume else "w", encoding="utf-8")
-        self.start = time.time()
-        self.bar = tqdm(total=total_steps, desc=desc, disable=quiet or None, dynamic_ncols=True,
-                        file=sys.stderr, leave=False)
-        self.quiet = quiet
-
-    def step(self, step, metrics, advance=1):
-        """Record one step's metrics (floats) and advance the bar."""
-        return log_row(self.file, self.bar, self.start, step, metrics, advance)
-
-    def print(self, text):
-        """A message that does not break the progress bar."""
-        if not self.quiet:
-            tqdm.write(text, file=sys.stderr)
-
-    def close(self):
-        self.bar.close()
-        self.file.close()
-
-
 def log_row(file, bar, start, step, metrics, advance=1):
     """Write ``{"step", **metrics, "time"}`` as one JSON line (NaN as null), show it on ``bar``."""
     row = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()},
@@ -137,6 +103,13 @@ def _jsonable(v):
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v
+
+
+def first_non_finite(values):
+    """The first NaN or infinity in the array ``values``, or 0.0 if there is none: one number that
+    `minirlhf.train.run.Run.check_finite` can judge and name."""
+    bad = values[~np.isfinite(values)]
+    return float(bad[0]) if bad.size else 0.0
 
 
 def config_summary(cfg):
@@ -188,17 +161,6 @@ def split_holdout(items, fraction, rng):
     train = [items[i] for i in order[n_val:]]
     require(train, f"no training examples left after holding out {n_val} of {len(items)}")
     return train, held
-
-
-def optimise(model, optimizer, loss, grad_clip):
-    """One update: zero the gradients, backpropagate ``loss``, clip, step. Returns the grad norm."""
-    from ..optim import clip_grad_norm_
-
-    optimizer.zero_grad()
-    loss.backward()
-    norm = clip_grad_norm_(model.parameters(), grad_clip) if grad_clip else None
-    optimizer.step()
-    return norm
 
 
 def distinct_pairs(records, path, say):
