@@ -403,6 +403,21 @@ def test_rl_max_new_tokens_is_checked_against_the_context_with_the_right_bound(f
     assert json.loads((tmp_path / "c" / "run.json").read_text())["finished"]
 
 
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_ppo_and_grpo_check_max_new_tokens_and_the_reward_models_context_at_the_start(stage, files,
+                                                                                     tmp_path, capsys):
+    small = RewardModel.from_gpt(GPT(GPTConfig(**{**MODEL, "block_size": 16}, vocab_size=258)))
+    save_checkpoint(tmp_path / "rm.npz", small, small.config)
+    base = [stage, "--prompts", files["prompts"], "--init", files["pre"], "--max-steps", "1", "--quiet"]
+    score = ["--reward-fn", files["score"]]
+    err = one_line_error(capsys, base + score + ["--out-dir", str(tmp_path / "a")])    # the default, 48
+    assert "max_new_tokens=48 does not fit the policy's context of 32 tokens" in err and "at most 30" in err
+    err = one_line_error(capsys, base + ["--reward-model", str(tmp_path / "rm.npz"), "--max-new-tokens",
+                                         "8", "--out-dir", str(tmp_path / "b")])
+    assert "reads 16 tokens, fewer than the policy's context of 32" in err
+    assert not (tmp_path / "a" / "metrics.jsonl").exists() and not (tmp_path / "b" / "metrics.jsonl").exists()
+
+
 def test_a_reward_model_with_a_shorter_context_is_refused_at_the_start(files, tmp_path, capsys):
     small = RewardModel.from_gpt(GPT(GPTConfig(**{**MODEL, "block_size": 16}, vocab_size=258)))
     save_checkpoint(tmp_path / "rm.npz", small, small.config)
@@ -484,7 +499,7 @@ def test_the_readme_and_the_default_inits_point_where_the_commands_write():
         return cls.__dataclass_fields__[name].default
     assert default(SFTConfig, "init") == default(PretrainConfig, "out_dir") + "/ckpt.npz"
     assert default(RewardConfig, "init") == default(PretrainConfig, "out_dir") + "/ckpt.npz"
-    for cls in (RLConfig, DPOConfig):
+    for cls in (RLConfig, PPOConfig, GRPOConfig, DPOConfig):
         assert default(cls, "init") == default(SFTConfig, "out_dir") + "/ckpt.npz"
 
 

@@ -133,6 +133,20 @@ def load_policy(path, device):
     return model
 
 
+def check_context(cfg, policy, reward_model=None):
+    """Refuse, before any work, a ``max_new_tokens`` that cannot fit the policy's context, or a
+    reward model that reads fewer tokens than a sample may hold (it would fail mid-run)."""
+    block = policy.config.block_size
+    # a row is the start token + the prompt (1 token at least) + the completion + a closing EOT
+    require(1 <= cfg.max_new_tokens <= block - 2,
+            f"max_new_tokens={cfg.max_new_tokens} does not fit the policy's context of {block} tokens: "
+            f"a row also holds the start token and a closing end-of-text, so at most {block - 2}")
+    if reward_model is not None:
+        require(reward_model.config.block_size >= block,
+                f"the reward model {cfg.reward_model} reads {reward_model.config.block_size} tokens, "
+                f"fewer than the policy's context of {block}: a long sample could not be scored")
+
+
 def encode_rows(records, tokenizer, block_size, completion_field, path):
     """``(ids, n_prompt)`` rows of ``[EOT] + prompt + record[completion_field] + [EOT]``.
 

@@ -29,8 +29,8 @@ from ..logprobs import logprobs_from_logits, token_entropy
 from ..losses import group_advantages, grpo_loss
 from ..optim import AdamW, param_groups
 from ..tensor import no_grad
-from .common import (batch_tensor, check_common, config_summary, first_non_finite, load_policy,
-                     opt, overwrite_opt, require)
+from .common import (batch_tensor, check_common, check_context, config_summary, first_non_finite,
+                     load_policy, opt, overwrite_opt, require)
 from .rl import Rewarder, sample_batch
 from .run import Run
 
@@ -170,6 +170,7 @@ def _train(cfg, run, metrics_fn):
         ref = load_policy(cfg.init, cfg.device)
         ref.eval()
     rewarder = Rewarder(cfg, tokenizer)
+    check_context(cfg, policy, rewarder.rm)
     rng = np.random.default_rng(cfg.seed)                                # the sampling
     optimizer = AdamW(param_groups(policy, 0.0), lr=cfg.lr)
     mu = cfg.num_iterations

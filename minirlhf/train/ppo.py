@@ -42,8 +42,8 @@ from ..losses import (clipped_surrogate, gae, kl_penalty_rewards, masked_mean, m
 from ..model import GPT, RewardModel, ValueModel
 from ..optim import AdamW, clip_grad_norm_, param_groups
 from ..tensor import no_grad
-from .common import (batch_tensor, check_common, config_summary, first_non_finite, load_policy,
-                     opt, overwrite_opt, require)
+from .common import (batch_tensor, check_common, check_context, config_summary, first_non_finite,
+                     load_policy, opt, overwrite_opt, require)
 from .rl import Rewarder, sample_batch
 from .run import Run
 
@@ -214,6 +214,7 @@ def _train(cfg, run, metrics_fn):
     ref = load_policy(cfg.init, cfg.device)
     ref.eval()
     rewarder = Rewarder(cfg, tokenizer)
+    check_context(cfg, policy, rewarder.rm)
     value = make_value_model(cfg, policy, rewarder)
     ptx_tokens = encode_corpus(load_text(cfg.ptx_data), tokenizer) if cfg.ptx_coef > 0 else None
     if ptx_tokens is not None:
