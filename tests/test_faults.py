@@ -164,13 +164,15 @@ def test_a_crash_resumes_from_the_last_checkpoint_bit_for_bit(stage, files, stra
     assert_same_run(tmp_path, straight[stage])           # step 5 is in metrics.jsonl once
 
 
-def test_a_finished_run_says_so_and_changes_nothing(files, straight, capsys):
-    folder = files["root"] / "straight_sft"
+@pytest.mark.parametrize("stage, key, logged", [("sft", "loss", "loss"),
+                                                 ("ppo", "reward", "objective/scores"),
+                                                 ("grpo", "reward", "reward")])
+def test_a_finished_run_says_so_and_changes_nothing(stage, key, logged, files, straight, capsys):
+    folder = files["root"] / f"straight_{stage}"
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
-    result = sft(SFTConfig(data=files["sft"], init=files["pre"], out_dir=str(folder), batch_size=4,
-                           warmup_steps=2, eval_interval=3, max_steps=6, ckpt_interval=2))
+    result = stage_run(stage, files, folder, quiet=False)
     assert "finished at step 6; nothing to do" in capsys.readouterr().err
-    assert result["loss"] == straight["sft"][0][-1]["loss"]
+    assert result[key] == straight[stage][0][-1][logged]          # the result of the finished run
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.name != ".lock"} == \
         {k: v for k, v in before.items() if k != ".lock"}
 
