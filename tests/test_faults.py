@@ -446,7 +446,8 @@ def test_an_out_dir_that_is_a_file_or_not_writable_is_one_line(stage, files, tmp
             "reward": ["reward", "--data", files["prefs"], "--init", files["pre"]],
             "rl": ["rl", "--prompts", files["prompts"], "--init", files["pre"], "--reward-fn", files["score"]],
             "dpo": ["dpo", "--data", files["prefs"], "--init", files["pre"]],
-            "ppo": ["ppo", "--prompts", files["prompts"], "--init", files["pre"], "--reward-fn", files["score"]],
+            "ppo": ["ppo", "--prompts", files["prompts"], "--init", files["pre"],
+                    "--reward-fn", files["score"]],
             "grpo": ["grpo", "--prompts", files["prompts"], "--init", files["pre"],
                      "--reward-fn", files["score"]]}[stage]
     (tmp_path / "file").write_text("x")
