@@ -97,7 +97,6 @@ def main(argv=None):
     from .checkpoint import CheckpointError
     from .datasets import DataError
     from .train.common import ConfigError
-    from .train.ppo import NonFiniteError
     from .train.rl import RewardFunctionError
     from .train.run import DivergenceError, Interrupted, command_line
     import numpy as np
@@ -107,7 +106,7 @@ def main(argv=None):
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             run(config_cls(**args))
     except (ConfigError, DataError, DeviceError, CheckpointError, FileNotFoundError,
-            RewardFunctionError, NonFiniteError) as e:
+            RewardFunctionError) as e:
         # bad input: one clear line, no traceback
         print(f"minirlhf {stage}: error: {e}", file=sys.stderr)
         return 2

@@ -23,6 +23,8 @@ from minirlhf.model import GPT, GPTConfig, RewardModel
 from minirlhf.train import dpo as dpo_module
 from minirlhf.train.common import ConfigError
 from minirlhf.train.dpo import DPOConfig, dpo
+from minirlhf.train.grpo import GRPOConfig, grpo
+from minirlhf.train.ppo import PPOConfig, ppo
 from minirlhf.train.pretrain import PretrainConfig, pretrain
 from minirlhf.train.reward import RewardConfig, reward
 from minirlhf.train.rl import RLConfig, rl
@@ -86,11 +88,20 @@ def stage_run(stage, files, out, **over):
         "rl": (RLConfig, rl, dict(prompts=files["prompts"], reward_fn=files["score"], prompts_per_step=2,
                                   samples_per_prompt=2, max_new_tokens=6)),
         "dpo": (DPOConfig, dpo, dict(data=files["prefs"], batch_size=4, warmup_steps=2, eval_interval=3)),
+        # everything that carries state from step to step is on: the value model (with dropout), the
+        # adaptive β, the ptx windows, and (GRPO) a generation batch that two steps share
+        "ppo": (PPOConfig, ppo, dict(prompts=files["prompts"], reward_fn=files["score"], prompts_per_step=2,
+                                    samples_per_prompt=2, max_new_tokens=6, ppo_epochs=2,
+                                    num_minibatches=2, target_kl=0.01, kl_horizon=100, ptx_coef=0.1,
+                                    ptx_data=files["corpus"], ptx_batch_size=2)),
+        "grpo": (GRPOConfig, grpo, dict(prompts=files["prompts"], reward_fn=files["score"],
+                                      prompts_per_step=2, num_generations=2, max_new_tokens=6,
+                                      num_iterations=2, beta=0.1)),
     }[stage]
     return fn(cls(init=files["pre"], **{**extra, **common, **over}))
 
 
-STAGES = ["pretrain", "sft", "reward", "rl", "dpo"]
+STAGES = ["pretrain", "sft", "reward", "rl", "dpo", "ppo", "grpo"]
 
 
 @pytest.fixture(scope="module")
@@ -153,13 +164,15 @@ def test_a_crash_resumes_from_the_last_checkpoint_bit_for_bit(stage, files, stra
     assert_same_run(tmp_path, straight[stage])           # step 5 is in metrics.jsonl once
 
 
-def test_a_finished_run_says_so_and_changes_nothing(files, straight, capsys):
-    folder = files["root"] / "straight_sft"
+@pytest.mark.parametrize("stage, key, logged", [("sft", "loss", "loss"),
+                                                 ("ppo", "reward", "objective/scores"),
+                                                 ("grpo", "reward", "reward")])
+def test_a_finished_run_says_so_and_changes_nothing(stage, key, logged, files, straight, capsys):
+    folder = files["root"] / f"straight_{stage}"
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
-    result = sft(SFTConfig(data=files["sft"], init=files["pre"], out_dir=str(folder), batch_size=4,
-                           warmup_steps=2, eval_interval=3, max_steps=6, ckpt_interval=2))
+    result = stage_run(stage, files, folder, quiet=False)
     assert "finished at step 6; nothing to do" in capsys.readouterr().err
-    assert result["loss"] == straight["sft"][0][-1]["loss"]
+    assert result[key] == straight[stage][0][-1][logged]          # the result of the finished run
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.name != ".lock"} == \
         {k: v for k, v in before.items() if k != ".lock"}
 
@@ -325,7 +338,7 @@ def test_a_nan_loss_at_a_chosen_step_keeps_the_last_good_checkpoint(files, tmp_p
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4, 5]   # no NaN row
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward", "rl", "dpo"])
+@pytest.mark.parametrize("stage", ["sft", "reward", "rl", "dpo", "ppo", "grpo"])
 def test_every_stage_stops_on_divergence(stage, files, tmp_path):
     with pytest.raises(DivergenceError, match=f"{stage} diverged at step"):
         stage_run(stage, files, tmp_path, lr=1e30, grad_clip=0.0)
@@ -392,6 +405,21 @@ def test_rl_max_new_tokens_is_checked_against_the_context_with_the_right_bound(f
     assert json.loads((tmp_path / "c" / "run.json").read_text())["finished"]
 
 
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_ppo_and_grpo_check_max_new_tokens_and_the_reward_models_context_at_the_start(stage, files,
+                                                                                     tmp_path, capsys):
+    small = RewardModel.from_gpt(GPT(GPTConfig(**{**MODEL, "block_size": 16}, vocab_size=258)))
+    save_checkpoint(tmp_path / "rm.npz", small, small.config)
+    base = [stage, "--prompts", files["prompts"], "--init", files["pre"], "--max-steps", "1", "--quiet"]
+    score = ["--reward-fn", files["score"]]
+    err = one_line_error(capsys, base + score + ["--out-dir", str(tmp_path / "a")])    # the default, 48
+    assert "max_new_tokens=48 does not fit the policy's context of 32 tokens" in err and "at most 30" in err
+    err = one_line_error(capsys, base + ["--reward-model", str(tmp_path / "rm.npz"), "--max-new-tokens",
+                                         "8", "--out-dir", str(tmp_path / "b")])
+    assert "reads 16 tokens, fewer than the policy's context of 32" in err
+    assert not (tmp_path / "a" / "metrics.jsonl").exists() and not (tmp_path / "b" / "metrics.jsonl").exists()
+
+
 def test_a_reward_model_with_a_shorter_context_is_refused_at_the_start(files, tmp_path, capsys):
     small = RewardModel.from_gpt(GPT(GPTConfig(**{**MODEL, "block_size": 16}, vocab_size=258)))
     save_checkpoint(tmp_path / "rm.npz", small, small.config)
@@ -417,7 +445,11 @@ def test_an_out_dir_that_is_a_file_or_not_writable_is_one_line(stage, files, tmp
             "sft": ["sft", "--data", files["sft"], "--init", files["pre"]],
             "reward": ["reward", "--data", files["prefs"], "--init", files["pre"]],
             "rl": ["rl", "--prompts", files["prompts"], "--init", files["pre"], "--reward-fn", files["score"]],
-            "dpo": ["dpo", "--data", files["prefs"], "--init", files["pre"]]}[stage]
+            "dpo": ["dpo", "--data", files["prefs"], "--init", files["pre"]],
+            "ppo": ["ppo", "--prompts", files["prompts"], "--init", files["pre"],
+                    "--reward-fn", files["score"]],
+            "grpo": ["grpo", "--prompts", files["prompts"], "--init", files["pre"],
+                     "--reward-fn", files["score"]]}[stage]
     (tmp_path / "file").write_text("x")
     assert "is a file, not a folder" in one_line_error(capsys, argv + ["--out-dir", str(tmp_path / "file")])
     assert "cannot write to out_dir" in one_line_error(capsys, argv + ["--out-dir", str(tmp_path / "file" / "x")])
@@ -470,7 +502,7 @@ def test_the_readme_and_the_default_inits_point_where_the_commands_write():
         return cls.__dataclass_fields__[name].default
     assert default(SFTConfig, "init") == default(PretrainConfig, "out_dir") + "/ckpt.npz"
     assert default(RewardConfig, "init") == default(PretrainConfig, "out_dir") + "/ckpt.npz"
-    for cls in (RLConfig, DPOConfig):
+    for cls in (RLConfig, PPOConfig, GRPOConfig, DPOConfig):
         assert default(cls, "init") == default(SFTConfig, "out_dir") + "/ckpt.npz"
 
 

@@ -125,8 +125,11 @@ def test_a_failing_reward_function_is_one_line(workdir, tmp_path, capsys):
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_non_finite_advantages_stop_the_run_naming_step_and_cause(workdir, tmp_path, capsys):
-    """A finite but huge score overflows the whitening: the run stops, and writes no checkpoint."""
-    err = run_error(capsys, ppo_args(workdir, tmp_path, "--reward-fn",
-                                     reward_file(tmp_path, "return 1e308"), "--max-steps", "2"))
-    assert "step 1" in err and "advantage" in err and "not finite" in err
+    """A finite but huge score overflows the whitening: the run stops (exit 3, as every diverged
+    run), and writes no checkpoint."""
+    code = cli.main(ppo_args(workdir, tmp_path, "--reward-fn", reward_file(tmp_path, "return 1e308"),
+                             "--max-steps", "2"))
+    err = capsys.readouterr().err
+    assert code == 3 and "Traceback" not in err
+    assert "ppo diverged at step 1: the advantage is nan; no checkpoint was written" in err
     assert not (tmp_path / "ppo" / "ckpt.npz").exists()

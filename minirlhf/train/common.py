@@ -26,12 +26,10 @@ Every trainer runs the same way (`Run`'s docstring shows the code):
 
 import json
 import math
-import sys
 import time
 from dataclasses import field
-from pathlib import Path
 
-from tqdm.auto import tqdm
+import numpy as np
 
 from .. import backend
 from ..losses import check_beta
@@ -86,38 +84,6 @@ def batch_tensor(array, device):
     return Tensor(array).to(device)
 
 
-class RunLog:
-    """(Superseded by `minirlhf.train.run.Run`, which also resumes.) Metrics of a run: one JSON line per logged step in ``out_dir/metrics.jsonl``, a progress bar.
-
-        log = RunLog(out_dir, total_steps, desc="sft")
-        log.step(step, {"loss": 1.23})          # writes {"step": 1, "loss": 1.23, "time": ...}
-        log.close()
-    """
-
-    def __init__(self, out_dir, total_steps, desc, quiet=False, resume=False):
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.out_dir / "metrics.jsonl"
-        self.file = open(self.path, "a" if resume else "w", encoding="utf-8")
-        self.start = time.time()
-        self.bar = tqdm(total=total_steps, desc=desc, disable=quiet or None, dynamic_ncols=True,
-                        file=sys.stderr, leave=False)
-        self.quiet = quiet
-
-    def step(self, step, metrics, advance=1):
-        """Record one step's metrics (floats) and advance the bar."""
-        return log_row(self.file, self.bar, self.start, step, metrics, advance)
-
-    def print(self, text):
-        """A message that does not break the progress bar."""
-        if not self.quiet:
-            tqdm.write(text, file=sys.stderr)
-
-    def close(self):
-        self.bar.close()
-        self.file.close()
-
-
 def log_row(file, bar, start, step, metrics, advance=1):
     """Write ``{"step", **metrics, "time"}`` as one JSON line (NaN as null), show it on ``bar``."""
     row = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()},
@@ -139,6 +105,13 @@ def _jsonable(v):
     return v
 
 
+def first_non_finite(values):
+    """The first NaN or infinity in the array ``values``, or 0.0 if there is none: one number that
+    `minirlhf.train.run.Run.check_finite` can judge and name."""
+    bad = values[~np.isfinite(values)]
+    return float(bad[0]) if bad.size else 0.0
+
+
 def config_summary(cfg):
     """The settings of a run as one readable block (printed at start: runs are reproducible)."""
     items = vars(cfg) if not hasattr(cfg, "__dataclass_fields__") else {
@@ -158,6 +131,20 @@ def load_policy(path, device):
     model = load_model(path, device)
     require(isinstance(model, GPT), f"{path} holds a {type(model).__name__}, not a GPT policy")
     return model
+
+
+def check_context(cfg, policy, reward_model=None):
+    """Refuse, before any work, a ``max_new_tokens`` that cannot fit the policy's context, or a
+    reward model that reads fewer tokens than a sample may hold (it would fail mid-run)."""
+    block = policy.config.block_size
+    # a row is the start token + the prompt (1 token at least) + the completion + a closing EOT
+    require(1 <= cfg.max_new_tokens <= block - 2,
+            f"max_new_tokens={cfg.max_new_tokens} does not fit the policy's context of {block} tokens: "
+            f"a row also holds the start token and a closing end-of-text, so at most {block - 2}")
+    if reward_model is not None:
+        require(reward_model.config.block_size >= block,
+                f"the reward model {cfg.reward_model} reads {reward_model.config.block_size} tokens, "
+                f"fewer than the policy's context of {block}: a long sample could not be scored")
 
 
 def encode_rows(records, tokenizer, block_size, completion_field, path):
@@ -191,7 +178,9 @@ def split_holdout(items, fraction, rng):
 
 
 def optimise(model, optimizer, loss, grad_clip):
-    """One update: zero the gradients, backpropagate ``loss``, clip, step. Returns the grad norm."""
+    """One update: zero the gradients, backpropagate ``loss``, clip, step. Returns the grad norm.
+    (The trainers use `minirlhf.train.run.Run.update`, which also checks for NaN; scripts/gpu_check.sh
+    times its DPO steps with this.)"""
     from ..optim import clip_grad_norm_
 
     optimizer.zero_grad()

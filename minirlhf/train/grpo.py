@@ -11,25 +11,28 @@ and the clip only acts after it. The KL to the reference is k3 in the *loss*, no
 is ``--scale-rewards none --loss-type dr_grpo``; DAPO's token-level loss and clip-higher are
 ``--loss-type dapo --epsilon-high 0.28 --mask-truncated-completions``.
 
-The prompts, the reward (a reward model or a Python function) and the sampling are `rl`'s.
+The prompts, the reward (a reward model or a Python function) and the sampling are `rl`'s. The run
+is a `minirlhf.train.run.Run` (resumed bit for bit; its checkpoint also holds the generation batch
+that the remaining steps of its μ still use).
 """
 
-import time
+import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 
-from ..checkpoint import save_checkpoint
-from ..datasets import collate, iterate_minibatches, load_prompts
+from ..backend import to_device, to_numpy
+from ..checkpoint import tokenizer_for
+from ..datasets import Minibatches, collate, load_prompts
 from ..logprobs import logprobs_from_logits, token_entropy
 from ..losses import group_advantages, grpo_loss
 from ..optim import AdamW, param_groups
 from ..tensor import no_grad
-from ..tokenizer import ByteTokenizer
-from .common import RunLog, batch_tensor, check_common, config_summary, load_policy, opt, optimise, require
+from .common import (batch_tensor, check_common, check_context, config_summary, first_non_finite,
+                     load_policy, opt, overwrite_opt, require)
 from .rl import Rewarder, sample_batch
+from .run import Run
 
 
 @dataclass
@@ -59,6 +62,7 @@ class GRPOConfig:
     grad_clip: float = opt(1.0, "clip the global gradient norm (0: no clipping)")
     ckpt_interval: int = opt(50, "write a checkpoint every N steps (and at the end)")
     seed: int = opt(0, "seed of the prompts and the sampling")
+    overwrite: bool = overwrite_opt()
     device: str = opt("cpu", "cpu (NumPy) or cuda (CuPy)", choices=["cpu", "cuda"])
     quiet: bool = opt(False, "no progress bar or messages")
 
@@ -91,14 +95,74 @@ def check(cfg):
     require(cfg.ckpt_interval >= 1, f"ckpt_interval must be at least 1, got {cfg.ckpt_interval}")
 
 
+class GenerationBatch:
+    """What the μ steps of one generation batch share: the sampled rows (``input_ids``, ``mask``),
+    their ``advantages``, the log-probs of the policy that sampled them (``old_logp``, μ > 1) and of
+    the reference (``ref_logp``, β > 0), as host arrays, and the batch's ``metrics``. It is part of
+    the checkpoint, so a run resumed in the middle of a batch goes on with the same samples."""
+
+    NAMES = ("input_ids", "mask", "advantages", "old_logp", "ref_logp", "metrics")
+
+    def __init__(self, **fields):
+        for name in self.NAMES:
+            setattr(self, name, fields.get(name))
+
+    def state_dict(self):
+        return {name: getattr(self, name) for name in self.NAMES if getattr(self, name) is not None}
+
+    def load_state_dict(self, state):
+        self.__init__(**state)
+
+
+def generate_batch(policy, ref, rewarder, prompt_texts, cfg, tokenizer, rng, metrics_fn):
+    """Sample G completions of each prompt, score them, and compute what the μ steps need: the
+    fields of a `GenerationBatch`."""
+    G, max_len = cfg.num_generations, cfg.max_new_tokens + 1            # the tokens plus an EOT
+    rows, completions, group = sample_batch(policy, prompt_texts, cfg, tokenizer, rng)
+    row_prompts = [prompt_texts[g] for g in group]
+    R = rewarder(rows, row_prompts, completions)                         # (N,)
+    groups = R.reshape(-1, G)
+    group_std = groups.std(axis=1, ddof=1) if G > 1 else np.zeros(len(groups))
+
+    batch = collate(rows)
+    lengths = batch["completion_mask"].sum(axis=1)                       # (N,) tokens incl. EOT
+    truncated = lengths == max_len                                       # EOT appended by sample_batch
+    mask_np = batch["completion_mask"]
+    if cfg.mask_truncated_completions:
+        mask_np = mask_np * ~truncated[:, None]
+    input_ids = batch_tensor(batch["input_ids"], cfg.device)            # (N, T)
+    mask = batch_tensor(mask_np, cfg.device)                             # (N, T)
+    with no_grad():
+        old_logp = ref_logp = None
+        if cfg.num_iterations > 1:                                       # the sampler's log-probs
+            old_logp = to_numpy(logprobs_from_logits(policy(input_ids), input_ids, mask)[0].data)
+        if ref is not None:
+            ref_logp = to_numpy(logprobs_from_logits(ref(input_ids), input_ids, mask)[0].data)
+    metrics = {"reward": float(R.mean()), "reward_std": float(group_std.mean()),
+               "frac_reward_zero_std": float(np.isclose(group_std, 0).mean()),
+               "completions/mean_length": float(lengths.mean()),
+               "completions/clipped_ratio": float(truncated.mean())}
+    if metrics_fn is not None:
+        metrics.update(metrics_fn(row_prompts, completions))
+    return {"input_ids": batch["input_ids"], "mask": mask_np,
+            "advantages": group_advantages(R, G, cfg.scale_rewards),    # (N,)
+            "old_logp": old_logp, "ref_logp": ref_logp, "metrics": metrics}
+
+
 def grpo(cfg, metrics_fn=None):
     """GRPO; returns {"checkpoint", "reward", "steps", "seconds"}.
 
     ``metrics_fn(prompts, completions) -> dict``, if given, adds metrics to each generation batch's
-    log, as in `rl` (the demo logs the gold reward).
+    log, as in `rl` (the demo logs the gold reward). Running it again with the same ``out_dir``
+    goes on from the last checkpoint (`Run`).
     """
     check(cfg)
-    tokenizer = ByteTokenizer()
+    with Run(cfg, "grpo") as run:
+        return run.result if run.finished else _train(cfg, run, metrics_fn)
+
+
+def _train(cfg, run, metrics_fn):
+    tokenizer = tokenizer_for(cfg.init)   # the one the model was trained with
     records = load_prompts(cfg.prompts)
     policy = load_policy(cfg.init, cfg.device)
     ref = None
@@ -106,66 +170,42 @@ def grpo(cfg, metrics_fn=None):
         ref = load_policy(cfg.init, cfg.device)
         ref.eval()
     rewarder = Rewarder(cfg, tokenizer)
-    rng = np.random.default_rng(cfg.seed)
+    check_context(cfg, policy, rewarder.rm)
+    rng = np.random.default_rng(cfg.seed)                                # the sampling
     optimizer = AdamW(param_groups(policy, 0.0), lr=cfg.lr)
-    prompts = iterate_minibatches([r["prompt"] for r in records], cfg.prompts_per_step, rng, epochs=None)
-    G, mu = cfg.num_generations, cfg.num_iterations
-    max_len = cfg.max_new_tokens + 1                                     # the tokens plus an EOT
-
-    log = RunLog(cfg.out_dir, cfg.max_steps, "grpo", quiet=cfg.quiet)
-    log.print(f"grpo: {len(records)} prompts from {cfg.prompts}\n{config_summary(cfg)}")
-    path = Path(cfg.out_dir) / "ckpt.npz"
-    t0, last = time.time(), {}
-    for step in range(1, cfg.max_steps + 1):
+    mu = cfg.num_iterations
+    gen = GenerationBatch()
+    # with μ = 1 every step samples afresh: no batch outlives its step, none needs saving
+    start = run.restore(policy, optimizer, rngs={"sampling": rng},
+                        also={"generation_batch": gen} if mu > 1 else {})
+    prompts = Minibatches([r["prompt"] for r in records], cfg.prompts_per_step, seed=cfg.seed)
+    run.print(f"grpo: {len(records)} prompts from {cfg.prompts}\n{config_summary(cfg)}")
+    for step in run.steps(start):
         if (step - 1) % mu == 0:                                         # a new generation batch
-            prompt_texts = next(prompts)
-            rows, completions, group = sample_batch(policy, prompt_texts, cfg, tokenizer, rng)
-            row_prompts = [prompt_texts[g] for g in group]
-            R = rewarder(rows, row_prompts, completions)                 # (N,)
-            A = group_advantages(R, G, cfg.scale_rewards)                # (N,)
-            groups = R.reshape(-1, G)
-            group_std = groups.std(axis=1, ddof=1) if G > 1 else np.zeros(len(groups))
+            try:   # refill the same object: the checkpoint holds the batch in use
+                gen.load_state_dict(generate_batch(policy, ref, rewarder, prompts[(step - 1) // mu],
+                                                   cfg, tokenizer, rng, metrics_fn))
+            except FloatingPointError:   # the last update made the logits overflow: diverged
+                run.check_finite("policy's logits", math.nan)
+            run.check_finite("advantage", first_non_finite(gen.advantages))
 
-            batch = collate(rows)
-            lengths = batch["completion_mask"].sum(axis=1)               # (N,) tokens incl. EOT
-            truncated = lengths == max_len                               # EOT appended by sample_batch
-            mask_np = batch["completion_mask"]
-            if cfg.mask_truncated_completions:
-                mask_np = mask_np * ~truncated[:, None]
-            input_ids = batch_tensor(batch["input_ids"], cfg.device)    # (N, T)
-            mask = batch_tensor(mask_np, cfg.device)                     # (N, T)
-            with no_grad():
-                old_logp = ref_logp = None
-                if mu > 1:                                               # the sampler's log-probs
-                    old_logp, _ = logprobs_from_logits(policy(input_ids), input_ids, mask)
-                if ref is not None:
-                    ref_logp, _ = logprobs_from_logits(ref(input_ids), input_ids, mask)
-            batch_metrics = {
-                "reward": float(R.mean()), "reward_std": float(group_std.mean()),
-                "frac_reward_zero_std": float(np.isclose(group_std, 0).mean()),
-                "completions/mean_length": float(lengths.mean()),
-                "completions/clipped_ratio": float(truncated.mean())}
-            if metrics_fn is not None:
-                batch_metrics.update(metrics_fn(row_prompts, completions))
-
+        input_ids = batch_tensor(gen.input_ids, cfg.device)             # (N, T)
+        mask = batch_tensor(gen.mask, cfg.device)                        # (N, T)
         logits = policy(input_ids)                                       # (N, T, V)
         logp, _ = logprobs_from_logits(logits, input_ids, mask)          # (N, T) log p_θ(y_t)
         with no_grad():
-            n_tokens = max(float(mask_np.sum()), 1.0)
+            n_tokens = max(float(gen.mask.sum()), 1.0)
             entropy = float(token_entropy(logits, mask).data.sum()) / n_tokens
-        old = logp.data if old_logp is None else old_logp.data           # on-policy: ρ = 1
-        loss, metrics = grpo_loss(logp, old, None if ref_logp is None else ref_logp.data, A, mask,
-                                  beta=cfg.beta, epsilon_low=cfg.epsilon_low,
-                                  epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
-                                  max_completion_length=max_len)
-        optimise(policy, optimizer, loss, cfg.grad_clip)
+        old = logp.data if gen.old_logp is None else to_device(gen.old_logp, cfg.device)  # μ = 1: ρ = 1
+        ref_logp = None if gen.ref_logp is None else to_device(gen.ref_logp, cfg.device)
+        loss_t, metrics = grpo_loss(logp, old, ref_logp, gen.advantages, mask,
+                                    beta=cfg.beta, epsilon_low=cfg.epsilon_low,
+                                    epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
+                                    max_completion_length=cfg.max_new_tokens + 1)
+        loss, grad_norm = run.update(loss_t)
 
-        last = {"loss": loss.item(), **batch_metrics, **metrics, "entropy": entropy}
-        log.step(step, last)
-        if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
-            save_checkpoint(path, policy, policy.config, optimizer, step=step,
-                            extra={"stage": "grpo", "init": cfg.init, "settings": asdict(cfg)})
-    log.close()
-    log.print(f"grpo: reward {last['reward']:.3f}; checkpoint {path}")
-    return {"checkpoint": str(path), "reward": last["reward"], "steps": cfg.max_steps,
-            "seconds": time.time() - t0}
+        run.log(step, {"loss": loss, **gen.metrics, **metrics, "entropy": entropy,
+                       "grad_norm": grad_norm})
+        run.save_if_due(step)
+    last = run.last
+    return run.finish({"reward": last.get("reward")}, f"reward {last.get('reward', math.nan):.3f}")

@@ -20,11 +20,13 @@ Each iteration:
 4. With ``target_kl``, the adaptive controller of Ziegler et al. (2019) moves β so that the KL
    stays near the target: β ← β·(1 + clip(KL/target - 1, -0.2, 0.2)·N/horizon).
 
-The policy is saved to ``out_dir/ckpt.npz`` (a GPT, like every policy) and the value model to
-``out_dir/value.npz``. Inputs are those of `minirlhf rl`.
+The run is a `minirlhf.train.run.Run`: ``out_dir/ckpt.npz`` holds the policy (a GPT, like every
+policy), its optimizer, and, for resuming bit for bit, the value model, its optimizer, the current β
+and the RNG states; the finished value model alone is also written to ``out_dir/value.npz`` (for
+``--value-model``). Inputs are those of `minirlhf rl`.
 """
 
-import time
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,20 +35,17 @@ import numpy as np
 from .. import functional as F
 from ..backend import to_numpy
 from ..checkpoint import load_model, save_checkpoint, tokenizer_for
-from ..datasets import collate, encode_corpus, get_batch, iterate_minibatches, load_prompts, load_text
+from ..datasets import Minibatches, collate, encode_corpus, get_batch, load_prompts, load_text
 from ..logprobs import logprobs_from_logits, token_entropy
 from ..losses import (clipped_surrogate, gae, kl_penalty_rewards, masked_mean, masked_whiten,
                       value_loss)
 from ..model import GPT, RewardModel, ValueModel
 from ..optim import AdamW, clip_grad_norm_, param_groups
 from ..tensor import no_grad
-from .common import RunLog, batch_tensor, check_common, config_summary, load_policy, opt, require
+from .common import (batch_tensor, check_common, check_context, config_summary, first_non_finite,
+                     load_policy, opt, overwrite_opt, require)
 from .rl import Rewarder, sample_batch
-
-
-class NonFiniteError(ArithmeticError):
-    """A NaN or inf in the advantages, the loss or the gradients: the run stops before any
-    checkpoint is written, so the last one on disk is the last good one."""
+from .run import Run
 
 
 @dataclass
@@ -87,6 +86,7 @@ class PPOConfig:
     grad_clip: float = opt(1.0, "clip the global gradient norm of both models (0: no clipping)")
     ckpt_interval: int = opt(50, "write checkpoints every N iterations (and at the end)")
     seed: int = opt(0, "seed of the prompts, the sampling and the minibatches")
+    overwrite: bool = overwrite_opt()
     device: str = opt("cpu", "cpu (NumPy) or cuda (CuPy)", choices=["cpu", "cuda"])
     quiet: bool = opt(False, "no progress bar or messages")
 
@@ -143,10 +143,24 @@ def adaptive_beta(beta, kl, target, horizon, n):
     return beta * (1.0 + error * n / horizon)
 
 
-def _stop_unless_finite(value, step, what, path):
-    if not np.all(np.isfinite(value)):
-        raise NonFiniteError(f"step {step}: {what} is not finite (NaN or inf); stopped without "
-                             f"writing a checkpoint (the last good one, if any, is {path})")
+class KLController:
+    """The current β: ``cfg.beta`` throughout, or moved by `adaptive_beta` after each rollout when
+    ``target_kl`` is set. Part of the checkpoint (``state_dict``), so a resumed run goes on with
+    the β it had reached."""
+
+    def __init__(self, cfg):
+        self.beta, self.target, self.horizon = cfg.beta, cfg.target_kl, cfg.kl_horizon
+
+    def update(self, kl, n):
+        """After a rollout of ``n`` completions whose mean KL was ``kl``."""
+        if self.target is not None:
+            self.beta = adaptive_beta(self.beta, kl, self.target, self.horizon, n)
+
+    def state_dict(self):
+        return {"beta": self.beta}
+
+    def load_state_dict(self, state):
+        self.beta = float(state["beta"])
 
 
 def rollout(policy, ref, value, rewarder, prompt_texts, cfg, tokenizer, rng, beta):
@@ -186,74 +200,82 @@ def rollout(policy, ref, value, rewarder, prompt_texts, cfg, tokenizer, rng, bet
 def ppo(cfg, metrics_fn=None):
     """PPO with a value model and a per-token KL penalty; returns {"checkpoint", "value_checkpoint",
     "reward", "kl", "beta", ...}. ``metrics_fn(prompts, completions) -> dict`` adds metrics to each
-    iteration's log, as in `minirlhf.train.rl.rl`."""
+    iteration's log, as in `minirlhf.train.rl.rl`. Running it again with the same ``out_dir`` goes
+    on from the last checkpoint (`Run`)."""
     check(cfg)
+    with Run(cfg, "ppo") as run:
+        return run.result if run.finished else _train(cfg, run, metrics_fn)
+
+
+def _train(cfg, run, metrics_fn):
     tokenizer = tokenizer_for(cfg.init)   # the one the model was trained with
     records = load_prompts(cfg.prompts)
     policy = load_policy(cfg.init, cfg.device)
     ref = load_policy(cfg.init, cfg.device)
     ref.eval()
     rewarder = Rewarder(cfg, tokenizer)
+    check_context(cfg, policy, rewarder.rm)
     value = make_value_model(cfg, policy, rewarder)
-    rng = np.random.default_rng(cfg.seed)
     ptx_tokens = encode_corpus(load_text(cfg.ptx_data), tokenizer) if cfg.ptx_coef > 0 else None
     if ptx_tokens is not None:
         require(len(ptx_tokens) > policy.config.block_size + 1,
                 f"ptx_data is too short for block_size {policy.config.block_size}")
+    rng = np.random.default_rng(cfg.seed)          # the sampling, the minibatches, the ptx windows
     policy_opt = AdamW(param_groups(policy, 0.0), lr=cfg.lr)
     value_opt = AdamW(param_groups(value, 0.0), lr=cfg.lr)
-    params = list(policy.parameters()) + list(value.parameters())
-    prompts = iterate_minibatches([r["prompt"] for r in records], cfg.prompts_per_step, rng, epochs=None)
-
-    log = RunLog(cfg.out_dir, cfg.max_steps, "ppo", quiet=cfg.quiet)
-    log.print(f"ppo: {len(records)} prompts from {cfg.prompts}\n{config_summary(cfg)}")
-    path, value_path = Path(cfg.out_dir) / "ckpt.npz", Path(cfg.out_dir) / "value.npz"
-    t0, beta, last = time.time(), cfg.beta, {}
+    kl_ctl = KLController(cfg)
+    start = run.restore(policy, policy_opt, rngs={"sampling": rng, "value_dropout": value.dropout_rng},
+                        also={"value": value, "value_optimizer": value_opt, "kl_controller": kl_ctl})
+    prompts = Minibatches([r["prompt"] for r in records], cfg.prompts_per_step, seed=cfg.seed)
+    run.print(f"ppo: {len(records)} prompts from {cfg.prompts}\n{config_summary(cfg)}")
     n = cfg.prompts_per_step * cfg.samples_per_prompt
     size = n // cfg.num_minibatches
-    for step in range(1, cfg.max_steps + 1):
-        r = rollout(policy, ref, value, rewarder, next(prompts), cfg, tokenizer, rng, beta)
-        _stop_unless_finite(r["advantages"], step, "an advantage", path)
-        _stop_unless_finite(r["returns"], step, "a return", path)
+    for step in run.steps(start):
+        try:
+            r = rollout(policy, ref, value, rewarder, prompts[step - 1], cfg, tokenizer, rng, kl_ctl.beta)
+        except FloatingPointError:   # the last update made the logits overflow: diverged
+            run.check_finite("policy's logits", math.nan)
+        run.check_finite("advantage", first_non_finite(r["advantages"]))
+        run.check_finite("return", first_non_finite(r["returns"]))
 
         stats = []
         for _ in range(cfg.ppo_epochs):
             order = rng.permutation(n)
             for i in range(0, n, size):
                 mb = np.sort(order[i:i + size])
-                stats.append(update(policy, value, policy_opt, value_opt, params, r, mb, cfg,
-                                    step, path, ptx_tokens, rng))
+                stats.append(update(run, policy, value, policy_opt, value_opt, r, mb, cfg, ptx_tokens, rng))
 
         kl_mean = float(r["kl"].mean())
         # TRL's names and definitions: objective/entropy is the mean of -log p_old(y|x) per completion
-        last = {"objective/kl": kl_mean,
-                "objective/entropy": float((-r["old_logp"]).sum(axis=1).mean()),
-                "objective/non_score_reward": float(r["non_score"].mean()),
-                "objective/rlhf_reward": float((r["scores"] + r["non_score"]).mean()),
-                "objective/scores": float(r["scores"].mean()),
-                **{k: float(np.mean([s[k] for s in stats])) for k in stats[0]},
-                "policy/entropy_avg": float(r["entropy"].sum() / r["mask"].sum()),
-                "beta": beta, "eos_missing": float(r["missing_eos"].mean()),
-                "length": float(r["mask"].sum(axis=1).mean())}
+        row = {"objective/kl": kl_mean,
+               "objective/entropy": float((-r["old_logp"]).sum(axis=1).mean()),
+               "objective/non_score_reward": float(r["non_score"].mean()),
+               "objective/rlhf_reward": float((r["scores"] + r["non_score"]).mean()),
+               "objective/scores": float(r["scores"].mean()),
+               **{k: float(np.mean([s[k] for s in stats])) for k in stats[0]},
+               "policy/entropy_avg": float(r["entropy"].sum() / r["mask"].sum()),
+               "beta": kl_ctl.beta, "eos_missing": float(r["missing_eos"].mean()),
+               "length": float(r["mask"].sum(axis=1).mean())}
         if metrics_fn is not None:
-            last.update(metrics_fn(r["prompts"], r["completions"]))
-        log.step(step, last)
-        if cfg.target_kl is not None:
-            beta = adaptive_beta(beta, kl_mean, cfg.target_kl, cfg.kl_horizon, n)
-        if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
-            extra = {"stage": "ppo", "init": cfg.init, "settings": asdict(cfg), "beta": beta}
-            save_checkpoint(value_path, value, value.config, value_opt, step=step, extra=extra)
-            save_checkpoint(path, policy, policy.config, policy_opt, step=step, extra=extra)
-    log.close()
-    log.print(f"ppo: score {last['objective/scores']:.3f}, kl {last['objective/kl']:.3f}; "
-              f"checkpoints {path}, {value_path}")
-    return {"checkpoint": str(path), "value_checkpoint": str(value_path),
-            "reward": last["objective/scores"], "kl": last["objective/kl"], "beta": beta,
-            "steps": cfg.max_steps, "seconds": time.time() - t0}
+            row.update(metrics_fn(r["prompts"], r["completions"]))
+        run.log(step, row)
+        kl_ctl.update(kl_mean, n)
+        run.save_if_due(step)
+    # the value model alone, for `--value-model` (the checkpoint holds it too, to resume)
+    value_path = Path(cfg.out_dir) / "value.npz"
+    save_checkpoint(value_path, value, value.config, step=cfg.max_steps,
+                    extra={"stage": "ppo", "init": cfg.init, "settings": asdict(cfg)})
+    last = run.last
+    return run.finish({"value_checkpoint": str(value_path), "reward": last.get("objective/scores"),
+                       "kl": last.get("objective/kl"), "beta": kl_ctl.beta},
+                      f"score {last.get('objective/scores'):.3f}, kl {last.get('objective/kl'):.3f}")
 
 
-def update(policy, value, policy_opt, value_opt, params, r, mb, cfg, step, path, ptx_tokens, rng):
-    """One gradient step of PPO's loss on the rows ``mb`` of the rollout ``r``; returns its metrics."""
+def update(run, policy, value, policy_opt, value_opt, r, mb, cfg, ptx_tokens, rng):
+    """One gradient step of PPO's loss on the rows ``mb`` of the rollout ``r``; returns its metrics.
+
+    Both models step together on one loss, so this is `Run.update` by hand: the loss and the
+    gradient norm of both models are checked before any weight moves."""
     ids = batch_tensor(r["input_ids"][mb], cfg.device)                  # (M, T)
     mask = r["mask"][mb]                                                 # (M, T)
     m = batch_tensor(mask, cfg.device)
@@ -271,15 +293,14 @@ def update(policy, value, policy_opt, value_opt, params, r, mb, cfg, step, path,
         x, y = get_batch(ptx_tokens, policy.config.block_size, cfg.ptx_batch_size, rng)
         ptx = F.cross_entropy(policy(batch_tensor(x, cfg.device)), batch_tensor(y, cfg.device))
         loss = loss + cfg.ptx_coef * ptx
-    _stop_unless_finite(loss.item(), step, f"the loss (policy {pg_loss.item():.4g}, value "
-                                           f"{vf_loss.item():.4g})", path)
+    run.check_finite(f"loss (policy {pg_loss.item():.4g}, value {vf_loss.item():.4g})", loss.item())
 
     policy_opt.zero_grad()
     value_opt.zero_grad()
     loss.backward()
-    norm = clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else None
-    if norm is not None:
-        _stop_unless_finite(norm, step, "the gradient norm", path)
+    params = list(policy.parameters()) + list(value.parameters())
+    grad_norm = clip_grad_norm_(params, cfg.grad_clip or math.inf)      # the norm before clipping
+    run.check_finite("gradient norm", grad_norm)
     policy_opt.step()
     value_opt.step()
     with no_grad():
@@ -287,4 +308,4 @@ def update(policy, value, policy_opt, value_opt, params, r, mb, cfg, step, path,
     return {"policy/approxkl_avg": pm["approxkl"], "policy/clipfrac_avg": pm["clipfrac"],
             "loss/policy_avg": pg_loss.item(), "loss/value_avg": vf_loss.item(),
             "val/clipfrac_avg": vm["clipfrac"],
-            "val/ratio": float((ratio * mask).sum() / mask.sum())}
+            "val/ratio": float((ratio * mask).sum() / mask.sum()), "grad_norm": grad_norm}

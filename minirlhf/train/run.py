@@ -48,7 +48,7 @@ except ImportError:          # Windows: no advisory locks; runs are then not pro
 # the numbers of the steps already taken
 NOT_SETTINGS = ("quiet", "device", "overwrite", "max_steps", "ckpt_interval", "out_dir")
 # config fields that name input files: a run made from other versions of them is another run
-INPUT_FIELDS = ("data", "init", "prompts", "reward_model")
+INPUT_FIELDS = ("data", "init", "prompts", "reward_model", "value_model", "ptx_data")
 
 
 class DivergenceError(RuntimeError):
