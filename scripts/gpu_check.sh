@@ -28,9 +28,8 @@ import numpy as np
 from minirlhf import backend
 from minirlhf.losses import dpo_loss
 from minirlhf.model import GPT, GPTConfig
-from minirlhf.optim import AdamW, param_groups
+from minirlhf.optim import AdamW, clip_grad_norm_, param_groups
 from minirlhf.tensor import no_grad
-from minirlhf.train.common import optimise
 from minirlhf.train.dpo import pair_logps
 
 device = os.environ["DPO_DEVICE"]
@@ -65,7 +64,10 @@ for step in range(steps + 2):                  # two warm-up steps, not timed
         ref_c, ref_r = pair_logps(ref, pairs, device)
     pi_c, pi_r = pair_logps(policy, pairs, device)
     loss, metrics = dpo_loss(pi_c, pi_r, ref_c.data, ref_r.data, beta=0.1)
-    optimise(policy, opt, loss, 1.0)
+    opt.zero_grad()
+    loss.backward()
+    clip_grad_norm_(policy.parameters(), 1.0)
+    opt.step()
     sync()
     times.append(time.perf_counter() - t)
     print(f"step {step}: loss {loss.item():.4f} ({times[-1]:.3f} s)")

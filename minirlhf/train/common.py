@@ -177,19 +177,6 @@ def split_holdout(items, fraction, rng):
     return train, held
 
 
-def optimise(model, optimizer, loss, grad_clip):
-    """One update: zero the gradients, backpropagate ``loss``, clip, step. Returns the grad norm.
-    (The trainers use `minirlhf.train.run.Run.update`, which also checks for NaN; scripts/gpu_check.sh
-    times its DPO steps with this.)"""
-    from ..optim import clip_grad_norm_
-
-    optimizer.zero_grad()
-    loss.backward()
-    norm = clip_grad_norm_(model.parameters(), grad_clip) if grad_clip else None
-    optimizer.step()
-    return norm
-
-
 def distinct_pairs(records, path, say):
     """The preference records whose chosen and rejected differ; ``say`` one warning counting the rest.
 
