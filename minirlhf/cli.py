@@ -61,17 +61,18 @@ def add_config_arguments(parser, config_cls):
         help_text = f.metadata.get("help", "")
         t = _arg_type(f)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if t is not bool and not f.metadata.get("required") and "default" not in help_text:
+            help_text = f"{help_text} (default: {default})"   # unless the help says it in words
         if t is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=default, help=help_text)
         elif "choices" in f.metadata:
             parser.add_argument(flag, dest=f.name, type=t, default=default, choices=f.metadata["choices"],
-                                help=f"{help_text} (default: {default})")
+                                help=help_text)
         elif f.metadata.get("required"):
             parser.add_argument(flag, dest=f.name, type=t, required=True, help=help_text)
         else:
-            parser.add_argument(flag, dest=f.name, type=t, default=default,
-                                help=f"{help_text} (default: {default})")
+            parser.add_argument(flag, dest=f.name, type=t, default=default, help=help_text)
 
 
 def build_parser(stages=None):
