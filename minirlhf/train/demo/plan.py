@@ -42,25 +42,25 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import kernels
-from ..backend import to_numpy
-from ..checkpoint import load_checkpoint, load_model
-from ..datasets import (collate, encode_prompt, encode_prompt_completion, load_preferences,
+from ... import kernels
+from ...backend import to_numpy
+from ...checkpoint import load_checkpoint, load_model
+from ...datasets import (collate, encode_prompt, encode_prompt_completion, load_preferences,
                         load_prompts)
-from ..dialogue import corpus_pairs, split_pairs, write_jsonl
-from ..gold import agreement, gold_reward, label_pairs
-from ..logprobs import sequence_logprobs
-from ..model import generate
-from ..tensor import no_grad
-from ..tokenizer import ByteTokenizer
-from .common import ConfigError, batch_tensor, check_common, opt, require
-from .dpo import DPOConfig, dpo
-from .grpo import GRPOConfig, grpo
-from .ppo import PPOConfig, ppo
-from .pretrain import PretrainConfig, pretrain
-from .reward import RewardConfig, reward
-from .rl import RLConfig, rl
-from .sft import SFTConfig, sft
+from ...dialogue import corpus_pairs, split_pairs, write_jsonl
+from ...gold import agreement, gold_reward, label_pairs
+from ...logprobs import sequence_logprobs
+from ...model import generate
+from ...tensor import no_grad
+from ...tokenizer import ByteTokenizer
+from ..common import ConfigError, batch_tensor, check_common, opt, require
+from ..dpo import DPOConfig, dpo
+from ..grpo import GRPOConfig, grpo
+from ..ppo import PPOConfig, ppo
+from ..pretrain import PretrainConfig, pretrain
+from ..reward import RewardConfig, reward
+from ..rl import RLConfig, rl
+from ..sft import SFTConfig, sft
 
 # ----- the presets ------------------------------------------------------------------------------------
 # Each stage's entries are fields of that stage's config; "data", "labels" and "eval" are the demo's.
