@@ -28,7 +28,7 @@ from ..losses import group_advantages, grpo_loss
 from ..optim import AdamW, param_groups
 from ..tensor import no_grad
 from ..tokenizer import ByteTokenizer
-from .common import RunLog, batch_tensor, check_common, config_summary, load_policy, opt, overwrite_opt, optimise, require
+from .common import RunLog, batch_tensor, check_common, config_summary, load_policy, opt, optimise, require
 from .rl import Rewarder, sample_batch
 
 
@@ -61,7 +61,6 @@ class GRPOConfig:
     seed: int = opt(0, "seed of the prompts and the sampling")
     device: str = opt("cpu", "cpu (NumPy) or cuda (CuPy)", choices=["cpu", "cuda"])
     quiet: bool = opt(False, "no progress bar or messages")
-    overwrite: bool = overwrite_opt()
 
     @property
     def samples_per_prompt(self):

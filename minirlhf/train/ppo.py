@@ -40,7 +40,7 @@ from ..losses import (clipped_surrogate, gae, kl_penalty_rewards, masked_mean, m
 from ..model import GPT, RewardModel, ValueModel
 from ..optim import AdamW, clip_grad_norm_, param_groups
 from ..tensor import no_grad
-from .common import RunLog, batch_tensor, check_common, config_summary, load_policy, opt, overwrite_opt, require
+from .common import RunLog, batch_tensor, check_common, config_summary, load_policy, opt, require
 from .rl import Rewarder, sample_batch
 
 
@@ -89,7 +89,6 @@ class PPOConfig:
     seed: int = opt(0, "seed of the prompts, the sampling and the minibatches")
     device: str = opt("cpu", "cpu (NumPy) or cuda (CuPy)", choices=["cpu", "cuda"])
     quiet: bool = opt(False, "no progress bar or messages")
-    overwrite: bool = overwrite_opt()
 
 
 def check(cfg):
