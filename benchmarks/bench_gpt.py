@@ -115,11 +115,11 @@ def our_training(cfg_name, device):
 
     L, C, H, T, B, V = CONFIGS[cfg_name]
     model = our_model(cfg_name, device)
-    opt = AdamW(param_groups(model, 0.1), lr=1e-4)
+    optimizer = AdamW(param_groups(model, 0.1), lr=1e-4)
     rng = np.random.default_rng(0)
     x = Tensor(rng.integers(0, V, (B, T))).to(device)
     y = Tensor(rng.integers(0, V, (B, T))).to(device)
-    return model, opt, x, y
+    return model, optimizer, x, y
 
 
 def worker_ours(cfg_name, what, device, steps, repeats=SAMPLE_REPEATS):
@@ -130,14 +130,14 @@ def worker_ours(cfg_name, what, device, steps, repeats=SAMPLE_REPEATS):
 
     L, C, H, T, B, V = CONFIGS[cfg_name]
     if what == "train":
-        model, opt, x, y = our_training(cfg_name, device)
+        model, optimizer, x, y = our_training(cfg_name, device)
         sync = _sync(device)
 
         def step():
             loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
+            optimizer.zero_grad()
             loss.backward()
-            opt.step()
+            optimizer.step()
             return loss
 
         base = rss_bytes()
@@ -213,15 +213,15 @@ def worker_torch(cfg_name, what, device, steps, repeats=SAMPLE_REPEATS):
     model = GPT().to(device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if what == "train":
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
         x = torch.randint(0, V, (B, T), device=device)
         y = torch.randint(0, V, (B, T), device=device)
 
         def step():
             loss = TF.cross_entropy(model(x).view(-1, V), y.view(-1))
-            opt.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
+            optimizer.step()
 
         base = rss_bytes() if device == "cpu" else torch.cuda.memory_allocated()
         if device == "cuda":

@@ -32,7 +32,7 @@ PARTS = ("forward", "backward", "optimizer")
 
 def measure(cfg_name, device, steps):
     """{part: (median host seconds, median total seconds)} for one config."""
-    model, opt, x, y = our_training(cfg_name, device)
+    model, optimizer, x, y = our_training(cfg_name, device)
     sync = _sync(device)
     times = {part: [] for part in PARTS}
 
@@ -47,9 +47,9 @@ def measure(cfg_name, device, steps):
 
     for _ in range(steps + 1):                      # the first step warms up, then is dropped
         loss = timed("forward", lambda: F.cross_entropy(model(x), y))
-        opt.zero_grad()
+        optimizer.zero_grad()
         timed("backward", loss.backward)
-        timed("optimizer", opt.step)
+        timed("optimizer", optimizer.step)
     return {part: tuple(statistics.median(t[i] for t in times[part][1:]) for i in (0, 1))
             for part in PARTS}
 

@@ -194,16 +194,16 @@ def main():
     model = GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=L, n_head=H, n_embd=C), seed=0)
     for p in model.parameters():
         p.data = p.data.view(Counted)
-    opt = AdamW(param_groups(model, 0.1), lr=1e-4)
+    optimizer = AdamW(param_groups(model, 0.1), lr=1e-4)
     rng = np.random.default_rng(0)
     x = Tensor(rng.integers(0, V, (args.batch, T)).view(Counted))
     y = Tensor(rng.integers(0, V, (args.batch, T)).view(Counted))
 
     def step():
         loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
+        optimizer.zero_grad()
         loss.backward()
-        opt.step()
+        optimizer.step()
 
     with counting() as kernels:
         step()                                       # the first step builds the optimizer's state

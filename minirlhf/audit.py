@@ -327,13 +327,13 @@ def train_grpo_expected(policy, ref, problem, G=4, scale="none", bias_correction
     with no_grad():
         ref_tok = token_logprobs(ref, problem).numpy()
     table = grpo_advantage_table(problem.R, G, scale)
-    opt = AdamW(policy.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    optimizer = AdamW(policy.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     for step in range(steps):
         loss = grpo_expected_loss(policy, problem, ref_tok, G, scale, bias_correction, table)
-        opt.lr = lr_schedule(step, lr, 0, steps, min_lr=lr / 100)
-        opt.zero_grad()
+        optimizer.lr = lr_schedule(step, lr, 0, steps, min_lr=lr / 100)
+        optimizer.zero_grad()
         loss.backward()
-        opt.step()
+        optimizer.step()
     return policy
 
 

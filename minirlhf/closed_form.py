@@ -291,7 +291,7 @@ def train_reinforce(policy, ref, problem, steps=300, n_per_prompt=32, lr=0.05, b
     learning rate decays by a cosine to lr/20, so the sampling noise averages out at the end.
     """
     rng = np.random.default_rng(seed)
-    opt = AdamW(policy.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    optimizer = AdamW(policy.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     for step in range(steps):
         prompt_idx, ys = sample_completions(policy, problem.prompts, n_per_prompt, problem.length, rng)
         ids, mask = make_sequences(problem.prompts[prompt_idx], ys)
@@ -301,10 +301,10 @@ def train_reinforce(policy, ref, problem, steps=300, n_per_prompt=32, lr=0.05, b
             _, ref_logp = sequence_logprobs(ref, ids, mask)
         loss, metrics = reinforce_kl_loss(logp, ref_logp, rewards, problem.beta,
                                           baseline=baseline, group=prompt_idx)
-        opt.lr = lr_schedule(step, lr, 0, steps, min_lr=lr / 20)
-        opt.zero_grad()
+        optimizer.lr = lr_schedule(step, lr, 0, steps, min_lr=lr / 20)
+        optimizer.zero_grad()
         loss.backward()
-        opt.step()
+        optimizer.step()
         if log is not None:
             log(step, metrics)
     return policy
@@ -322,8 +322,8 @@ def train_ppo(policy, ref, value, problem, steps=300, n_per_prompt=32, lr=0.05, 
     Policy and value have their own optimiser; the learning rate decays by a cosine to lr/20.
     """
     rng = np.random.default_rng(seed)
-    opt = AdamW(policy.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    value_opt = AdamW(value.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    optimizer = AdamW(policy.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    value_optimizer = AdamW(value.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     n = len(problem.prompts) * n_per_prompt
     size = n // num_minibatches
     for step in range(steps):
@@ -337,7 +337,7 @@ def train_ppo(policy, ref, value, problem, steps=300, n_per_prompt=32, lr=0.05, 
         rewards = kl_penalty_rewards(scores, old_logp, ref_logp, mask, problem.beta, "k1")
         advantages, returns = gae(rewards, old_values, mask, gamma=1.0, lam=lam)
         advantages = masked_whiten(advantages, mask)
-        opt.lr = value_opt.lr = lr_schedule(step, lr, 0, steps, min_lr=lr / 20)
+        optimizer.lr = value_optimizer.lr = lr_schedule(step, lr, 0, steps, min_lr=lr / 20)
         for _ in range(ppo_epochs):
             order = rng.permutation(n)
             for i in range(0, n, size):
@@ -347,11 +347,11 @@ def train_ppo(policy, ref, value, problem, steps=300, n_per_prompt=32, lr=0.05, 
                                                        epsilon_low=epsilon)
                 vf_loss, _ = value_loss(value(ids[mb]), old_values[mb], returns[mb], mask[mb])
                 loss = masked_mean(per_token, mask[mb]) + vf_coef * vf_loss
-                opt.zero_grad()
-                value_opt.zero_grad()
+                optimizer.zero_grad()
+                value_optimizer.zero_grad()
                 loss.backward()
-                opt.step()
-                value_opt.step()
+                optimizer.step()
+                value_optimizer.step()
         if log is not None:
             log(step, {**metrics, "reward": float(scores.mean())})
     return policy
@@ -370,16 +370,16 @@ def train_dpo(policy, ref, problem, pairs, steps=300, lr=0.05, beta=None, log=No
     prompt, chosen, rejected = pairs
     with no_grad():
         ref_table = exact_logprobs(ref, problem.prompts, problem.completions).numpy()
-    opt = AdamW(policy.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    optimizer = AdamW(policy.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     for step in range(steps):
         table = exact_logprobs(policy, problem.prompts, problem.completions)   # (P, N)
         loss, metrics = dpo_loss(table[prompt, chosen], table[prompt, rejected],
                                  ref_table[prompt, chosen], ref_table[prompt, rejected], beta=beta,
                                  loss_type=loss_type)
-        opt.lr = lr_schedule(step, lr, 0, steps, min_lr=lr / 20)
-        opt.zero_grad()
+        optimizer.lr = lr_schedule(step, lr, 0, steps, min_lr=lr / 20)
+        optimizer.zero_grad()
         loss.backward()
-        opt.step()
+        optimizer.step()
         if log is not None:
             log(step, metrics)
     return policy
@@ -393,13 +393,13 @@ def train_reward_table(problem, pairs, steps=300, lr=0.1, log=None):
     """
     prompt, chosen, rejected = pairs
     r = Parameter(np.zeros(problem.R.shape))                              # (P, N)
-    opt = AdamW([r], lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    optimizer = AdamW([r], lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     for step in range(steps):
         loss, metrics = bt_loss(r[prompt, chosen], r[prompt, rejected])
-        opt.lr = lr_schedule(step, lr, 0, steps, min_lr=lr / 20)
-        opt.zero_grad()
+        optimizer.lr = lr_schedule(step, lr, 0, steps, min_lr=lr / 20)
+        optimizer.zero_grad()
         loss.backward()
-        opt.step()
+        optimizer.step()
         if log is not None:
             log(step, metrics)
     return r.numpy()

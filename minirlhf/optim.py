@@ -7,12 +7,12 @@ vector at the first step (`Optimizer` says why). Parameters come in groups, as i
 group with its own hyperparameters:
 
     groups = param_groups(model, weight_decay=0.1)     # decay matrices, not biases/norms/embeddings
-    opt = AdamW(groups, lr=3e-4)
+    optimizer = AdamW(groups, lr=3e-4)
     for step in range(steps):
-        opt.lr = lr_schedule(step, 3e-4, warmup_steps=100, total_steps=steps, min_lr=3e-5)
-        opt.zero_grad(); loss = ...; loss.backward()
+        optimizer.lr = lr_schedule(step, 3e-4, warmup_steps=100, total_steps=steps, min_lr=3e-5)
+        optimizer.zero_grad(); loss = ...; loss.backward()
         clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        optimizer.step()
 """
 
 import math
@@ -32,7 +32,7 @@ class Optimizer:
     formula on arrays, written in place, at step ``t`` = 1, 2, ... The rule is elementwise, so it
     gives the same numbers on a whole group at once.
 
-    The state is keyed by the parameter itself, as in PyTorch: ``opt.state[p]`` is
+    The state is keyed by the parameter itself, as in PyTorch: ``optimizer.state[p]`` is
     ``{"step": t, "m": ..., "v": ...}``. So it follows its parameter when a group's list changes
     (a parameter removed, appended or moved, a group added with `add_param_group`), and a
     parameter new to the optimizer starts from fresh state at step 1.

@@ -53,7 +53,7 @@ rng = np.random.default_rng(0)
 def pair():
     ids = rng.integers(0, shape["vocab_size"], (2, T)).tolist()
     return (ids[0], T // 8), (ids[1], T // 8)  # (row, n_prompt)
-opt = AdamW(param_groups(policy, 0.0), lr=1e-5)
+optimizer = AdamW(param_groups(policy, 0.0), lr=1e-5)
 sync = (lambda: __import__("cupy").cuda.Device().synchronize()) if device == "cuda" else (lambda: None)
 times = []
 for step in range(steps + 2):                  # two warm-up steps, not timed
@@ -64,10 +64,10 @@ for step in range(steps + 2):                  # two warm-up steps, not timed
         ref_c, ref_r = pair_logps(ref, pairs, device)
     pi_c, pi_r = pair_logps(policy, pairs, device)
     loss, metrics = dpo_loss(pi_c, pi_r, ref_c.data, ref_r.data, beta=0.1)
-    opt.zero_grad()
+    optimizer.zero_grad()
     loss.backward()
     clip_grad_norm_(policy.parameters(), 1.0)
-    opt.step()
+    optimizer.step()
     sync()
     times.append(time.perf_counter() - t)
     print(f"step {step}: loss {loss.item():.4f} ({times[-1]:.3f} s)")

@@ -515,24 +515,24 @@ class Ours:
         self.make = AdamW if run.kind == "AdamW" else SGD
         self.params = [Parameter(a.copy()) for a in run.init]
         self.defaults = run.defaults
-        self.opt = self.make([{"params": [self.params[i] for i in numbers], **hyper}
+        self.optimizer = self.make([{"params": [self.params[i] for i in numbers], **hyper}
                               for numbers, hyper in run.groups], **run.defaults)
-        self.param_groups = self.opt.param_groups
+        self.param_groups = self.optimizer.param_groups
 
     def add_param_group(self, group):
-        self.opt.add_param_group(group)
+        self.optimizer.add_param_group(group)
 
     def round_trip(self):
-        again = self.make([{"params": list(g["params"])} for g in self.opt.param_groups],
+        again = self.make([{"params": list(g["params"])} for g in self.optimizer.param_groups],
                           **self.defaults)
-        again.load_state_dict(self.opt.state_dict())
-        self.opt, self.param_groups = again, again.param_groups
+        again.load_state_dict(self.optimizer.state_dict())
+        self.optimizer, self.param_groups = again, again.param_groups
 
     def clip(self, max_norm):
         clip_grad_norm_([p for g in self.param_groups for p in g["params"]], max_norm)
 
     def step(self):
-        self.opt.step()
+        self.optimizer.step()
 
 
 class Torch(Ours):
@@ -543,15 +543,15 @@ class Torch(Ours):
         self.make = torch.optim.AdamW if run.kind == "AdamW" else torch.optim.SGD
         self.params = [torch.tensor(a.copy(), requires_grad=True) for a in run.init]
         self.defaults = run.defaults
-        self.opt = self.make([{"params": [self.params[i] for i in numbers], **hyper}
+        self.optimizer = self.make([{"params": [self.params[i] for i in numbers], **hyper}
                               for numbers, hyper in run.groups], **run.defaults)
-        self.param_groups = self.opt.param_groups
+        self.param_groups = self.optimizer.param_groups
 
     def round_trip(self):
         # torch's state_dict() fails on the state of a parameter no longer in a group: drop it
         kept = {id(p) for g in self.param_groups for p in g["params"]}
-        for p in [p for p in self.opt.state if id(p) not in kept]:
-            del self.opt.state[p]
+        for p in [p for p in self.optimizer.state if id(p) not in kept]:
+            del self.optimizer.state[p]
         super().round_trip()
 
     def clip(self, max_norm):

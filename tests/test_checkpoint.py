@@ -15,28 +15,28 @@ from minirlhf.optim import AdamW, clip_grad_norm_, lr_schedule, param_groups
 CFG = GPTConfig(n_layer=2, n_embd=16, n_head=2, block_size=8, vocab_size=11)
 
 
-def train_steps(model, opt, data_rng, steps, start):
+def train_steps(model, optimizer, data_rng, steps, start):
     """A few real training steps; the batches come from ``data_rng``. Returns the losses."""
     losses = []
     for step in range(start, start + steps):
-        opt.lr = lr_schedule(step, 1e-2, warmup_steps=2, total_steps=6, min_lr=1e-3)
+        optimizer.lr = lr_schedule(step, 1e-2, warmup_steps=2, total_steps=6, min_lr=1e-3)
         idx = data_rng.integers(0, CFG.vocab_size, (4, CFG.block_size + 1))
         loss = F.cross_entropy(model(idx[:, :-1]), idx[:, 1:])
-        opt.zero_grad()
+        optimizer.zero_grad()
         loss.backward()
         clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        optimizer.step()
         losses.append(loss.item())
     return losses
 
 
 def test_round_trip_restores_weights_optimizer_step_rng_and_extra(tmp_path):
     model = GPT(CFG, seed=1)
-    opt = AdamW(param_groups(model), lr=1e-2)
+    optimizer = AdamW(param_groups(model), lr=1e-2)
     rng = np.random.default_rng(5)
-    train_steps(model, opt, rng, 2, 0)
+    train_steps(model, optimizer, rng, 2, 0)
     path = tmp_path / "ckpt.npz"
-    save_checkpoint(path, model, CFG, optimizer=opt, step=2, rng_state=rng,
+    save_checkpoint(path, model, CFG, optimizer=optimizer, step=2, rng_state=rng,
                     extra={"note": "hi", "losses": [1.5, 1.25], "table": np.arange(3)})
 
     ckpt = load_checkpoint(path)
@@ -47,7 +47,7 @@ def test_round_trip_restores_weights_optimizer_step_rng_and_extra(tmp_path):
     assert ckpt["extra"]["note"] == "hi" and ckpt["extra"]["losses"] == [1.5, 1.25]
     np.testing.assert_array_equal(ckpt["extra"]["table"], np.arange(3))
     assert rng_from_state(ckpt["rng_state"]).random() == rng.random()
-    saved = opt.state_dict()
+    saved = optimizer.state_dict()
     for i, s in saved["state"].items():
         assert ckpt["optimizer"]["state"][str(i)]["step"] == s["step"]
         np.testing.assert_array_equal(ckpt["optimizer"]["state"][str(i)]["v"], s["v"])
@@ -73,17 +73,17 @@ def test_resuming_from_a_checkpoint_continues_exactly(tmp_path):
     cfg = GPTConfig(**{**vars(CFG), "dropout": 0.1})       # dropout too: its RNG is saved as well
 
     model = GPT(cfg, seed=0)
-    opt = AdamW(param_groups(model), lr=1e-2)
-    straight = train_steps(model, opt, np.random.default_rng(42), 6, 0)
+    optimizer = AdamW(param_groups(model), lr=1e-2)
+    straight = train_steps(model, optimizer, np.random.default_rng(42), 6, 0)
 
     model = GPT(cfg, seed=0)
-    opt = AdamW(param_groups(model), lr=1e-2)
+    optimizer = AdamW(param_groups(model), lr=1e-2)
     data_rng = np.random.default_rng(42)
-    first = train_steps(model, opt, data_rng, 3, 0)
+    first = train_steps(model, optimizer, data_rng, 3, 0)
     path = tmp_path / "step3.npz"
-    save_checkpoint(path, model, cfg, optimizer=opt, step=3,
+    save_checkpoint(path, model, cfg, optimizer=optimizer, step=3,
                     rng_state={"data": data_rng, "dropout": model.dropout_rng})
-    del model, opt, data_rng
+    del model, optimizer, data_rng
 
     fresh = GPT(cfg, seed=123)                                # other weights, overwritten by the load
     fresh_opt = AdamW(param_groups(fresh), lr=5.0)

@@ -100,13 +100,13 @@ def test_an_adamw_step_costs_the_same_kernels_for_any_number_of_parameters(n_par
     no kernel."""
     def step_kernels(n):
         params = [Parameter(counted(3, 2, seed=i)) for i in range(n)]
-        opt = AdamW(params, lr=0.1)
+        optimizer = AdamW(params, lr=0.1)
         with count_ops.counting() as kernels:
             for _ in range(2):                         # the first step builds the state
                 kernels.clear()
                 for i, p in enumerate(params):
                     p.grad = counted(3, 2, seed=100 + i)
-                opt.step()
+                optimizer.step()
             return total(kernels)
 
     assert step_kernels(n_params + 1) == step_kernels(n_params) <= 20

@@ -145,13 +145,13 @@ def test_initialisation_follows_gpt2():
 
 def test_a_training_step_keeps_every_parameter_and_gradient_float32(rng):
     model = tiny(dtype="float32", dropout=0.1)
-    opt = AdamW(param_groups(model), lr=1e-3)
+    optimizer = AdamW(param_groups(model), lr=1e-3)
     idx = rng.integers(0, 11, (3, 9))
     loss = F.cross_entropy(model(idx[:, :-1]), idx[:, 1:])
     assert loss.dtype == np.float32
     loss.backward()
     assert all(p.grad.dtype == np.float32 for p in model.parameters())
-    opt.step()
+    optimizer.step()
     assert all(p.dtype == np.float32 for p in model.parameters())
 
 

@@ -24,7 +24,7 @@ def test_adamw_matches_a_hand_computed_reference_for_three_steps():
     w0, b0 = rng.standard_normal((3, 2)), rng.standard_normal(2)
     w, b = Parameter(w0.copy()), Parameter(b0.copy())
     lr, (beta1, beta2), eps, wd = 0.1, (0.9, 0.95), 1e-8, 0.1
-    opt = AdamW([{"params": [w], "weight_decay": wd}, {"params": [b], "weight_decay": 0.0}],
+    optimizer = AdamW([{"params": [w], "weight_decay": wd}, {"params": [b], "weight_decay": 0.0}],
                 lr=lr, betas=(beta1, beta2), eps=eps)
 
     ref = {"w": [w0.copy(), np.zeros_like(w0), np.zeros_like(w0), wd],
@@ -32,7 +32,7 @@ def test_adamw_matches_a_hand_computed_reference_for_three_steps():
     for t in range(1, 4):
         gw, gb = grads_for(t, [(3, 2), (2,)])
         w.grad, b.grad = gw.copy(), gb.copy()
-        opt.step()
+        optimizer.step()
         for key, g in (("w", gw), ("b", gb)):
             p, m, v, decay = ref[key]
             m = beta1 * m + (1 - beta1) * g
@@ -43,19 +43,19 @@ def test_adamw_matches_a_hand_computed_reference_for_three_steps():
             ref[key] = [p, m, v, decay]
         np.testing.assert_allclose(w.data, ref["w"][0], rtol=1e-12, atol=1e-14)
         np.testing.assert_allclose(b.data, ref["b"][0], rtol=1e-12, atol=1e-14)
-    assert opt.state[w]["step"] == 3
+    assert optimizer.state[w]["step"] == 3
 
 
 def test_adamw_updates_in_place_and_float32_stays_float32():
     w = Parameter(np.ones((4, 4), dtype=np.float32))
-    opt = AdamW([w], lr=1e-2)
+    optimizer = AdamW([w], lr=1e-2)
     arrays = []
     for t in range(3):
         w.grad = grads_for(t, [(4, 4)])[0].astype(np.float32)
-        opt.step()
+        optimizer.step()
         arrays.append(w.data)
     assert arrays[0] is arrays[1] is arrays[2] and w.dtype == np.float32   # after the first step
-    assert opt.state[w]["m"].dtype == np.float32 and opt.state[w]["v"].dtype == np.float32
+    assert optimizer.state[w]["m"].dtype == np.float32 and optimizer.state[w]["v"].dtype == np.float32
 
 
 SHAPES = [(3, 4), (4,), (4, 2), (2,), (5, 3), (3,), (1,), (2, 2, 2)]
@@ -81,7 +81,7 @@ def test_a_group_updated_as_one_vector_equals_each_parameter_updated_alone(devic
     in step 3 two parameters have no gradient: they and their state stay as they were."""
     make = MAKERS[name]
     together, alone = _params(device), _params(device)
-    opt = make([{"params": together[:5], "weight_decay": 0.1},
+    optimizer = make([{"params": together[:5], "weight_decay": 0.1},
                 {"params": together[5:], "weight_decay": 0.0}], 0)
     singles = [make([p], 0.1 if i < 5 else 0.0) for i, p in enumerate(alone)]
     for t in range(1, 6):
@@ -89,7 +89,7 @@ def test_a_group_updated_as_one_vector_equals_each_parameter_updated_alone(devic
         for params in (together, alone):
             _set_grads(params, t, skip)
         before = [to_numpy(p.data).copy() for p in together]
-        opt.step()
+        optimizer.step()
         for single, p in zip(singles, alone):
             if p.grad is not None:
                 single.step()
@@ -98,45 +98,46 @@ def test_a_group_updated_as_one_vector_equals_each_parameter_updated_alone(devic
             if i in skip:
                 np.testing.assert_array_equal(to_numpy(a.data), before[i])
             for k, v in singles[i].state[b].items():
-                np.testing.assert_array_equal(to_numpy(opt.state[a][k]), to_numpy(v))
+                np.testing.assert_array_equal(to_numpy(optimizer.state[a][k]), to_numpy(v))
 
 
 def test_each_parameters_state_is_its_slice_of_the_groups_vector():
     params = _params("cpu")
-    opt = AdamW(params, lr=0.1)
+    optimizer = AdamW(params, lr=0.1)
     _set_grads(params, 1)
-    opt.step()
-    m = opt.state[params[2]]["m"]
-    assert m.shape == params[2].shape and np.shares_memory(m, opt.state[params[0]]["m"].base)
+    optimizer.step()
+    m = optimizer.state[params[2]]["m"]
+    assert m.shape == params[2].shape and np.shares_memory(m, optimizer.state[params[0]]["m"].base)
     m_before = m.copy()
     _set_grads(params, 2)
-    opt.step()                                  # the update writes through to the slice
-    assert not np.array_equal(opt.state[params[2]]["m"], m_before) and opt.state[params[2]]["m"] is m
+    optimizer.step()                                  # the update writes through to the slice
+    m_after = optimizer.state[params[2]]["m"]
+    assert not np.array_equal(m_after, m_before) and m_after is m
 
 
 def test_the_parameters_become_views_of_one_vector_that_the_update_writes_into():
     params = _params("cpu")
-    opt = AdamW(params, lr=0.1)
+    optimizer = AdamW(params, lr=0.1)
     _set_grads(params, 1)
-    opt.step()
+    optimizer.step()
     vector = params[0].data.base
     assert all(p.data.base is vector for p in params)
     assert vector.size == sum(p.size for p in params)
     arrays = [p.data for p in params]
     _set_grads(params, 2)
-    opt.step()                                  # no copies: the same arrays, new values
+    optimizer.step()                                  # no copies: the same arrays, new values
     assert all(p.data is a for p, a in zip(params, arrays))
 
 
 def _step_with_one_adamw_per_parameter(together, alone, steps, before_step=lambda t: None):
     """Step AdamW on ``together`` and one AdamW per parameter on ``alone`` (same parameters and
     gradients); both sides must give the same numbers."""
-    opt, singles = AdamW(together, lr=0.1), [AdamW([p], lr=0.1) for p in alone]
+    optimizer, singles = AdamW(together, lr=0.1), [AdamW([p], lr=0.1) for p in alone]
     for t in range(1, steps + 1):
         before_step(t)
         for params in (together, alone):
             _set_grads(params, t)
-        opt.step()
+        optimizer.step()
         for single in singles:
             single.step()
         for a, b in zip(together, alone):
@@ -167,10 +168,10 @@ def test_an_empty_group_is_allowed(name):
     layer = Linear(3, 2, bias=False, rng=np.random.default_rng(0))
     groups = param_groups(layer, weight_decay=0.1)
     assert [len(g["params"]) for g in groups] == [1, 0]
-    opt = MAKERS[name](groups, 0.1)
+    optimizer = MAKERS[name](groups, 0.1)
     before = layer.weight.data.copy()
     layer(mr.tensor(np.ones((4, 3), dtype=np.float32))).sum().backward()
-    opt.step()
+    optimizer.step()
     assert not np.array_equal(layer.weight.data, before)
 
 
@@ -213,12 +214,12 @@ def test_removing_a_parameter_leaves_the_others_state_as_it_was(path):
     """The issue's reproduction: b was handed a's moments when a left the group."""
     a, b = Parameter(np.zeros(2)), Parameter(np.zeros(2))
     frozen = [Parameter(np.ones(2))] if path == "per parameter" else []
-    opt = AdamW([a, b] + frozen, lr=0.1, weight_decay=0.0)
+    optimizer = AdamW([a, b] + frozen, lr=0.1, weight_decay=0.0)
     a.grad, b.grad = np.full(2, 100.0), np.full(2, 1.0)
-    opt.step()
-    opt.param_groups[0]["params"].remove(a)
+    optimizer.step()
+    optimizer.param_groups[0]["params"].remove(a)
     b.grad = np.full(2, 1.0)
-    opt.step()
+    optimizer.step()
     np.testing.assert_allclose(b.data, [-0.19999999799999935] * 2, rtol=1e-13)  # torch.optim.AdamW
     assert frozen == [] or frozen[0].data.tolist() == [1.0, 1.0]
 
@@ -239,17 +240,17 @@ def edit_the_groups_between_steps(name, path, stop_after=4):
     d added with its own lr; step 4. Returns the parameters a, b, c, d and the optimizer."""
     a, b, c, d = (Parameter(np.array(v)) for v in ([1.0, 2.0], [-1.0, 0.5], [0.3, -0.7], [2.0, -2.0]))
     frozen = [Parameter(np.full(2, 9.0))] if path == "per parameter" else []
-    opt = EDIT_MAKERS[name]([a, b] + frozen)
-    edits = {2: lambda: opt.param_groups[0]["params"].remove(a),
-             3: lambda: (opt.param_groups[0]["params"].insert(0, c),
-                         opt.param_groups[0]["params"].append(a)),
-             4: lambda: opt.add_param_group({"params": [d], "lr": 0.05})}
+    optimizer = EDIT_MAKERS[name]([a, b] + frozen)
+    edits = {2: lambda: optimizer.param_groups[0]["params"].remove(a),
+             3: lambda: (optimizer.param_groups[0]["params"].insert(0, c),
+                         optimizer.param_groups[0]["params"].append(a)),
+             4: lambda: optimizer.add_param_group({"params": [d], "lr": 0.05})}
     for t in range(1, stop_after + 1):
         edits.get(t, lambda: None)()
         for i, p in enumerate((a, b, c, d)):
             p.grad = np.array([1.0 + t * i, -2.0 * t + i * i]) * (10.0 if (t, i) == (1, 0) else 1.0)
-        opt.step()
-    return (a, b, c, d), opt
+        optimizer.step()
+    return (a, b, c, d), optimizer
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -262,16 +263,16 @@ def test_removing_appending_reordering_and_adding_a_group_give_torchs_numbers(na
 
 @pytest.mark.parametrize("name", sorted(EDIT_MAKERS))
 def test_the_state_after_edits_round_trips_through_state_dict(name):
-    (a, b, c, d), opt = edit_the_groups_between_steps(name, "one vector", stop_after=3)
+    (a, b, c, d), optimizer = edit_the_groups_between_steps(name, "one vector", stop_after=3)
     twins = {p: Parameter(p.data.copy()) for p in (a, b, c, d)}
-    again = EDIT_MAKERS[name]([twins[p] for p in opt.param_groups[0]["params"]])
-    again.load_state_dict(opt.state_dict())
-    assert set(opt.state_dict()["state"]) == {0, 1, 2}      # c, b and a, in the group's order
-    opt.add_param_group({"params": [d], "lr": 0.05})
+    again = EDIT_MAKERS[name]([twins[p] for p in optimizer.param_groups[0]["params"]])
+    again.load_state_dict(optimizer.state_dict())
+    assert set(optimizer.state_dict()["state"]) == {0, 1, 2}      # c, b and a, in the group's order
+    optimizer.add_param_group({"params": [d], "lr": 0.05})
     again.add_param_group({"params": [twins[d]], "lr": 0.05})
     for p in (a, b, c, d):
         p.grad = twins[p].grad = np.array([0.5, -1.5])
-    opt.step()
+    optimizer.step()
     again.step()
     for p in (a, b, c, d):
         np.testing.assert_array_equal(p.data, twins[p].data)
@@ -280,27 +281,27 @@ def test_the_state_after_edits_round_trips_through_state_dict(name):
 def test_a_parameter_moved_to_another_group_keeps_its_state():
     a, b = Parameter(np.zeros(2)), Parameter(np.zeros(2))
     twin_a, twin_b = Parameter(np.zeros(2)), Parameter(np.zeros(2))
-    opt = AdamW([{"params": [a, b]}, {"params": [], "lr": 0.1}], lr=0.1)
+    optimizer = AdamW([{"params": [a, b]}, {"params": [], "lr": 0.1}], lr=0.1)
     alone = [AdamW([twin_a], lr=0.1), AdamW([twin_b], lr=0.1)]
     for t in range(1, 4):
         if t == 2:
-            opt.param_groups[0]["params"].remove(b)
-            opt.param_groups[1]["params"].append(b)
+            optimizer.param_groups[0]["params"].remove(b)
+            optimizer.param_groups[1]["params"].append(b)
         for p, twin, g in ((a, twin_a, 3.0 * t), (b, twin_b, -1.0 / t)):
             p.grad, twin.grad = np.full(2, g), np.full(2, g)
-        opt.step()
+        optimizer.step()
         for single in alone:
             single.step()
     np.testing.assert_array_equal(a.data, twin_a.data)
     np.testing.assert_array_equal(b.data, twin_b.data)
-    assert opt.state[b]["step"] == 3
+    assert optimizer.state[b]["step"] == 3
 
 
 def test_a_parameter_in_two_groups_is_refused_by_add_param_group():
     p = Parameter(np.zeros(1))
-    opt = SGD([p], lr=0.1)
+    optimizer = SGD([p], lr=0.1)
     with pytest.raises(ValueError, match="more than one"):
-        opt.add_param_group({"params": [p]})
+        optimizer.add_param_group({"params": [p]})
 
 
 # ===================================================================================================
@@ -314,7 +315,7 @@ ZERO_D_SHAPES = [(), (3,), (), (1,), (2, 2)]
 def test_0d_parameters_are_updated_as_by_one_optimizer_each(name, path):
     make = MAKERS[name]
     together, alone = _params("cpu", np.float64, ZERO_D_SHAPES), _params("cpu", np.float64, ZERO_D_SHAPES)
-    opt, singles = make(together, 0.1), [make([p], 0.1) for p in alone]
+    optimizer, singles = make(together, 0.1), [make([p], 0.1) for p in alone]
     skip = (3,) if path == "per parameter" else ()
     for t in range(1, 5):
         if t == 3:                                   # np.float64 * 0.5 is a NumPy scalar
@@ -324,7 +325,7 @@ def test_0d_parameters_are_updated_as_by_one_optimizer_each(name, path):
             _set_grads(params, t, skip)
         clip_grad_norm_(together, 1.0)
         clip_grad_norm_(alone, 1.0)
-        opt.step()
+        optimizer.step()
         for single, p in zip(singles, alone):
             if p.grad is not None:
                 single.step()
@@ -358,10 +359,10 @@ def test_param_groups_decay_only_matrices_that_are_not_embeddings():
 
     # with zero gradients only the decay moves the weights: p <- p (1 - lr wd) or not at all
     before = net.state_dict()
-    opt = AdamW(param_groups(net, 0.1), lr=0.5)
+    optimizer = AdamW(param_groups(net, 0.1), lr=0.5)
     for p in net.parameters():
         p.grad = np.zeros_like(p.data)
-    opt.step()
+    optimizer.step()
     np.testing.assert_allclose(net.fc.weight.data, before["fc.weight"] * (1 - 0.5 * 0.1), rtol=1e-6)
     for name in ("emb.weight", "fc.bias", "ln.weight", "ln.bias"):
         np.testing.assert_array_equal(net.state_dict()[name], before[name])
@@ -382,12 +383,12 @@ def test_sgd_with_momentum_and_weight_decay_matches_the_reference():
     rng = np.random.default_rng(1)
     p0 = rng.standard_normal(5)
     p = Parameter(p0.copy())
-    opt = SGD([p], lr=0.1, momentum=0.9, weight_decay=0.01)
+    optimizer = SGD([p], lr=0.1, momentum=0.9, weight_decay=0.01)
     ref, buf = p0.copy(), None
     for t in range(4):
         g = grads_for(t, [(5,)])[0]
         p.grad = g.copy()
-        opt.step()
+        optimizer.step()
         d = g + 0.01 * ref
         buf = d if buf is None else 0.9 * buf + d
         ref = ref - 0.1 * buf
@@ -427,10 +428,10 @@ def test_lr_schedule_warms_up_linearly_then_decays_by_cosine_to_min():
 
 def test_setting_lr_sets_every_group():
     a, b = Parameter(np.zeros(2)), Parameter(np.zeros((2, 2)))
-    opt = AdamW([{"params": [a]}, {"params": [b], "lr": 5.0}], lr=1.0)
-    assert [g["lr"] for g in opt.param_groups] == [1.0, 5.0]
-    opt.lr = 0.25
-    assert opt.lr == 0.25 and [g["lr"] for g in opt.param_groups] == [0.25, 0.25]
+    optimizer = AdamW([{"params": [a]}, {"params": [b], "lr": 5.0}], lr=1.0)
+    assert [g["lr"] for g in optimizer.param_groups] == [1.0, 5.0]
+    optimizer.lr = 0.25
+    assert optimizer.lr == 0.25 and [g["lr"] for g in optimizer.param_groups] == [0.25, 0.25]
 
 
 @pytest.mark.parametrize("make", [lambda ps: AdamW(ps, lr=0.1, weight_decay=0.1),
@@ -461,13 +462,13 @@ def test_state_round_trip_gives_identical_next_steps(make):
 
 def test_state_dict_holds_numpy_copies():
     p = Parameter(np.ones(2, np.float32))
-    opt = AdamW([p], lr=0.1)
+    optimizer = AdamW([p], lr=0.1)
     p.grad = np.ones(2, np.float32)
-    opt.step()
-    sd = opt.state_dict()
+    optimizer.step()
+    sd = optimizer.state_dict()
     assert sd["state"][0]["step"] == 1 and isinstance(sd["state"][0]["m"], np.ndarray)
     sd["state"][0]["m"][:] = 99
-    assert opt.state[p]["m"][0] != 99
+    assert optimizer.state[p]["m"][0] != 99
     assert sd["param_groups"][0]["betas"] == [0.9, 0.95] and sd["param_groups"][0]["params"] == [0]
 
 

@@ -126,12 +126,12 @@ def test_plain_adamw_step_equals_the_optimizer(rng, weight_decay):
     params = [Parameter(rng.standard_normal(s)) for s in shapes]
     plain = [(p.data.copy(), np.zeros(s), np.zeros(s)) for p, s in zip(params, shapes)]
     hyper = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay)
-    opt = AdamW(params, **hyper)
+    optimizer = AdamW(params, **hyper)
     for t in range(1, 4):
         grads = [rng.standard_normal(s) for s in shapes]
         for p, g in zip(params, grads):
             p.grad = g
-        opt.step()
+        optimizer.step()
         plain = [R.adamw_step(p, g, m, v, t, **hyper) for (p, m, v), g in zip(plain, grads)]
         for p, (p_plain, _, _) in zip(params, plain):
             np.testing.assert_allclose(p.data, p_plain, rtol=TOL, atol=TOL)

@@ -36,14 +36,14 @@ from ..losses import check_beta
 from ..tensor import Tensor
 
 
-def opt(default, help, **extra):
+def option(default, help, **extra):
     """A config field with its command-line help (``choices=[...]`` restricts its values)."""
     return field(default=default, metadata={"help": help, **extra})
 
 
-def overwrite_opt():
+def overwrite_option():
     """The ``overwrite`` field every trainer's config has (see `minirlhf.train.run.Run`)."""
-    return opt(False, "replace a finished run, or a run of other settings or inputs, in out_dir "
+    return option(False, "replace a finished run, or a run of other settings or inputs, in out_dir "
                       "(an unfinished run of the same settings is resumed)")
 
 

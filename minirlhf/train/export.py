@@ -14,20 +14,20 @@ from dataclasses import dataclass
 from ..checkpoint import load_model, save_checkpoint, tokenizer_for
 from ..hf import load_gpt2, save_gpt2
 from ..tokenizer import BPETokenizer
-from .common import opt
+from .common import option
 
 
 @dataclass
 class ExportConfig:
-    ckpt: str = opt("", "a minirlhf checkpoint (.npz): a GPT or a RewardModel", required=True)
-    out: str = opt("", "the Hugging Face GPT-2 folder to write", required=True)
+    ckpt: str = option("", "a minirlhf checkpoint (.npz): a GPT or a RewardModel", required=True)
+    out: str = option("", "the Hugging Face GPT-2 folder to write", required=True)
 
 
 @dataclass
 class ImportConfig:
-    hf: str = opt("", "a Hugging Face GPT-2 folder (config.json, model.safetensors, vocab.json, "
+    hf: str = option("", "a Hugging Face GPT-2 folder (config.json, model.safetensors, vocab.json, "
                       "merges.txt)", required=True)
-    out: str = opt("", "the minirlhf checkpoint (.npz) to write", required=True)
+    out: str = option("", "the minirlhf checkpoint (.npz) to write", required=True)
 
 
 def export(cfg):

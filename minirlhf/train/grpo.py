@@ -30,41 +30,41 @@ from ..losses import group_advantages, grpo_loss
 from ..optim import AdamW, param_groups
 from ..tensor import no_grad
 from .common import (batch_tensor, check_common, check_context, config_summary, first_non_finite,
-                     load_policy, opt, overwrite_opt, require)
+                     load_policy, option, overwrite_option, require)
 from .rl import Rewarder, sample_batch
 from .run import Run
 
 
 @dataclass
 class GRPOConfig:
-    prompts: str = opt("", "JSONL of {\"prompt\"} records", required=True)
-    init: str = opt("runs/sft/ckpt.npz", "the policy to start from; also the frozen reference p_ref")
-    reward_model: str | None = opt(None, "a reward-model checkpoint (from `minirlhf reward`)")
-    reward_fn: str | None = opt(None, "or a reward function 'module:function' or 'file.py:function' "
+    prompts: str = option("", "JSONL of {\"prompt\"} records", required=True)
+    init: str = option("runs/sft/ckpt.npz", "the policy to start from; also the frozen reference p_ref")
+    reward_model: str | None = option(None, "a reward-model checkpoint (from `minirlhf reward`)")
+    reward_fn: str | None = option(None, "or a reward function 'module:function' or 'file.py:function' "
                                       "taking (prompt, completion) -> float")
-    out_dir: str = opt("runs/grpo", "where metrics.jsonl and ckpt.npz go")
-    num_generations: int = opt(4, "G, completions sampled per prompt (one group)")
-    scale_rewards: str = opt("group", "divide the advantages by the std of the group, the batch, "
+    out_dir: str = option("runs/grpo", "where metrics.jsonl and ckpt.npz go")
+    num_generations: int = option(4, "G, completions sampled per prompt (one group)")
+    scale_rewards: str = option("group", "divide the advantages by the std of the group, the batch, "
                                       "or not at all (Dr. GRPO)", choices=["group", "batch", "none"])
-    loss_type: str = opt("grpo", "how tokens are averaged (see losses.aggregate_tokens)",
+    loss_type: str = option("grpo", "how tokens are averaged (see losses.aggregate_tokens)",
                          choices=["grpo", "bnpo", "dr_grpo", "dapo"])
-    num_iterations: int = opt(1, "μ, optimiser steps on each generation batch")
-    beta: float = opt(0.0, "β, the weight of k3 to the reference in the loss (0: no reference)")
-    epsilon_low: float = opt(0.2, "the clip's lower side, ρ >= 1 - ε_low")
-    epsilon_high: float | None = opt(None, "the clip's upper side, ρ <= 1 + ε_high (default ε_low; "
-                                           "DAPO: 0.28)")
-    mask_truncated_completions: bool = opt(False, "leave completions cut at max_new_tokens out of "
+    num_iterations: int = option(1, "μ, optimiser steps on each generation batch")
+    beta: float = option(0.0, "β, the weight of k3 to the reference in the loss (0: no reference)")
+    epsilon_low: float = option(0.2, "the clip's lower side, ρ >= 1 - ε_low")
+    epsilon_high: float | None = option(None, "the clip's upper side, ρ <= 1 + ε_high "
+                                              "(default ε_low; DAPO: 0.28)")
+    mask_truncated_completions: bool = option(False, "leave completions cut at max_new_tokens out of "
                                                   "the loss")
-    prompts_per_step: int = opt(8, "prompts per generation batch")
-    max_new_tokens: int = opt(48, "longest completion, in tokens")
-    max_steps: int = opt(100, "optimisation steps")
-    lr: float = opt(1e-4, "learning rate")
-    grad_clip: float = opt(1.0, "clip the global gradient norm (0: no clipping)")
-    ckpt_interval: int = opt(50, "write a checkpoint every N steps (and at the end)")
-    seed: int = opt(0, "seed of the prompts and the sampling")
-    overwrite: bool = overwrite_opt()
-    device: str = opt("cpu", "cpu (NumPy) or cuda (CuPy)", choices=["cpu", "cuda"])
-    quiet: bool = opt(False, "no progress bar or messages")
+    prompts_per_step: int = option(8, "prompts per generation batch")
+    max_new_tokens: int = option(48, "longest completion, in tokens")
+    max_steps: int = option(100, "optimisation steps")
+    lr: float = option(1e-4, "learning rate")
+    grad_clip: float = option(1.0, "clip the global gradient norm (0: no clipping)")
+    ckpt_interval: int = option(50, "write a checkpoint every N steps (and at the end)")
+    seed: int = option(0, "seed of the prompts and the sampling")
+    overwrite: bool = overwrite_option()
+    device: str = option("cpu", "cpu (NumPy) or cuda (CuPy)", choices=["cpu", "cuda"])
+    quiet: bool = option(False, "no progress bar or messages")
 
     @property
     def samples_per_prompt(self):

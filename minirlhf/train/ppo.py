@@ -43,52 +43,55 @@ from ..model import GPT, RewardModel, ValueModel
 from ..optim import AdamW, clip_grad_norm_, param_groups
 from ..tensor import no_grad
 from .common import (batch_tensor, check_common, check_context, config_summary, first_non_finite,
-                     load_policy, opt, overwrite_opt, require)
+                     load_policy, option, overwrite_option, require)
 from .rl import Rewarder, sample_batch
 from .run import Run
 
 
 @dataclass
 class PPOConfig:
-    prompts: str = opt("", "JSONL of {\"prompt\"} records", required=True)
-    init: str = opt("runs/sft/ckpt.npz", "the policy to start from; also the frozen reference p_ref")
-    reward_model: str | None = opt(None, "a reward-model checkpoint (from `minirlhf reward`); the "
+    prompts: str = option("", "JSONL of {\"prompt\"} records", required=True)
+    init: str = option("runs/sft/ckpt.npz", "the policy to start from; also the frozen reference p_ref")
+    reward_model: str | None = option(None, "a reward-model checkpoint (from `minirlhf reward`); the "
                                          "value model starts as a copy of it")
-    reward_fn: str | None = opt(None, "or a reward function 'module:function' or 'file.py:function' "
+    reward_fn: str | None = option(None, "or a reward function 'module:function' or 'file.py:function' "
                                       "taking (prompt, completion) -> float")
-    value_model: str | None = opt(None, "start the value model from this checkpoint instead (a "
+    value_model: str | None = option(None, "start the value model from this checkpoint instead (a "
                                         "ValueModel, a RewardModel or a GPT trunk)")
-    out_dir: str = opt("runs/ppo", "where metrics.jsonl, ckpt.npz (policy) and value.npz go")
-    beta: float = opt(0.1, "β, the weight of the per-token KL penalty (the start value with target_kl)")
-    kl_estimator: str = opt("k1", "the per-token KL in the reward", choices=["k1", "k2", "k3"])
-    target_kl: float | None = opt(None, "adaptive KL controller: move β so that KL per completion "
+    out_dir: str = option("runs/ppo", "where metrics.jsonl, ckpt.npz (policy) and value.npz go")
+    beta: float = option(0.1, "β, the weight of the per-token KL penalty (the start value with "
+                              "target_kl)")
+    kl_estimator: str = option("k1", "the per-token KL in the reward", choices=["k1", "k2", "k3"])
+    target_kl: float | None = option(None, "adaptive KL controller: move β so that KL per completion "
                                         "stays near this (nats; default: β fixed)")
-    kl_horizon: int = opt(10000, "the adaptive controller's horizon, in samples")
-    prompts_per_step: int = opt(8, "prompts per rollout")
-    samples_per_prompt: int = opt(4, "completions sampled per prompt")
-    max_new_tokens: int = opt(48, "longest completion, in tokens")
-    max_steps: int = opt(100, "PPO iterations (rollout, then the epochs over it)")
-    ppo_epochs: int = opt(4, "passes over each rollout")
-    num_minibatches: int = opt(1, "minibatches per pass; must divide prompts_per_step x "
+    kl_horizon: int = option(10000, "the adaptive controller's horizon, in samples")
+    prompts_per_step: int = option(8, "prompts per rollout")
+    samples_per_prompt: int = option(4, "completions sampled per prompt")
+    max_new_tokens: int = option(48, "longest completion, in tokens")
+    max_steps: int = option(100, "PPO iterations (rollout, then the epochs over it)")
+    ppo_epochs: int = option(4, "passes over each rollout")
+    num_minibatches: int = option(1, "minibatches per pass; must divide prompts_per_step x "
                                   "samples_per_prompt")
-    cliprange: float = opt(0.2, "ε of the clipped surrogate: ρ is clipped to [1-ε, 1+ε]")
-    cliprange_value: float = opt(0.2, "c of the clipped value loss: V is clipped to V_old ± c")
-    vf_coef: float = opt(0.1, "weight of the value loss")
-    entropy_coef: float = opt(0.0, "weight of the entropy bonus (0: none)")
-    gamma: float = opt(1.0, "discount γ of GAE")
-    lam: float = opt(0.95, "λ of GAE (1: reward-to-go minus V; 0: one-step TD error)")
-    ptx_coef: float = opt(0.0, "PPO-ptx: weight γ of the pretraining loss added to each update (0: off)")
-    ptx_data: str | None = opt(None, "PPO-ptx text: a .txt file or a folder; default the built-in corpus")
-    ptx_batch_size: int = opt(8, "PPO-ptx: text windows per update")
-    missing_eos_penalty: float | None = opt(None, "subtract this from the score of a completion that "
+    cliprange: float = option(0.2, "ε of the clipped surrogate: ρ is clipped to [1-ε, 1+ε]")
+    cliprange_value: float = option(0.2, "c of the clipped value loss: V is clipped to V_old ± c")
+    vf_coef: float = option(0.1, "weight of the value loss")
+    entropy_coef: float = option(0.0, "weight of the entropy bonus (0: none)")
+    gamma: float = option(1.0, "discount γ of GAE")
+    lam: float = option(0.95, "λ of GAE (1: reward-to-go minus V; 0: one-step TD error)")
+    ptx_coef: float = option(0.0, "PPO-ptx: weight γ of the pretraining loss added to each update "
+                                  "(0: off)")
+    ptx_data: str | None = option(None, "PPO-ptx text: a .txt file or a folder; default the built-in "
+                                        "corpus")
+    ptx_batch_size: int = option(8, "PPO-ptx: text windows per update")
+    missing_eos_penalty: float | None = option(None, "subtract this from the score of a completion that "
                                                   "never ended (hit max_new_tokens)")
-    lr: float = opt(1e-4, "learning rate of the policy and the value model")
-    grad_clip: float = opt(1.0, "clip the global gradient norm of both models (0: no clipping)")
-    ckpt_interval: int = opt(50, "write checkpoints every N iterations (and at the end)")
-    seed: int = opt(0, "seed of the prompts, the sampling and the minibatches")
-    overwrite: bool = overwrite_opt()
-    device: str = opt("cpu", "cpu (NumPy) or cuda (CuPy)", choices=["cpu", "cuda"])
-    quiet: bool = opt(False, "no progress bar or messages")
+    lr: float = option(1e-4, "learning rate of the policy and the value model")
+    grad_clip: float = option(1.0, "clip the global gradient norm of both models (0: no clipping)")
+    ckpt_interval: int = option(50, "write checkpoints every N iterations (and at the end)")
+    seed: int = option(0, "seed of the prompts, the sampling and the minibatches")
+    overwrite: bool = overwrite_option()
+    device: str = option("cpu", "cpu (NumPy) or cuda (CuPy)", choices=["cpu", "cuda"])
+    quiet: bool = option(False, "no progress bar or messages")
 
 
 def check(cfg):
@@ -221,11 +224,13 @@ def _train(cfg, run, metrics_fn):
         require(len(ptx_tokens) > policy.config.block_size + 1,
                 f"ptx_data is too short for block_size {policy.config.block_size}")
     rng = np.random.default_rng(cfg.seed)          # the sampling, the minibatches, the ptx windows
-    policy_opt = AdamW(param_groups(policy, 0.0), lr=cfg.lr)
-    value_opt = AdamW(param_groups(value, 0.0), lr=cfg.lr)
+    policy_optimizer = AdamW(param_groups(policy, 0.0), lr=cfg.lr)
+    value_optimizer = AdamW(param_groups(value, 0.0), lr=cfg.lr)
     kl_ctl = KLController(cfg)
-    start = run.restore(policy, policy_opt, rngs={"sampling": rng, "value_dropout": value.dropout_rng},
-                        also={"value": value, "value_optimizer": value_opt, "kl_controller": kl_ctl})
+    start = run.restore(policy, policy_optimizer,
+                        rngs={"sampling": rng, "value_dropout": value.dropout_rng},
+                        also={"value": value, "value_optimizer": value_optimizer,
+                              "kl_controller": kl_ctl})
     prompts = Minibatches([r["prompt"] for r in records], cfg.prompts_per_step, seed=cfg.seed)
     run.print(f"ppo: {len(records)} prompts from {cfg.prompts}\n{config_summary(cfg)}")
     n = cfg.prompts_per_step * cfg.samples_per_prompt
@@ -243,7 +248,8 @@ def _train(cfg, run, metrics_fn):
             order = rng.permutation(n)
             for i in range(0, n, size):
                 mb = np.sort(order[i:i + size])
-                stats.append(update(run, policy, value, policy_opt, value_opt, r, mb, cfg, ptx_tokens, rng))
+                stats.append(update(run, policy, value, policy_optimizer, value_optimizer, r, mb, cfg,
+                                    ptx_tokens, rng))
 
         kl_mean = float(r["kl"].mean())
         # TRL's names and definitions: objective/entropy is the mean of -log p_old(y|x) per completion
@@ -271,7 +277,7 @@ def _train(cfg, run, metrics_fn):
                       f"score {last.get('objective/scores'):.3f}, kl {last.get('objective/kl'):.3f}")
 
 
-def update(run, policy, value, policy_opt, value_opt, r, mb, cfg, ptx_tokens, rng):
+def update(run, policy, value, policy_optimizer, value_optimizer, r, mb, cfg, ptx_tokens, rng):
     """One gradient step of PPO's loss on the rows ``mb`` of the rollout ``r``; returns its metrics.
 
     Both models step together on one loss, so this is `Run.update` by hand: the loss and the
@@ -295,14 +301,14 @@ def update(run, policy, value, policy_opt, value_opt, r, mb, cfg, ptx_tokens, rn
         loss = loss + cfg.ptx_coef * ptx
     run.check_finite(f"loss (policy {pg_loss.item():.4g}, value {vf_loss.item():.4g})", loss.item())
 
-    policy_opt.zero_grad()
-    value_opt.zero_grad()
+    policy_optimizer.zero_grad()
+    value_optimizer.zero_grad()
     loss.backward()
     params = list(policy.parameters()) + list(value.parameters())
     grad_norm = clip_grad_norm_(params, cfg.grad_clip or math.inf)      # the norm before clipping
     run.check_finite("gradient norm", grad_norm)
-    policy_opt.step()
-    value_opt.step()
+    policy_optimizer.step()
+    value_optimizer.step()
     with no_grad():
         ratio = np.exp(to_numpy(logp.data).astype(np.float64) - r["old_logp"][mb])
     return {"policy/approxkl_avg": pm["approxkl"], "policy/clipfrac_avg": pm["clipfrac"],

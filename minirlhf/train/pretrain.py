@@ -18,34 +18,34 @@ from ..model import GPT, GPTConfig, generate
 from ..optim import AdamW, lr_schedule, param_groups
 from ..tensor import no_grad
 from ..tokenizer import ByteTokenizer
-from .common import batch_tensor, check_common, config_summary, opt, overwrite_opt, require
+from .common import batch_tensor, check_common, config_summary, option, overwrite_option, require
 from .run import Run
 
 
 @dataclass
 class PretrainConfig:
-    data: str | None = opt(None, "a .txt file or a folder of them; default: the built-in Shakespeare")
-    out_dir: str = opt("runs/pretrain", "where metrics.jsonl and checkpoints go")
-    n_layer: int = opt(4, "transformer blocks")
-    n_head: int = opt(4, "attention heads")
-    n_embd: int = opt(128, "width of the residual stream")
-    block_size: int = opt(128, "context length in tokens (bytes)")
-    dropout: float = opt(0.0, "dropout probability")
-    batch_size: int = opt(16, "windows per step")
-    max_steps: int = opt(1500, "optimisation steps")
-    lr: float = opt(3e-3, "peak learning rate")
-    min_lr: float = opt(3e-4, "learning rate at the end of the cosine decay")
-    warmup_steps: int = opt(100, "steps of linear warm-up")
-    weight_decay: float = opt(0.1, "AdamW's decoupled weight decay (weight matrices only)")
-    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: no clipping)")
-    eval_interval: int = opt(250, "estimate the validation loss every N steps")
-    eval_batches: int = opt(8, "batches in each validation estimate")
-    sample_interval: int = opt(1000, "print a sample every N steps (0: never)")
-    ckpt_interval: int = opt(500, "write a checkpoint every N steps (and at the end)")
-    seed: int = opt(1337, "seed of the weights and the batches")
-    device: str = opt("cpu", "cpu (NumPy) or cuda (CuPy)", choices=["cpu", "cuda"])
-    overwrite: bool = overwrite_opt()
-    quiet: bool = opt(False, "no progress bar or messages")
+    data: str | None = option(None, "a .txt file or a folder of them; default: the built-in Shakespeare")
+    out_dir: str = option("runs/pretrain", "where metrics.jsonl and checkpoints go")
+    n_layer: int = option(4, "transformer blocks")
+    n_head: int = option(4, "attention heads")
+    n_embd: int = option(128, "width of the residual stream")
+    block_size: int = option(128, "context length in tokens (bytes)")
+    dropout: float = option(0.0, "dropout probability")
+    batch_size: int = option(16, "windows per step")
+    max_steps: int = option(1500, "optimisation steps")
+    lr: float = option(3e-3, "peak learning rate")
+    min_lr: float = option(3e-4, "learning rate at the end of the cosine decay")
+    warmup_steps: int = option(100, "steps of linear warm-up")
+    weight_decay: float = option(0.1, "AdamW's decoupled weight decay (weight matrices only)")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0: no clipping)")
+    eval_interval: int = option(250, "estimate the validation loss every N steps")
+    eval_batches: int = option(8, "batches in each validation estimate")
+    sample_interval: int = option(1000, "print a sample every N steps (0: never)")
+    ckpt_interval: int = option(500, "write a checkpoint every N steps (and at the end)")
+    seed: int = option(1337, "seed of the weights and the batches")
+    device: str = option("cpu", "cpu (NumPy) or cuda (CuPy)", choices=["cpu", "cuda"])
+    overwrite: bool = overwrite_option()
+    quiet: bool = option(False, "no progress bar or messages")
 
 
 def check(cfg):

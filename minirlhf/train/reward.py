@@ -20,29 +20,30 @@ from ..model import RewardModel
 from ..optim import AdamW, lr_schedule, param_groups
 from ..tensor import no_grad
 from .common import (batch_tensor, check_common, config_summary, distinct_pairs, encode_rows,
-                     load_policy, opt, overwrite_opt, split_holdout, weighted_means)
+                     load_policy, option, overwrite_option, split_holdout, weighted_means)
 from .run import Run
 
 
 @dataclass
 class RewardConfig:
-    data: str = opt("", "JSONL of {\"prompt\", \"chosen\", \"rejected\"} records", required=True)
-    init: str = opt("runs/pretrain/ckpt.npz", "the GPT checkpoint whose trunk starts the reward model")
-    out_dir: str = opt("runs/reward", "where metrics.jsonl and ckpt.npz go")
-    batch_size: int = opt(16, "pairs per step")
-    max_steps: int = opt(300, "optimisation steps")
-    lr: float = opt(3e-4, "peak learning rate")
-    warmup_steps: int = opt(20, "steps of linear warm-up, then cosine decay to lr/10")
-    weight_decay: float = opt(0.0, "AdamW's decoupled weight decay")
-    grad_clip: float = opt(1.0, "clip the global gradient norm (0: no clipping)")
-    margin: float = opt(0.0, "ask r(chosen) - r(rejected) to exceed this margin")
-    val_fraction: float = opt(0.1, "share of the pairs held out to report val accuracy")
-    eval_interval: int = opt(100, "held-out accuracy every N steps")
-    ckpt_interval: int = opt(100, "write a checkpoint every N steps (and at the end)")
-    seed: int = opt(0, "seed of the head and the batches")
-    overwrite: bool = overwrite_opt()
-    device: str = opt("cpu", "cpu (NumPy) or cuda (CuPy)", choices=["cpu", "cuda"])
-    quiet: bool = opt(False, "no progress bar or messages")
+    data: str = option("", "JSONL of {\"prompt\", \"chosen\", \"rejected\"} records", required=True)
+    init: str = option("runs/pretrain/ckpt.npz",
+                       "the GPT checkpoint whose trunk starts the reward model")
+    out_dir: str = option("runs/reward", "where metrics.jsonl and ckpt.npz go")
+    batch_size: int = option(16, "pairs per step")
+    max_steps: int = option(300, "optimisation steps")
+    lr: float = option(3e-4, "peak learning rate")
+    warmup_steps: int = option(20, "steps of linear warm-up, then cosine decay to lr/10")
+    weight_decay: float = option(0.0, "AdamW's decoupled weight decay")
+    grad_clip: float = option(1.0, "clip the global gradient norm (0: no clipping)")
+    margin: float = option(0.0, "ask r(chosen) - r(rejected) to exceed this margin")
+    val_fraction: float = option(0.1, "share of the pairs held out to report val accuracy")
+    eval_interval: int = option(100, "held-out accuracy every N steps")
+    ckpt_interval: int = option(100, "write a checkpoint every N steps (and at the end)")
+    seed: int = option(0, "seed of the head and the batches")
+    overwrite: bool = overwrite_option()
+    device: str = option("cpu", "cpu (NumPy) or cuda (CuPy)", choices=["cpu", "cuda"])
+    quiet: bool = option(False, "no progress bar or messages")
 
 
 def score(rm, rows, device):

@@ -28,8 +28,8 @@ from ..losses import reinforce_kl_loss
 from ..model import RewardModel, generate
 from ..optim import AdamW, param_groups
 from ..tensor import no_grad
-from .common import (ConfigError, batch_tensor, check_common, config_summary, load_policy, opt,
-                     overwrite_opt, require)
+from .common import (ConfigError, batch_tensor, check_common, config_summary, load_policy, option,
+                     overwrite_option, require)
 from .run import Run
 
 
@@ -39,27 +39,27 @@ class RewardFunctionError(RuntimeError):
 
 @dataclass
 class RLConfig:
-    prompts: str = opt("", "JSONL of {\"prompt\"} records", required=True)
-    init: str = opt("runs/sft/ckpt.npz", "the policy to start from; also the frozen reference p_ref")
-    reward_model: str | None = opt(None, "a reward-model checkpoint (from `minirlhf reward`)")
-    reward_fn: str | None = opt(None, "or a reward function 'module:function' or 'file.py:function' "
+    prompts: str = option("", "JSONL of {\"prompt\"} records", required=True)
+    init: str = option("runs/sft/ckpt.npz", "the policy to start from; also the frozen reference p_ref")
+    reward_model: str | None = option(None, "a reward-model checkpoint (from `minirlhf reward`)")
+    reward_fn: str | None = option(None, "or a reward function 'module:function' or 'file.py:function' "
                                       "taking (prompt, completion) -> float")
-    out_dir: str = opt("runs/rl", "where metrics.jsonl and ckpt.npz go")
-    beta: float = opt(0.1, "β, the weight of the KL penalty")
-    baseline: str = opt("loo", "b: none, mean, or loo (leave-one-out over a prompt's samples)",
+    out_dir: str = option("runs/rl", "where metrics.jsonl and ckpt.npz go")
+    beta: float = option(0.1, "β, the weight of the KL penalty")
+    baseline: str = option("loo", "b: none, mean, or loo (leave-one-out over a prompt's samples)",
                         choices=["none", "mean", "loo"])
-    prompts_per_step: int = opt(8, "prompts per step")
-    samples_per_prompt: int = opt(4, "completions sampled per prompt (loo needs 2 or more)")
-    max_new_tokens: int | None = opt(None, "longest completion, in tokens (default: 48, or "
+    prompts_per_step: int = option(8, "prompts per step")
+    samples_per_prompt: int = option(4, "completions sampled per prompt (loo needs 2 or more)")
+    max_new_tokens: int | None = option(None, "longest completion, in tokens (default: 48, or "
                                            "block_size - 2 of a smaller policy)")
-    max_steps: int = opt(100, "optimisation steps")
-    lr: float = opt(1e-4, "learning rate")
-    grad_clip: float = opt(1.0, "clip the global gradient norm (0: no clipping)")
-    ckpt_interval: int = opt(50, "write a checkpoint every N steps (and at the end)")
-    seed: int = opt(0, "seed of the prompts and the sampling")
-    overwrite: bool = overwrite_opt()
-    device: str = opt("cpu", "cpu (NumPy) or cuda (CuPy)", choices=["cpu", "cuda"])
-    quiet: bool = opt(False, "no progress bar or messages")
+    max_steps: int = option(100, "optimisation steps")
+    lr: float = option(1e-4, "learning rate")
+    grad_clip: float = option(1.0, "clip the global gradient norm (0: no clipping)")
+    ckpt_interval: int = option(50, "write a checkpoint every N steps (and at the end)")
+    seed: int = option(0, "seed of the prompts and the sampling")
+    overwrite: bool = overwrite_option()
+    device: str = option("cpu", "cpu (NumPy) or cuda (CuPy)", choices=["cpu", "cuda"])
+    quiet: bool = option(False, "no progress bar or messages")
 
 
 def check(cfg):

@@ -5,20 +5,20 @@ from dataclasses import dataclass
 
 from ..checkpoint import load_model, tokenizer_for
 from ..model import GPT, generate
-from .common import ConfigError, check_common, opt, require
+from .common import ConfigError, check_common, option, require
 
 
 @dataclass
 class SampleConfig:
-    ckpt: str = opt("runs/pretrain/ckpt.npz", "a GPT checkpoint (from pretrain, sft, rl or dpo)")
-    prompt: str = opt("\n", "text to continue")
-    num_samples: int = opt(1, "how many continuations")
-    max_new_tokens: int = opt(300, "tokens (bytes) to add")
-    temperature: float = opt(0.8, "0 = greedy; higher = more random")
-    top_k: int | None = opt(None, "sample only among the k most likely tokens")
-    top_p: float | None = opt(None, "sample only among the most likely tokens whose mass reaches p")
-    seed: int = opt(0, "sampling seed")
-    device: str = opt("cpu", "cpu (NumPy) or cuda (CuPy)", choices=["cpu", "cuda"])
+    ckpt: str = option("runs/pretrain/ckpt.npz", "a GPT checkpoint (from pretrain, sft, rl or dpo)")
+    prompt: str = option("\n", "text to continue")
+    num_samples: int = option(1, "how many continuations")
+    max_new_tokens: int = option(300, "tokens (bytes) to add")
+    temperature: float = option(0.8, "0 = greedy; higher = more random")
+    top_k: int | None = option(None, "sample only among the k most likely tokens")
+    top_p: float | None = option(None, "sample only among the most likely tokens whose mass reaches p")
+    seed: int = option(0, "sampling seed")
+    device: str = option("cpu", "cpu (NumPy) or cuda (CuPy)", choices=["cpu", "cuda"])
 
 
 def sample(cfg):

@@ -16,29 +16,29 @@ from ..datasets import Minibatches, collate, load_sft
 from ..losses import sft_loss
 from ..optim import AdamW, lr_schedule, param_groups
 from ..tensor import no_grad
-from .common import (batch_tensor, check_common, config_summary, encode_rows, load_policy, opt,
-                     overwrite_opt, split_holdout)
+from .common import (batch_tensor, check_common, config_summary, encode_rows, load_policy, option,
+                     overwrite_option, split_holdout)
 from .run import Run
 
 
 @dataclass
 class SFTConfig:
-    data: str = opt("", "JSONL of {\"prompt\", \"completion\"} records", required=True)
-    init: str = opt("runs/pretrain/ckpt.npz", "the GPT checkpoint to start from")
-    out_dir: str = opt("runs/sft", "where metrics.jsonl and ckpt.npz go")
-    batch_size: int = opt(16, "examples per step")
-    max_steps: int = opt(300, "optimisation steps")
-    lr: float = opt(5e-4, "peak learning rate")
-    warmup_steps: int = opt(20, "steps of linear warm-up, then cosine decay to lr/10")
-    weight_decay: float = opt(0.0, "AdamW's decoupled weight decay")
-    grad_clip: float = opt(1.0, "clip the global gradient norm (0: no clipping)")
-    val_fraction: float = opt(0.05, "share of the examples held out to report val_loss")
-    eval_interval: int = opt(100, "held-out loss every N steps")
-    ckpt_interval: int = opt(100, "write a checkpoint every N steps (and at the end)")
-    seed: int = opt(0, "seed of the batches")
-    overwrite: bool = overwrite_opt()
-    device: str = opt("cpu", "cpu (NumPy) or cuda (CuPy)", choices=["cpu", "cuda"])
-    quiet: bool = opt(False, "no progress bar or messages")
+    data: str = option("", "JSONL of {\"prompt\", \"completion\"} records", required=True)
+    init: str = option("runs/pretrain/ckpt.npz", "the GPT checkpoint to start from")
+    out_dir: str = option("runs/sft", "where metrics.jsonl and ckpt.npz go")
+    batch_size: int = option(16, "examples per step")
+    max_steps: int = option(300, "optimisation steps")
+    lr: float = option(5e-4, "peak learning rate")
+    warmup_steps: int = option(20, "steps of linear warm-up, then cosine decay to lr/10")
+    weight_decay: float = option(0.0, "AdamW's decoupled weight decay")
+    grad_clip: float = option(1.0, "clip the global gradient norm (0: no clipping)")
+    val_fraction: float = option(0.05, "share of the examples held out to report val_loss")
+    eval_interval: int = option(100, "held-out loss every N steps")
+    ckpt_interval: int = option(100, "write a checkpoint every N steps (and at the end)")
+    seed: int = option(0, "seed of the batches")
+    overwrite: bool = overwrite_option()
+    device: str = option("cpu", "cpu (NumPy) or cuda (CuPy)", choices=["cpu", "cuda"])
+    quiet: bool = option(False, "no progress bar or messages")
 
 
 def batch_loss(model, batch, device):

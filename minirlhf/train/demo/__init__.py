@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..common import opt, require
+from ..common import option, require
 from ..dpo import DPOConfig, dpo
 from ..grpo import GRPOConfig, grpo
 from ..ppo import PPOConfig, ppo
@@ -66,16 +66,16 @@ __all__ = ["DemoConfig", "demo", "QUICK", "LARGE", "SMOKE", "PRESETS", "parse_be
 
 @dataclass
 class DemoConfig:
-    out_dir: str = opt("runs/demo", "where every stage's outputs, report.md and the plots go")
-    preset: str = opt("quick", "quick (about 5 minutes on 2 CPU cores) or large (hours on a CPU: "
+    out_dir: str = option("runs/demo", "where every stage's outputs, report.md and the plots go")
+    preset: str = option("quick", "quick (about 5 minutes on 2 CPU cores) or large (hours on a CPU: "
                                "use a GPU)", choices=["quick", "large"])
-    rl_betas: str | None = opt(None, "comma-separated β values for RL and PPO, e.g. '0.05,0.2' "
+    rl_betas: str | None = option(None, "comma-separated β values for RL and PPO, e.g. '0.05,0.2' "
                                      "(default: the preset's)")
-    dpo_betas: str | None = opt(None, "comma-separated β values for DPO (default: the preset's)")
-    seed: int = opt(0, "seed of every stage (weights, data order, sampling, labels)")
-    device: str = opt("cpu", "cpu (NumPy) or cuda (CuPy)", choices=["cpu", "cuda"])
-    smoke: bool = opt(False, "a few steps of everything with a tiny model: tests the plumbing")
-    quiet: bool = opt(False, "no progress bars or messages")
+    dpo_betas: str | None = option(None, "comma-separated β values for DPO (default: the preset's)")
+    seed: int = option(0, "seed of every stage (weights, data order, sampling, labels)")
+    device: str = option("cpu", "cpu (NumPy) or cuda (CuPy)", choices=["cpu", "cuda"])
+    smoke: bool = option(False, "a few steps of everything with a tiny model: tests the plumbing")
+    quiet: bool = option(False, "no progress bars or messages")
 
 
 def demo(cfg):
