@@ -147,20 +147,21 @@ def check_context(cfg, policy, reward_model=None):
                 f"fewer than the policy's context of {block}: a long sample could not be scored")
 
 
-def encode_rows(records, tokenizer, block_size, completion_field, path):
-    """``(ids, n_prompt)`` rows of ``[EOT] + prompt + record[completion_field] + [EOT]``.
+def encode_sequences(records, tokenizer, block_size, completion_field, path):
+    """``(ids, n_prompt)`` sequences of ``[EOT] + prompt + record[completion_field] + [EOT]``.
 
     A completion that cannot fit the context is an error naming the file and line.
     """
     from ..datasets import DataError, encode_prompt_completion
 
-    rows = []
+    seqs = []
     for r in records:
         try:
-            rows.append(encode_prompt_completion(tokenizer, r["prompt"], r[completion_field], block_size))
+            seqs.append(encode_prompt_completion(tokenizer, r["prompt"], r[completion_field],
+                                                 block_size))
         except DataError as e:
             raise DataError(f"{path}, line {getattr(r, 'line', '?')}: field '{completion_field}': {e}") from None
-    return rows
+    return seqs
 
 
 def split_holdout(items, fraction, rng):
@@ -193,8 +194,10 @@ def distinct_pairs(records, path, say):
     return kept
 
 
-def weighted_means(rows, weights):
+def weighted_means(results, weights):
     """Average metric dicts key by key, each weighted (by its batch's size): a last batch of one
     pair must not count as much as a full one."""
     total = sum(weights)
-    return {k: sum(w * r[k] for r, w in zip(rows, weights)) / total for k in rows[0]} if rows else {}
+    if not results:
+        return {}
+    return {k: sum(w * r[k] for r, w in zip(results, weights)) / total for k in results[0]}

@@ -19,7 +19,7 @@ from ..logprobs import sequence_logprobs
 from ..losses import dpo_loss
 from ..optim import AdamW, lr_schedule, param_groups
 from ..tensor import no_grad
-from .common import (batch_tensor, check_common, config_summary, distinct_pairs, encode_rows,
+from .common import (batch_tensor, check_common, config_summary, distinct_pairs, encode_sequences,
                      load_policy, option, overwrite_option, require, split_holdout, weighted_means)
 from .run import Run
 
@@ -92,8 +92,8 @@ def _train(cfg, run):
     tokenizer = tokenizer_for(cfg.init)   # the one the model was trained with
     policy = load_policy(cfg.init, cfg.device)
     block = policy.config.block_size
-    pairs = list(zip(encode_rows(records, tokenizer, block, "chosen", cfg.data),
-                     encode_rows(records, tokenizer, block, "rejected", cfg.data)))
+    pairs = list(zip(encode_sequences(records, tokenizer, block, "chosen", cfg.data),
+                     encode_sequences(records, tokenizer, block, "rejected", cfg.data)))
     train_idx, val_idx = split_holdout(range(len(pairs)), cfg.val_fraction, np.random.default_rng(cfg.seed))
 
     ref = load_policy(cfg.init, cfg.device)
@@ -111,9 +111,9 @@ def _train(cfg, run):
         policy.eval()
         batches = [val_idx[i:i + cfg.batch_size] for i in range(0, len(val_idx), cfg.batch_size)]
         with no_grad():
-            rows = [loss_of(batch) for batch in batches]
+            results = [loss_of(batch) for batch in batches]
         policy.train()
-        return weighted_means([{"loss": loss.item(), **m} for loss, m in rows],
+        return weighted_means([{"loss": loss.item(), **m} for loss, m in results],
                               [len(b) for b in batches])
 
     optimizer = AdamW(param_groups(policy, 0.0), lr=cfg.lr)

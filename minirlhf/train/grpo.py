@@ -96,7 +96,7 @@ def check(cfg):
 
 
 class GenerationBatch:
-    """What the μ steps of one generation batch share: the sampled rows (``input_ids``, ``mask``),
+    """What the μ steps of one generation batch share: the sampled sequences (``input_ids``, ``mask``),
     their ``advantages``, the log-probs of the policy that sampled them (``old_logp``, μ > 1) and of
     the reference (``ref_logp``, β > 0), as host arrays, and the batch's ``metrics``. It is part of
     the checkpoint, so a run resumed in the middle of a batch goes on with the same samples."""
@@ -118,13 +118,13 @@ def generate_batch(policy, ref, rewarder, prompt_texts, cfg, tokenizer, rng, met
     """Sample G completions of each prompt, score them, and compute what the μ steps need: the
     fields of a `GenerationBatch`."""
     G, max_len = cfg.num_generations, cfg.max_new_tokens + 1            # the tokens plus an EOT
-    rows, completions, group = sample_batch(policy, prompt_texts, cfg, tokenizer, rng)
-    row_prompts = [prompt_texts[g] for g in group]
-    R = rewarder(rows, row_prompts, completions)                         # (N,)
+    seqs, completions, group = sample_batch(policy, prompt_texts, cfg, tokenizer, rng)
+    seq_prompts = [prompt_texts[g] for g in group]
+    R = rewarder(seqs, seq_prompts, completions)                         # (N,)
     groups = R.reshape(-1, G)
     group_std = groups.std(axis=1, ddof=1) if G > 1 else np.zeros(len(groups))
 
-    batch = collate(rows)
+    batch = collate(seqs)
     lengths = batch["completion_mask"].sum(axis=1)                       # (N,) tokens incl. EOT
     truncated = lengths == max_len                                       # EOT appended by sample_batch
     mask_np = batch["completion_mask"]
@@ -143,7 +143,7 @@ def generate_batch(policy, ref, rewarder, prompt_texts, cfg, tokenizer, rng, met
                "completions/mean_length": float(lengths.mean()),
                "completions/clipped_ratio": float(truncated.mean())}
     if metrics_fn is not None:
-        metrics.update(metrics_fn(row_prompts, completions))
+        metrics.update(metrics_fn(seq_prompts, completions))
     return {"input_ids": batch["input_ids"], "mask": mask_np,
             "advantages": group_advantages(R, G, cfg.scale_rewards),    # (N,)
             "old_logp": old_logp, "ref_logp": ref_logp, "metrics": metrics}

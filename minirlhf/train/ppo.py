@@ -168,10 +168,10 @@ class KLController:
 
 def rollout(policy, ref, value, rewarder, prompt_texts, cfg, tokenizer, rng, beta):
     """Sample, score, and compute everything the updates need, as host arrays (float64)."""
-    rows, completions, group = sample_batch(policy, prompt_texts, cfg, tokenizer, rng)
-    row_prompts = [prompt_texts[g] for g in group]
-    scores = rewarder(rows, row_prompts, completions)                    # (N,)
-    batch = collate(rows)
+    seqs, completions, group = sample_batch(policy, prompt_texts, cfg, tokenizer, rng)
+    seq_prompts = [prompt_texts[g] for g in group]
+    scores = rewarder(seqs, seq_prompts, completions)                    # (N,)
+    batch = collate(seqs)
     mask = batch["completion_mask"].astype(np.float64)                   # (N, T)
     # a completion that hit max_new_tokens had an EOT appended by sample_batch: one token too many
     missing_eos = mask.sum(axis=1) > cfg.max_new_tokens
@@ -197,7 +197,7 @@ def rollout(policy, ref, value, rewarder, prompt_texts, cfg, tokenizer, rng, bet
     return {"input_ids": batch["input_ids"], "mask": mask, "old_logp": old_logp,
             "old_values": old_values, "advantages": advantages, "returns": returns,
             "scores": scores, "kl": kl, "non_score": non_score, "entropy": entropy,
-            "missing_eos": missing_eos, "prompts": row_prompts, "completions": completions}
+            "missing_eos": missing_eos, "prompts": seq_prompts, "completions": completions}
 
 
 def ppo(cfg, metrics_fn=None):
@@ -278,7 +278,7 @@ def _train(cfg, run, metrics_fn):
 
 
 def update(run, policy, value, policy_optimizer, value_optimizer, r, mb, cfg, ptx_tokens, rng):
-    """One gradient step of PPO's loss on the rows ``mb`` of the rollout ``r``; returns its metrics.
+    """One gradient step of PPO's loss on the sequences ``mb`` of the rollout ``r``; returns its metrics.
 
     Both models step together on one loss, so this is `Run.update` by hand: the loss and the
     gradient norm of both models are checked before any weight moves."""

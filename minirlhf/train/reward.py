@@ -19,7 +19,7 @@ from ..losses import bt_loss
 from ..model import RewardModel
 from ..optim import AdamW, lr_schedule, param_groups
 from ..tensor import no_grad
-from .common import (batch_tensor, check_common, config_summary, distinct_pairs, encode_rows,
+from .common import (batch_tensor, check_common, config_summary, distinct_pairs, encode_sequences,
                      load_policy, option, overwrite_option, split_holdout, weighted_means)
 from .run import Run
 
@@ -46,9 +46,9 @@ class RewardConfig:
     quiet: bool = option(False, "no progress bar or messages")
 
 
-def score(rm, rows, device):
-    """Rewards (B,) of ``(ids, n_prompt)`` rows: the head read at each row's last real token."""
-    batch = collate(rows)
+def score(rm, seqs, device):
+    """Rewards (B,) of ``(ids, n_prompt)`` sequences: the head read at each sequence's last real token."""
+    batch = collate(seqs)
     return rm(batch_tensor(batch["input_ids"], device), batch["lengths"])
 
 
@@ -63,9 +63,9 @@ def evaluate(rm, pairs, cfg):
     rm.eval()
     batches = [pairs[i:i + cfg.batch_size] for i in range(0, len(pairs), cfg.batch_size)]
     with no_grad():
-        rows = [pair_loss(rm, batch, cfg) for batch in batches]
+        results = [pair_loss(rm, batch, cfg) for batch in batches]
     rm.train()
-    return weighted_means([{"loss": loss.item(), **m} for loss, m in rows], [len(b) for b in batches])
+    return weighted_means([{"loss": loss.item(), **m} for loss, m in results], [len(b) for b in batches])
 
 
 def reward(cfg):
@@ -83,8 +83,8 @@ def _train(cfg, run):
     tokenizer = tokenizer_for(cfg.init)   # the one the model was trained with
     gpt = load_policy(cfg.init, cfg.device)
     block = gpt.config.block_size
-    pairs = list(zip(encode_rows(records, tokenizer, block, "chosen", cfg.data),
-                     encode_rows(records, tokenizer, block, "rejected", cfg.data)))
+    pairs = list(zip(encode_sequences(records, tokenizer, block, "chosen", cfg.data),
+                     encode_sequences(records, tokenizer, block, "rejected", cfg.data)))
     train_pairs, val_pairs = split_holdout(pairs, cfg.val_fraction, np.random.default_rng(cfg.seed))
     rm = RewardModel.from_gpt(gpt, seed=cfg.seed)
     del gpt

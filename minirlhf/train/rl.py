@@ -112,11 +112,11 @@ class Rewarder:
         else:
             self.fn = load_reward_fn(cfg.reward_fn)
 
-    def __call__(self, rows, prompts, completions):
-        """rows: ``(ids, n_prompt)`` ending with EOT; prompts/completions: the same as text."""
+    def __call__(self, seqs, prompts, completions):
+        """sequences: ``(ids, n_prompt)`` ending with EOT; prompts/completions: the same as text."""
         if self.rm is not None:
             with no_grad():
-                batch = collate(rows)
+                batch = collate(seqs)
                 r = self.rm(batch_tensor(batch["input_ids"], self.device), batch["lengths"])
             return to_numpy(r.data).astype(np.float64)
         return np.array([self._call_fn(p, c) for p, c in zip(prompts, completions)])
@@ -141,23 +141,23 @@ def sample_batch(policy, prompt_texts, cfg, tokenizer, rng):
     """Sample ``samples_per_prompt`` completions of each prompt from the current policy.
 
     Sampling is exact (temperature 1, no top-k or top-p): REINFORCE's estimator is unbiased only for
-    samples drawn from p_θ itself. Returns rows ``(ids, n_prompt)`` that end with EOT (appended to a
-    completion that hit ``max_new_tokens``, so that the reward model reads every row the same way),
-    the completions as text, and the prompt index of each row (its group for the baseline).
+    samples drawn from p_θ itself. Returns sequences ``(ids, n_prompt)`` that end with EOT (appended
+    to a completion that hit ``max_new_tokens``, so that the reward model reads every sequence the
+    same way), the completions as text, and the prompt index of each (its group for the baseline).
     """
     block = policy.config.block_size
     prompt_ids = [encode_prompt(tokenizer, p, block, cfg.max_new_tokens + 1) for p in prompt_texts]
     k = cfg.samples_per_prompt
     ids = [p for p in prompt_ids for _ in range(k)]
     out = generate(policy, ids, cfg.max_new_tokens, temperature=1.0, eot_id=tokenizer.eot_id, seed=rng)
-    rows, completions = [], []
+    seqs, completions = [], []
     for p, new in zip(ids, out.tokens):
         if not new or new[-1] != tokenizer.eot_id:
             new = new + [tokenizer.eot_id]
-        rows.append((p + new, len(p)))
+        seqs.append((p + new, len(p)))
         completions.append(tokenizer.decode(new))
     group = np.repeat(np.arange(len(prompt_texts)), k)
-    return rows, completions, group
+    return seqs, completions, group
 
 
 def rl(cfg, metrics_fn=None):
@@ -198,13 +198,13 @@ def _train(cfg, run, metrics_fn):
     for step in run.steps(start):
         prompt_texts = prompts[step - 1]
         try:
-            rows, completions, group = sample_batch(policy, prompt_texts, cfg, tokenizer, rng)
+            seqs, completions, group = sample_batch(policy, prompt_texts, cfg, tokenizer, rng)
         except FloatingPointError:   # the last update made the logits overflow: diverged
             run.check_finite("policy's logits", math.nan)
-        row_prompts = [prompt_texts[g] for g in group]
-        R = rewarder(rows, row_prompts, completions)                         # (N,)
+        seq_prompts = [prompt_texts[g] for g in group]
+        R = rewarder(seqs, seq_prompts, completions)                         # (N,)
 
-        batch = collate(rows)
+        batch = collate(seqs)
         input_ids = batch_tensor(batch["input_ids"], cfg.device)            # (N, T)
         mask = batch_tensor(batch["completion_mask"], cfg.device)           # (N, T)
         logits = policy(input_ids)                                          # (N, T, V)
@@ -219,7 +219,7 @@ def _train(cfg, run, metrics_fn):
         row = {"loss": loss, **metrics, "entropy": float(entropy), "grad_norm": grad_norm,
                "length": float((batch["completion_mask"].sum(axis=1)).mean())}
         if metrics_fn is not None:
-            row.update(metrics_fn(row_prompts, completions))
+            row.update(metrics_fn(seq_prompts, completions))
         run.log(step, row)
         run.save_if_due(step)
     last = run.last

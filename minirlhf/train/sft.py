@@ -16,7 +16,7 @@ from ..datasets import Minibatches, collate, load_sft
 from ..losses import sft_loss
 from ..optim import AdamW, lr_schedule, param_groups
 from ..tensor import no_grad
-from .common import (batch_tensor, check_common, config_summary, encode_rows, load_policy, option,
+from .common import (batch_tensor, check_common, config_summary, encode_sequences, load_policy, option,
                      overwrite_option, split_holdout)
 from .run import Run
 
@@ -47,11 +47,11 @@ def batch_loss(model, batch, device):
     return sft_loss(logits, input_ids, batch_tensor(batch["completion_mask"], device))
 
 
-def evaluate(model, rows, cfg):
-    if not rows:
+def evaluate(model, seqs, cfg):
+    if not seqs:
         return None
     model.eval()
-    batches = [collate(rows[i:i + cfg.batch_size]) for i in range(0, len(rows), cfg.batch_size)]
+    batches = [collate(seqs[i:i + cfg.batch_size]) for i in range(0, len(seqs), cfg.batch_size)]
     with no_grad():
         losses = [batch_loss(model, batch, cfg.device).item() for batch in batches]
     model.train()
@@ -74,21 +74,21 @@ def _train(cfg, run):
     records = load_sft(cfg.data)
     tokenizer = tokenizer_for(cfg.init)   # the one the model was trained with
     model = load_policy(cfg.init, cfg.device)
-    rows = encode_rows(records, tokenizer, model.config.block_size, "completion", cfg.data)
-    train_rows, val_rows = split_holdout(rows, cfg.val_fraction, np.random.default_rng(cfg.seed))
+    seqs = encode_sequences(records, tokenizer, model.config.block_size, "completion", cfg.data)
+    train_seqs, val_seqs = split_holdout(seqs, cfg.val_fraction, np.random.default_rng(cfg.seed))
 
     optimizer = AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     start = run.restore(model, optimizer)
-    run.print(f"sft: {len(train_rows)} training and {len(val_rows)} held-out examples from "
+    run.print(f"sft: {len(train_seqs)} training and {len(val_seqs)} held-out examples from "
               f"{cfg.data}\n{config_summary(cfg)}")
-    batches = Minibatches(train_rows, cfg.batch_size, seed=cfg.seed)
+    batches = Minibatches(train_seqs, cfg.batch_size, seed=cfg.seed)
     val_loss = run.last.get("val_loss")
     for step in run.steps(start):
         optimizer.lr = lr_schedule(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.lr / 10)
         loss, grad_norm = run.update(batch_loss(model, collate(batches[step - 1]), cfg.device))
         metrics = {"loss": loss, "lr": optimizer.lr, "grad_norm": grad_norm}
-        if val_rows and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
-            val_loss = metrics["val_loss"] = evaluate(model, val_rows, cfg)
+        if val_seqs and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
+            val_loss = metrics["val_loss"] = evaluate(model, val_seqs, cfg)
         run.log(step, metrics)
         run.save_if_due(step)
     loss = run.last.get("loss")

@@ -70,9 +70,9 @@ def evaluate_policy(name, policy, sft_model, rm, prompts, e, seed, device, held_
     repeated = [p for p in prompts for _ in range(k)]                # N = k·len(prompts) prompts
     rng = np.random.default_rng(seed)
     prompt_ids, replies, texts = sample_replies(policy, repeated, e["max_new_tokens"], rng)
-    rows = [(p + r, len(p)) for p, r in zip(prompt_ids, replies)]
-    logp = batched_logprobs(policy, rows, device)                                    # (N,)
-    logp_sft = logp if policy is sft_model else batched_logprobs(sft_model, rows, device)  # (N,)
+    seqs = [(p + r, len(p)) for p, r in zip(prompt_ids, replies)]
+    logp = batched_logprobs(policy, seqs, device)                                    # (N,)
+    logp_sft = logp if policy is sft_model else batched_logprobs(sft_model, seqs, device)  # (N,)
     kl = logp - logp_sft                                                             # (N,)
     gold = np.array([gold_reward(t) for t in texts])                                 # (N,)
     rm_scores = batched_rewards(rm, _with_eot(prompt_ids, replies), device)          # (N,)
@@ -91,8 +91,9 @@ def evaluate_policy(name, policy, sft_model, rm, prompts, e, seed, device, held_
 def reward_agreement(rm, path, device):
     """How often the reward model orders held-out pairs as the gold reward does."""
     records = load_preferences(path)
-    rows_c, rows_r = _pair_rows(records, rm.config.block_size)
-    diff = batched_rewards(rm, rows_c, device) - batched_rewards(rm, rows_r, device)  # (P,) pairs
+    chosen_seqs, rejected_seqs = _pair_sequences(records, rm.config.block_size)
+    diff = (batched_rewards(rm, chosen_seqs, device)
+            - batched_rewards(rm, rejected_seqs, device))                               # (P,) pairs
     agree, n = agreement(diff, _gold_diffs(records))
     return {"agreement": agree, "pairs_counted": n, "pairs": len(records),
             "label_accuracy": float(np.mean(diff > 0))}
@@ -103,33 +104,35 @@ def implicit_agreement(policy, sft_model, path, device):
     gold reward does. The KL-regularised optimum is p* ∝ p_sft·exp(R/β), so a policy trained
     towards it (by DPO, or by RL) holds a reward model of its own; the sign needs no β."""
     records = load_preferences(path)
-    rows_c, rows_r = _pair_rows(records, policy.config.block_size)
+    chosen_seqs, rejected_seqs = _pair_sequences(records, policy.config.block_size)
     # log p_θ(y|x) - log p_sft(y|x) of the chosen and of the rejected reply of each pair: (P,) each
-    ratio_c = batched_logprobs(policy, rows_c, device) - batched_logprobs(sft_model, rows_c, device)
-    ratio_r = batched_logprobs(policy, rows_r, device) - batched_logprobs(sft_model, rows_r, device)
+    ratio_c = (batched_logprobs(policy, chosen_seqs, device)
+               - batched_logprobs(sft_model, chosen_seqs, device))
+    ratio_r = (batched_logprobs(policy, rejected_seqs, device)
+               - batched_logprobs(sft_model, rejected_seqs, device))
     return agreement(ratio_c - ratio_r, _gold_diffs(records))[0]
 
 
-def batched_logprobs(model, rows, device, batch_size=64):
-    """log p(y|x) (host float64 array, (N,)) of N ``(ids, n_prompt)`` rows under ``model``."""
+def batched_logprobs(model, seqs, device, batch_size=64):
+    """log p(y|x) (host float64 array, (N,)) of N ``(ids, n_prompt)`` sequences under ``model``."""
     out = []
     model.eval()
     with no_grad():
-        for i in range(0, len(rows), batch_size):
-            batch = collate(rows[i:i + batch_size])
+        for i in range(0, len(seqs), batch_size):
+            batch = collate(seqs[i:i + batch_size])
             _, logp = sequence_logprobs(model, batch_tensor(batch["input_ids"], device),  # (B, T)
                                         batch_tensor(batch["completion_mask"], device))  # -> (B,)
             out.append(to_numpy(logp.data).astype(np.float64))
     return np.concatenate(out)
 
 
-def batched_rewards(rm, rows, device, batch_size=64):
-    """The reward model's score (host float64 array, (N,)) of each of N ``(ids, n_prompt)`` rows."""
+def batched_rewards(rm, seqs, device, batch_size=64):
+    """The reward model's score (host float64 array, (N,)) of each of N ``(ids, n_prompt)`` sequences."""
     out = []
     rm.eval()
     with no_grad():
-        for i in range(0, len(rows), batch_size):
-            batch = collate(rows[i:i + batch_size])
+        for i in range(0, len(seqs), batch_size):
+            batch = collate(seqs[i:i + batch_size])
             r = rm(batch_tensor(batch["input_ids"], device), batch["lengths"])       # (B,)
             out.append(to_numpy(r.data).astype(np.float64))
     return np.concatenate(out)
@@ -143,8 +146,8 @@ def _with_eot(prompt_ids, reply_ids):
             for p, r in zip(prompt_ids, reply_ids)]
 
 
-def _pair_rows(records, block):
-    """(chosen rows, rejected rows) of preference records, as the trainers encode them."""
+def _pair_sequences(records, block):
+    """(chosen sequences, rejected sequences) of preference records, as the trainers encode them."""
     tok = ByteTokenizer()
     return ([encode_prompt_completion(tok, r["prompt"], r["chosen"], block) for r in records],
             [encode_prompt_completion(tok, r["prompt"], r["rejected"], block) for r in records])
