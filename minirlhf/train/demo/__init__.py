@@ -1,6 +1,6 @@
 """The lecture's whole pipeline on the built-in Shakespeare, through the same trainers a user calls.
 
-    minirlhf demo                      # the quick preset: about five minutes on 2 CPU cores
+    minirlhf demo                      # the quick preset: about six minutes on 2 CPU cores
     minirlhf demo --preset large       # bigger model, longer runs: hours on a CPU, use --device cuda
 
 1. **Pretrain** a small GPT on the ten plays (`pretrain`).
@@ -67,7 +67,7 @@ __all__ = ["DemoConfig", "demo", "QUICK", "LARGE", "SMOKE", "PRESETS", "parse_be
 @dataclass
 class DemoConfig:
     out_dir: str = option("runs/demo", "where every stage's outputs, report.md and the plots go")
-    preset: str = option("quick", "quick (about 5 minutes on 2 CPU cores) or large (hours on a CPU: "
+    preset: str = option("quick", "quick (about 6 minutes on 2 CPU cores) or large (hours on a CPU: "
                                "use a GPU)", choices=["quick", "large"])
     rl_betas: str | None = option(None, "comma-separated β values for RL and PPO, e.g. '0.05,0.2' "
                                      "(default: the preset's)")
