@@ -135,7 +135,7 @@ class Tensor:
         outside the engine uses for a constant it built with ``xp`` (zeros, a mask). A NumPy scalar
         still becomes a 0-d array (see `_as_array`)."""
         t = cls.__new__(cls)
-        if type(array) is not np.ndarray and isinstance(array, np.generic):  # see _as_array
+        if type(array) is not _NDARRAY and isinstance(array, _NUMPY_SCALAR):  # see _as_array
             array = np.asarray(array)
         t._data = array
         t._grad = None
@@ -259,11 +259,11 @@ class Tensor:
                 gy = _as_array(gy)
                 # a leaf must own its .grad (optimisers and clipping update it in place): copy it
                 # when it is a view, the caller's array, another leaf's, or of another dtype
-                if (gy.dtype != t.data.dtype or gy.base is not None or gy is grad
+                if (gy.dtype != t._data.dtype or gy.base is not None or gy is grad
                         or id(gy) in kept):
-                    gy = gy.astype(t.data.dtype, copy=True)
+                    gy = gy.astype(t._data.dtype, copy=True)
                 kept.add(id(gy))
-                t.grad = gy if t.grad is None else t.grad + gy
+                t._grad = gy if t._grad is None else _as_array(t._grad + gy)   # arrays, unchecked
                 continue
             gxs = fn.backward(gy)
             for x, gx in zip(fn.inputs, gxs):
@@ -389,6 +389,9 @@ class _Freed(Function):
 
 
 _FREED = _Freed()
+
+
+_NDARRAY, _NUMPY_SCALAR = np.ndarray, np.generic
 
 
 def _as_array(a):
