@@ -42,7 +42,7 @@ def check_beta(beta, fn=None, allow_zero=False):
     the losses and the trainers' configs all check it here."""
     beta = float(beta)
     if not (beta >= 0 if allow_zero else beta > 0) or not math.isfinite(beta):
-        need = "beta must be finite and >= 0" if allow_zero else "beta must be positive and finite (beta > 0)"
+        need = "beta must be >= 0 and finite" if allow_zero else "beta must be positive and finite (beta > 0)"
         where = f"{fn}: " if fn else ""
         raise ValueError(f"{where}{need}: β weighs the KL to the reference; got {beta}")
     return beta

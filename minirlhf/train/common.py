@@ -57,8 +57,9 @@ def require(condition, message):
         raise ConfigError(message)
 
 
-def check_common(cfg):
-    """Checks shared by the trainers' configs (each field only if the config has it)."""
+def check_common(cfg, beta_may_be_zero=False):
+    """Checks shared by the trainers' configs (each field only if the config has it). β must be
+    positive, or with ``beta_may_be_zero`` (GRPO, whose default is no KL term) at least 0."""
     backend.check_device(cfg.device)
     for name in ("max_steps", "batch_size"):
         if hasattr(cfg, name):
@@ -67,7 +68,7 @@ def check_common(cfg):
         require(math.isfinite(cfg.lr) and cfg.lr > 0, f"lr must be positive and finite, got {cfg.lr}")
     if hasattr(cfg, "beta"):
         try:
-            check_beta(cfg.beta)
+            check_beta(cfg.beta, allow_zero=beta_may_be_zero)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     for name in ("grad_clip", "weight_decay", "margin", "label_smoothing", "val_fraction"):
@@ -131,6 +132,16 @@ def load_policy(path, device):
     model = load_model(path, device)
     require(isinstance(model, GPT), f"{path} holds a {type(model).__name__}, not a GPT policy")
     return model
+
+
+def check_sampling(cfg, *counts):
+    """What the stages that sample and score (rl, ppo, grpo) check alike: exactly one source of
+    reward, and each field named in ``counts`` at least 1 (or None, where None means a default)."""
+    require((cfg.reward_model is None) != (cfg.reward_fn is None),
+            "give exactly one of --reward-model (a checkpoint) and --reward-fn (module:function)")
+    for name in counts:
+        value = getattr(cfg, name)
+        require(value is None or value >= 1, f"{name} must be at least 1, got {value}")
 
 
 def check_context(cfg, policy, reward_model=None):

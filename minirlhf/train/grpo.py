@@ -17,8 +17,7 @@ that the remaining steps of its μ still use).
 """
 
 import math
-from dataclasses import asdict, dataclass
-from types import SimpleNamespace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -29,8 +28,8 @@ from ..logprobs import logprobs_from_logits, token_entropy
 from ..losses import group_advantages, grpo_loss
 from ..optim import AdamW, param_groups
 from ..tensor import no_grad
-from .common import (batch_tensor, check_common, check_context, config_summary, first_non_finite,
-                     load_policy, option, overwrite_option, require)
+from .common import (batch_tensor, check_common, check_context, check_sampling, config_summary,
+                     first_non_finite, load_policy, option, overwrite_option, require)
 from .rl import Rewarder, sample_batch
 from .run import Run
 
@@ -73,12 +72,9 @@ class GRPOConfig:
 
 
 def check(cfg):
-    # β = 0 is GRPO's default, which check_common (β > 0 for rl and dpo) would refuse
-    check_common(SimpleNamespace(**{k: v for k, v in asdict(cfg).items() if k != "beta"}))
-    require(cfg.beta >= 0, f"beta must be >= 0, got {cfg.beta}")
-    require((cfg.reward_model is None) != (cfg.reward_fn is None),
-            "give exactly one of --reward-model (a checkpoint) and --reward-fn (module:function)")
-    require(cfg.num_generations >= 1, f"num_generations must be at least 1, got {cfg.num_generations}")
+    check_common(cfg, beta_may_be_zero=True)          # β = 0, no KL term, is GRPO's default
+    check_sampling(cfg, "num_generations", "num_iterations", "prompts_per_step", "max_new_tokens",
+                   "ckpt_interval")
     require(cfg.scale_rewards != "group" or cfg.num_generations >= 2,
             "--scale-rewards group needs --num-generations 2 or more (the std of one reward is "
             "undefined); use --scale-rewards none or batch")
@@ -86,13 +82,9 @@ def check(cfg):
             "--scale-rewards batch needs at least 2 completions per batch")
     require(cfg.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"),
             f"loss_type must be grpo, bnpo, dr_grpo or dapo, got {cfg.loss_type!r}")
-    require(cfg.num_iterations >= 1, f"num_iterations must be at least 1, got {cfg.num_iterations}")
     require(0 < cfg.epsilon_low < 1, f"epsilon_low must be in (0, 1), got {cfg.epsilon_low}")
     require(cfg.epsilon_high is None or cfg.epsilon_high > 0,
             f"epsilon_high must be positive, got {cfg.epsilon_high}")
-    require(cfg.prompts_per_step >= 1, f"prompts_per_step must be at least 1, got {cfg.prompts_per_step}")
-    require(cfg.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {cfg.max_new_tokens}")
-    require(cfg.ckpt_interval >= 1, f"ckpt_interval must be at least 1, got {cfg.ckpt_interval}")
 
 
 class GenerationBatch:

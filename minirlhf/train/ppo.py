@@ -42,8 +42,8 @@ from ..losses import (clipped_surrogate, gae, kl_penalty_rewards, masked_mean, m
 from ..model import GPT, RewardModel, ValueModel
 from ..optim import AdamW, clip_grad_norm_, param_groups
 from ..tensor import no_grad
-from .common import (batch_tensor, check_common, check_context, config_summary, first_non_finite,
-                     load_policy, option, overwrite_option, require)
+from .common import (batch_tensor, check_common, check_context, check_sampling, config_summary,
+                     first_non_finite, load_policy, option, overwrite_option, require)
 from .rl import Rewarder, sample_batch
 from .run import Run
 
@@ -96,11 +96,8 @@ class PPOConfig:
 
 def check(cfg):
     check_common(cfg)
-    require((cfg.reward_model is None) != (cfg.reward_fn is None),
-            "give exactly one of --reward-model (a checkpoint) and --reward-fn (module:function)")
-    for name in ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "ppo_epochs",
-                 "num_minibatches", "ckpt_interval", "kl_horizon", "ptx_batch_size"):
-        require(getattr(cfg, name) >= 1, f"{name} must be at least 1, got {getattr(cfg, name)}")
+    check_sampling(cfg, "prompts_per_step", "samples_per_prompt", "max_new_tokens", "ppo_epochs",
+                   "num_minibatches", "ckpt_interval", "kl_horizon", "ptx_batch_size")
     n = cfg.prompts_per_step * cfg.samples_per_prompt
     require(n >= 2, "whitening the advantages needs at least 2 completions per rollout "
                     "(prompts_per_step x samples_per_prompt)")

@@ -28,8 +28,8 @@ from ..losses import reinforce_kl_loss
 from ..model import RewardModel, generate
 from ..optim import AdamW, param_groups
 from ..tensor import no_grad
-from .common import (ConfigError, batch_tensor, check_common, config_summary, load_policy, option,
-                     overwrite_option, require)
+from .common import (ConfigError, batch_tensor, check_common, check_context, check_sampling,
+                     config_summary, load_policy, option, overwrite_option, require)
 from .run import Run
 
 
@@ -64,18 +64,12 @@ class RLConfig:
 
 def check(cfg):
     check_common(cfg)
-    require((cfg.reward_model is None) != (cfg.reward_fn is None),
-            "give exactly one of --reward-model (a checkpoint) and --reward-fn (module:function)")
-    require(cfg.prompts_per_step >= 1, f"prompts_per_step must be at least 1, got {cfg.prompts_per_step}")
-    require(cfg.samples_per_prompt >= 1,
-            f"samples_per_prompt must be at least 1, got {cfg.samples_per_prompt}")
+    check_sampling(cfg, "prompts_per_step", "samples_per_prompt", "max_new_tokens")
     require(cfg.baseline != "loo" or cfg.samples_per_prompt >= 2,
             "the leave-one-out baseline needs samples_per_prompt >= 2")
     require(cfg.baseline != "mean" or cfg.samples_per_prompt >= 2,
             "the mean baseline with samples_per_prompt=1 subtracts each sample's own reward: every "
             "advantage is 0 and the policy never moves; use samples_per_prompt >= 2 or --baseline none")
-    require(cfg.max_new_tokens is None or cfg.max_new_tokens >= 1,
-            f"max_new_tokens must be at least 1, got {cfg.max_new_tokens}")
 
 
 def load_reward_fn(spec):
@@ -179,17 +173,10 @@ def _train(cfg, run, metrics_fn):
     block = policy.config.block_size
     if cfg.max_new_tokens is None:  # the default: 48, or what a small context leaves
         cfg = replace(cfg, max_new_tokens=min(48, block - 2))
-    # a row is the start token + the prompt (1 token at least) + the completion + a closing EOT
-    require(1 <= cfg.max_new_tokens <= block - 2,
-            f"max_new_tokens={cfg.max_new_tokens} does not fit the policy's context of {block} tokens: "
-            f"a row also holds the start token and a closing end-of-text, so at most {block - 2}")
+    rewarder = Rewarder(cfg, tokenizer)
+    check_context(cfg, policy, rewarder.rm)
     ref = load_policy(cfg.init, cfg.device)
     ref.eval()
-    rewarder = Rewarder(cfg, tokenizer)
-    if rewarder.rm is not None:
-        require(rewarder.rm.config.block_size >= block,
-                f"the reward model {cfg.reward_model} reads {rewarder.rm.config.block_size} tokens, "
-                f"fewer than the policy's context of {block}: a long sample could not be scored")
     rng = np.random.default_rng(cfg.seed)                 # the sampling
     optimizer = AdamW(param_groups(policy, 0.0), lr=cfg.lr)
     start = run.restore(policy, optimizer, rngs={"sampling": rng})
