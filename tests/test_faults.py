@@ -338,6 +338,7 @@ def test_a_nan_loss_at_a_chosen_step_keeps_the_last_good_checkpoint(files, tmp_p
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4, 5]   # no NaN row
 
 
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
 @pytest.mark.parametrize("stage", ["sft", "reward", "rl", "dpo", "ppo", "grpo"])
 def test_every_stage_stops_on_divergence(stage, files, tmp_path):
     with pytest.raises(DivergenceError, match=f"{stage} diverged at step"):
