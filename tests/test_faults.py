@@ -298,6 +298,34 @@ def test_kill_9_during_a_save_leaves_the_last_checkpoint_and_the_orphan_is_clean
     assert [r["loss"] for r in metrics(tmp_path)] == long_straight
 
 
+def stage_args(stage, files, out):
+    """The command line of `stage_run(stage, ...)` for ppo and grpo (checkpoints at every step)."""
+    sampling = ["--prompts", files["prompts"], "--reward-fn", files["score"], "--init", files["pre"],
+                "--prompts-per-step", "2", "--max-new-tokens", "6", "--max-steps", "6",
+                "--ckpt-interval", "1", "--out-dir", str(out), "--quiet"]
+    if stage == "ppo":
+        return ["ppo", *sampling, "--samples-per-prompt", "2", "--ppo-epochs", "2",
+                "--num-minibatches", "2", "--target-kl", "0.01", "--kl-horizon", "100",
+                "--ptx-coef", "0.1", "--ptx-data", files["corpus"], "--ptx-batch-size", "2"]
+    return ["grpo", *sampling, "--num-generations", "2", "--num-iterations", "2", "--beta", "0.1"]
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_kill_9_of_a_real_ppo_or_grpo_process_then_the_same_command_gives_the_straight_run(
+        stage, files, straight, tmp_path):
+    # each logged step sleeps a little (numbers unchanged), so that the kill lands mid-run
+    prelude = ("import time\nfrom minirlhf.train.run import Run\nlog = Run.log\n"
+               "Run.log = lambda self, step, row: (time.sleep(0.3), log(self, step, row))[1]\n")
+    args = stage_args(stage, files, tmp_path)
+    proc = start(args, prelude)
+    wait_for_rows(tmp_path, random.Random(stage).randint(2, 4), proc)
+    proc.kill()
+    proc.communicate()
+    assert len(metrics(tmp_path)) < 6                                  # it was stopped mid-run
+    assert cli.main(args) == 0
+    assert_same_run(tmp_path, straight[stage])
+
+
 def test_the_lock_is_released_when_a_run_ends_so_the_next_one_can_go(tmp_path):
     cfg = PretrainConfig(out_dir=str(tmp_path), **MODEL, max_steps=1, quiet=True)
     with Run(cfg, "pretrain"):
