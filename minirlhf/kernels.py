@@ -25,9 +25,8 @@ ones; small ones (sampling a few rows at a time) are left to OpenBLAS's own thre
 
 Freed memory. glibc gives freed blocks larger than 128 KB back to the operating system, and the next
 training step, which allocates the same activations again, faults them back in page by page. On
-first use minirlhf tells glibc to keep freed
-memory below 32 MB for reuse (``mallopt``), as PyTorch's and CuPy's GPU memory pools do. The cost:
-the process does not shrink after its peak. ``MINIRLHF_KEEP_MEMORY=0`` turns this off.
+first use minirlhf tells glibc to keep freed memory below 32 MB for reuse (``mallopt``), as
+PyTorch's and CuPy's GPU memory pools do. The cost: the process does not shrink after its peak. ``MINIRLHF_KEEP_MEMORY=0`` turns this off.
 
 ``MINIRLHF_NUM_THREADS`` (or ``set_num_threads``) sets the number of threads; by default, the CPUs
 this process may use, at most 8.
@@ -330,10 +329,10 @@ def affine_rows(x, weight, bias=None):
     y = xp.empty((x.shape[0], weight.shape[1]), xp.result_type(x, weight))
 
     def block(lo, hi):
-        block = y[lo:hi]
-        xp.matmul(x[lo:hi], weight, out=block)
+        y_ = y[lo:hi]
+        xp.matmul(x[lo:hi], weight, out=y_)
         if bias is not None:
-            block += bias                      # in place (`y[lo:hi] += bias` would copy it back)
+            y_ += bias                         # in place (`y[lo:hi] += bias` would copy it back)
 
     for_rows(block, x.shape[0], weight.size, blas=True, shared_weight=True, xp=xp)
     return y
@@ -479,7 +478,7 @@ def attention(q, k, v, scale, allowed=None):
         P_ /= backend.sum_last(P_)[..., None]                        # softmax, in place
         xp.matmul(P_, v_, out=y_)                                    # y = P v
 
-    _for_batch_rows(block, q, k, P, xp)
+    _for_batch_rows(block, q, P, xp)
     return y, P
 
 
@@ -501,14 +500,14 @@ def attention_grads(q, k, v, P, gy, scale, out=None):
         xp.matmul(xp.swapaxes(gs, -1, -2), q_, out=gk_)
         gk_ *= scale
 
-    _for_batch_rows(block, q, k, P, xp)
+    _for_batch_rows(block, q, P, xp)
     return gq, gk, gv
 
 
-def _for_batch_rows(block, q, k, P, xp):
+def _for_batch_rows(block, q, P, xp):
     """Run ``block(lo, hi)`` over blocks of the leading (batch) axis, on CPU threads."""
-    if q.ndim < 3 or q.shape[:-2] != k.shape[:-2]:
-        rows(0, None)                                                # everything in one block
+    if q.ndim < 3:                                                   # no batch axis: one block
+        block(0, None)
         return
     per_row = P[:1].size * q.shape[-1]                               # multiply-adds of one row
     for_rows(block, q.shape[0], per_row, blas=True, xp=xp)
