@@ -21,7 +21,6 @@ from .tensor import Function, array_of
 # softmax family
 
 
-_log_softmax = kernels.log_softmax     # of raw arrays: (x - max x) - log Σ exp(x - max x)
 
 
 class Softmax(Function):
@@ -45,7 +44,7 @@ class LogSoftmax(Function):
         self.axis = axis
 
     def forward(self, x):
-        self.y = _log_softmax(x, self.axis)
+        self.y = kernels.log_softmax(x, self.axis)
         return self.y
 
     def backward(self, gy):
@@ -146,7 +145,6 @@ def check_ids(ids, n, what, ignore=None):
         raise IdRangeError(f"{what} {value} is out of range [0, {n})")
 
 
-_check_ids = check_ids
 
 
 # ===================================================================================================
@@ -155,7 +153,8 @@ _check_ids = check_ids
 
 class TokenLogprobs(Function):
     """``log softmax(z)[t]`` for each row of logits ``z`` (..., V) and integer target ``t`` (...):
-    `logprobs.token_logprobs`."""
+    `logprobs.token_logprobs`. The same numbers as ``-cross_entropy(z, t, reduction="none")``,
+    named for what the RL losses read: the log-probability of each chosen token."""
 
     def __init__(self, targets):
         self.targets = targets
@@ -163,7 +162,7 @@ class TokenLogprobs(Function):
     def forward(self, logits):
         xp = backend.get_array_module(logits)
         self.t, self.shape = self.targets.reshape(-1), logits.shape          # (N,)
-        self.rows = xp.arange(self.t.shape[0])
+        self.rows = xp.arange(self.t.shape[0])                               # (N,)
         self.logp = kernels.log_softmax_rows(logits.reshape(-1, logits.shape[-1]))   # (N, V)
         return self.logp[self.rows, self.t].reshape(self.targets.shape)      # (...)
 
@@ -185,7 +184,7 @@ class Entropy(Function):
 
     def forward(self, logits):
         xp = backend.get_array_module(logits)
-        logp = _log_softmax(logits, axis=-1)
+        logp = kernels.log_softmax(logits, axis=-1)
         p = xp.exp(logp)
         logp = xp.where(p > 0, logp, 0)                                    # 0·log 0 = 0 (z = -inf)
         self.p, self.logp = p, logp

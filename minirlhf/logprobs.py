@@ -82,13 +82,13 @@ def sequence_logprobs(model, input_ids, completion_mask):
     return logprobs_from_logits(model(input_ids), input_ids, completion_mask)
 
 
-def completion_positions(completion_mask, shape, xp, shaped_like):
+def completion_positions(completion_mask, shape, xp, what):
     """The mask as booleans on ``xp``'s device, after checking it has ``shape`` (B, T), that of
-    ``shaped_like``, and a first column of zeros (token 0 has nothing before it to be scored from)."""
+    ``what``, and a first column of zeros (token 0 has nothing before it to be scored from)."""
     mask = array_of(completion_mask, xp)
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"completion_mask of shape {tuple(mask.shape)} does not match "
-                         f"{shaped_like} of shape {tuple(shape)}")
+                         f"{what} of shape {tuple(shape)}")
     keep = mask != 0
     if bool(keep[:, 0].any()):
         raise ValueError("completion_mask[:, 0] must be 0: token 0 has no logits before it to be "

@@ -1,4 +1,5 @@
-"""GPT-2, a reward model on its trunk, and sampling with a KV cache — in one file, top to bottom.
+"""GPT-2, a reward model and a value model on its trunk, and sampling with a KV cache — in one
+file, top to bottom.
 
 The architecture is exactly GPT-2's (Radford et al., 2019), written as nanoGPT writes it:
 
@@ -27,6 +28,7 @@ import numpy as np
 
 from . import backend
 from . import functional as F
+from . import kernels
 from . import ops
 from . import reference as R
 from .nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList
@@ -294,31 +296,15 @@ class GPT(TransformerModel):
         return KVCache(self.config, batch_size, self.device, pad_lengths)
 
 
-class RewardModel(TransformerModel):
-    """r(x, y): the GPT trunk and a scalar head read at the last non-padding token.
-
-    ``rm(input_ids, lengths)``: input_ids (B, T) right-padded, lengths (B,) the number of real
-    tokens of each row -> rewards (B,). Attention is causal, so the hidden state at position
-    ``length-1`` has seen the whole sequence and nothing of the padding after it.
-    """
+class ScalarHeadModel(TransformerModel):
+    """The GPT trunk and a scalar head, a Linear from C to 1: what RewardModel and ValueModel share
+    (the same weights and names). They differ only in where they read the head."""
 
     def __init__(self, config, seed=0):
         super().__init__(config, seed)
         self.transformer = Transformer(config, self.init_rng, self.dropout_rng)
         self.head = Linear(config.n_embd, 1, bias=True, rng=self.init_rng, dtype=config.dtype,
                            fused=config.fused)
-
-    def forward(self, input_ids, lengths):
-        xp = backend.get_array_module(self.head.weight.data)
-        h = self.transformer(input_ids)                              # (B, T, C)
-        B, T, C = h.shape
-        lengths = backend.to_numpy(array_of(lengths))
-        if lengths.shape != (B,) or lengths.dtype.kind not in "iu":
-            raise ValueError(f"lengths must be {B} integers, got {lengths.dtype} {lengths.shape}")
-        if B and (lengths.min() < 1 or lengths.max() > T):
-            raise ValueError(f"lengths must lie in [1, {T}], got {lengths.tolist()}")
-        last = h[xp.arange(B), xp.asarray(lengths - 1)]              # (B, C)
-        return self.head(last).reshape(B)                            # (B,)
 
     def load_trunk(self, state_dict):
         """Copy the ``transformer.*`` weights of a GPT state dict; the head stays as it is."""
@@ -332,12 +318,33 @@ class RewardModel(TransformerModel):
 
     @classmethod
     def from_gpt(cls, gpt, seed=0):
-        """A reward model whose trunk is a copy of ``gpt``'s (on its device) and whose head is new."""
-        rm = cls(gpt.config, seed=seed).to(gpt.device)
-        return rm.load_trunk(gpt.state_dict())
+        """A model whose trunk is a copy of ``gpt``'s (on its device) and whose head is new."""
+        model = cls(gpt.config, seed=seed).to(gpt.device)
+        return model.load_trunk(gpt.state_dict())
 
 
-class ValueModel(TransformerModel):
+class RewardModel(ScalarHeadModel):
+    """r(x, y): the GPT trunk and a scalar head read at the last non-padding token.
+
+    ``rm(input_ids, lengths)``: input_ids (B, T) right-padded, lengths (B,) the number of real
+    tokens of each row -> rewards (B,). Attention is causal, so the hidden state at position
+    ``length-1`` has seen the whole sequence and nothing of the padding after it.
+    """
+
+    def forward(self, input_ids, lengths):
+        xp = backend.get_array_module(self.head.weight.data)
+        h = self.transformer(input_ids)                              # (B, T, C)
+        B, T, C = h.shape
+        lengths = backend.to_numpy(array_of(lengths))
+        if lengths.shape != (B,) or lengths.dtype.kind not in "iu":
+            raise ValueError(f"lengths must be {B} integers, got {lengths.dtype} {lengths.shape}")
+        if B and (lengths.min() < 1 or lengths.max() > T):
+            raise ValueError(f"lengths must lie in [1, {T}], got {lengths.tolist()}")
+        last = h[xp.arange(B), xp.asarray(lengths - 1)]              # (B, C)
+        return self.head(last).reshape(B)                            # (B,)
+
+
+class ValueModel(ScalarHeadModel):
     """V(x, y_<t): the GPT trunk and a scalar head read at every position (PPO's critic).
 
     ``vm(input_ids)``: input_ids (B, T) -> values (B, T), aligned like `minirlhf.logprobs`:
@@ -347,14 +354,6 @@ class ValueModel(TransformerModel):
     a copy of the reward model, is ``ValueModel.from_reward_model(rm)``.
     """
 
-    load_trunk = RewardModel.load_trunk
-
-    def __init__(self, config, seed=0):
-        super().__init__(config, seed)
-        self.transformer = Transformer(config, self.init_rng, self.dropout_rng)
-        self.head = Linear(config.n_embd, 1, bias=True, rng=self.init_rng, dtype=config.dtype,
-                           fused=config.fused)
-
     def forward(self, input_ids):
         h = self.transformer(input_ids)                              # (B, T, C)
         B, T, C = h.shape
@@ -362,12 +361,6 @@ class ValueModel(TransformerModel):
         xp = backend.get_array_module(v.data)
         first = Tensor.from_array(xp.zeros((B, 1), dtype=v.dtype))
         return ops.concatenate([first, v], axis=1)                   # (B, T)
-
-    @classmethod
-    def from_gpt(cls, gpt, seed=0):
-        """A value model whose trunk is a copy of ``gpt``'s (on its device) and whose head is new."""
-        vm = cls(gpt.config, seed=seed).to(gpt.device)
-        return vm.load_trunk(gpt.state_dict())
 
     @classmethod
     def from_reward_model(cls, rm, seed=0):
@@ -443,7 +436,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
                 if not np.isfinite(last).all():
                     raise FloatingPointError("generate: the model produced non-finite logits "
                                              "(has training diverged?)")
-                logp = F._log_softmax(last, axis=-1)
+                logp = kernels.log_softmax(last, axis=-1)
                 tok = _sample(last, temperature, top_k, top_p, rng)  # (B,)
                 for b in np.flatnonzero(~done):
                     new_tokens[b].append(int(tok[b]))

@@ -27,8 +27,8 @@ from .tensor import no_grad
 class Optimizer:
     """Holds the parameter groups and the per-parameter state; subclasses write the update rule.
 
-    A subclass gives ``_new_state(p, group)``, the arrays it keeps per parameter (zeros shaped
-    like ``p``), ``_state_names(group)``, their names, and ``_update(p, g, state, group, t)``, its
+    A subclass gives ``_state_names(group)``, the names of the arrays it keeps per parameter (each
+    starts as zeros shaped like ``p``), and ``_update(p, g, state, group, t)``, its
     formula on arrays, written in place, at step ``t`` = 1, 2, ... The rule is elementwise, so it
     gives the same numbers on a whole group at once.
 
@@ -178,17 +178,15 @@ class Optimizer:
         that joined from a group without momentum, say, as PyTorch creates them lazily."""
         state = self.state.get(p)
         if state is None or any(k not in state for k in names):
-            state = {"step": 0, **self._new_state(p.data, group), **(state or {})}
+            xp = backend.get_array_module(p.data)
+            zeros = {name: xp.zeros_like(p.data) for name in self._state_names(group)}
+            state = {"step": 0, **zeros, **(state or {})}
             self.state[p] = state
         return state
 
     def _state_names(self, group):
-        """The names of the arrays the rule keeps per parameter in this group: `_new_state`'s."""
+        """The names of the arrays the rule keeps per parameter in this group (zeros at first)."""
         return ()
-
-    def _new_state(self, p, group):
-        """The arrays kept per parameter, at their values before the first step."""
-        return {}
 
     def _update(self, p, g, state, group, t):
         raise NotImplementedError
@@ -250,11 +248,6 @@ class SGD(Optimizer):
     def _state_names(self, group):
         return ("momentum_buffer",) if group["momentum"] else ()
 
-    def _new_state(self, p, group):
-        if not group["momentum"]:
-            return {}
-        return {"momentum_buffer": backend.get_array_module(p).zeros_like(p)}
-
     def _update(self, p, g, state, group, t):
         lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
         if wd:
@@ -286,10 +279,6 @@ class AdamW(Optimizer):
 
     def _state_names(self, group):
         return ("m", "v")
-
-    def _new_state(self, p, group):
-        xp = backend.get_array_module(p)
-        return {"m": xp.zeros_like(p), "v": xp.zeros_like(p)}
 
     def _update(self, p, g, state, group, t):
         xp = backend.get_array_module(p)

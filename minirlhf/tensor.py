@@ -99,9 +99,9 @@ class Tensor:
 
     ``data``: the NumPy or CuPy array. ``grad``: an array of the same shape after ``backward()``
     (leaves only), else None. ``requires_grad``: whether gradients flow to this tensor.
-    Both are always arrays, 0-d ones included: NumPy gives a scalar (``np.float64``) for
-    arithmetic on 0-d arrays, and a scalar cannot be updated in place, so one assigned to
-    ``data`` or ``grad`` is stored as a 0-d array of its dtype.
+    ``data`` is always an array and ``grad`` None or an array, 0-d ones included: NumPy gives a
+    scalar (``np.float64``) for arithmetic on 0-d arrays, and a scalar cannot be updated in place,
+    so one assigned to ``data`` or ``grad`` is stored as a 0-d array of its dtype.
     """
 
     __slots__ = ("_data", "_grad", "requires_grad", "_ctx", "__weakref__")
@@ -135,9 +135,7 @@ class Tensor:
         outside the engine uses for a constant it built with ``xp`` (zeros, a mask). A NumPy scalar
         still becomes a 0-d array (see `_as_array`)."""
         t = cls.__new__(cls)
-        if type(array) is not _NDARRAY and isinstance(array, _NUMPY_SCALAR):  # see _as_array
-            array = np.asarray(array)
-        t._data = array
+        t._data = _as_array(array)
         t._grad = None
         t.requires_grad = False
         t._ctx = None
@@ -389,9 +387,6 @@ class _Freed(Function):
 
 
 _FREED = _Freed()
-
-
-_NDARRAY, _NUMPY_SCALAR = np.ndarray, np.generic
 
 
 def _as_array(a):

@@ -213,3 +213,10 @@ def test_a_checkpoint_whose_config_has_no_fused_loads_as_the_fused_model(tmp_pat
     loaded = load_model(tmp_path / "old.npz")
     assert loaded.config.fused is True
     np.testing.assert_array_equal(loaded.lm_head_weight.data, model.lm_head_weight.data)
+
+
+def test_attention_without_a_batch_axis_equals_its_reference():
+    """q, k, v of shape (T, hs): one head, no leading axes (one block, no threads)."""
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((5, 4)) for _ in range(3))
+    assert_same_value_and_gradients(F.causal_attention, R.causal_attention, [q, k, v])
