@@ -186,6 +186,31 @@ def test_other_settings_in_the_folder_are_refused_unless_overwrite(files, straig
     assert load_checkpoint(tmp_path / "ckpt.npz")["extra"]["settings"]["lr"] == 1e-3
 
 
+def test_overwrite_with_a_missing_data_file_keeps_the_old_run(files, tmp_path):
+    stage_run("sft", files, tmp_path, max_steps=2)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != ".lock"}
+    with pytest.raises(FileNotFoundError):
+        stage_run("sft", files, tmp_path, max_steps=2, data=str(tmp_path / "typo.jsonl"), overwrite=True)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != ".lock"} == before
+
+
+def test_a_checkpoint_past_max_steps_is_refused_not_called_finished(files, tmp_path, monkeypatch):
+    stop_at(monkeypatch, 5, "crash")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        stage_run("sft", files, tmp_path)                     # checkpoints at 2 and 4, a crash at 5
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match="at step 4, past --max-steps 3"):
+        stage_run("sft", files, tmp_path, max_steps=3)
+    assert load_checkpoint(tmp_path / "ckpt.npz")["step"] == 4
+
+
+def test_an_eval_interval_of_0_is_one_line_before_any_work(files, tmp_path, capsys):
+    code = cli.main(["sft", "--data", files["sft"], "--init", files["pre"], "--eval-interval", "0",
+                     "--out-dir", str(tmp_path), "--quiet"])
+    assert code == 2 and "eval_interval must be at least 1" in capsys.readouterr().err
+    assert not tmp_path.exists() or not list(tmp_path.iterdir())
+
+
 def test_a_finished_run_goes_on_when_max_steps_grows(files, straight, tmp_path):
     stage_run("pretrain", files, tmp_path, max_steps=4)
     stage_run("pretrain", files, tmp_path, max_steps=6)

@@ -1,35 +1,10 @@
-"""What every trainer shares: validation of settings, moving NumPy batches to the device, and the
-pieces of the fine-tuning stages. The run itself is a `minirlhf.train.run.Run`.
-
-A run folder (``--out-dir``) holds one run:
-
-    ckpt.npz        the last checkpoint: model, optimizer, RNG states, step (written atomically)
-    metrics.jsonl   one JSON object per step, each step once (also after a resume), names as TRL's;
-                    a NaN or infinite metric is null
-    run.json        the stage, its settings and input files, and, once finished, its result
-    .lock           the process that holds the folder
-
-Every trainer runs the same way (`Run`'s docstring shows the code):
-
-* Running the same command again goes on from the last checkpoint, bit for bit: the data order
-  comes from the seed and the step (`minirlhf.datasets.Minibatches`), the RNG states are saved.
-  A finished run says so and does nothing; other settings or input files of other content in the
-  same folder are refused unless ``--overwrite``. ``max_steps`` may change (a finished run goes on
-  to more steps), and so may ``ckpt_interval``, ``device``, ``quiet`` and the folder's place.
-* A second run in a folder in use refuses, naming the process; the lock of a dead process is taken
-  over, and the ``*.tmp`` files of a save that was killed are removed.
-* A NaN or infinite loss or gradient norm stops the run with one line (`DivergenceError`) before
-  anything is saved: the last good checkpoint stays. A checkpoint with such weights is never written.
-* Ctrl-C ends the step in progress, saves it, and the message says what to type to go on.
-* Bad input is one line (`ConfigError`, `DataError`, ...), checked before any work starts.
+"""What every trainer shares: validation of settings (bad input is one line, `ConfigError`,
+checked before any work starts), moving NumPy batches to the device, and the pieces of the
+fine-tuning stages. The run itself, its folder and what it guarantees: `minirlhf.train.run.Run`.
 """
 
-import json
 import math
-import time
 from dataclasses import field
-
-import numpy as np
 
 from .. import backend
 from ..losses import check_beta
@@ -61,7 +36,7 @@ def check_common(cfg, beta_may_be_zero=False):
     """Checks shared by the trainers' configs (each field only if the config has it). β must be
     positive, or with ``beta_may_be_zero`` (GRPO, whose default is no KL term) at least 0."""
     backend.check_device(cfg.device)
-    for name in ("max_steps", "batch_size"):
+    for name in ("max_steps", "batch_size", "eval_interval"):
         if hasattr(cfg, name):
             require(getattr(cfg, name) >= 1, f"{name} must be at least 1, got {getattr(cfg, name)}")
     if hasattr(cfg, "lr"):
@@ -83,34 +58,6 @@ def check_common(cfg, beta_may_be_zero=False):
 def batch_tensor(array, device):
     """A NumPy batch array (token ids, masks) as a Tensor on ``device``, with no gradient."""
     return Tensor(array).to(device)
-
-
-def log_row(file, bar, start, step, metrics, advance=1):
-    """Write ``{"step", **metrics, "time"}`` as one JSON line (NaN as null), show it on ``bar``."""
-    row = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()},
-           "time": round(time.time() - start, 3)}
-    file.write(json.dumps(row) + "\n")
-    file.flush()
-    shown = {k: f"{v:.4g}" for k, v in row.items() if isinstance(v, float) and k != "time"}
-    bar.set_postfix(shown, refresh=False)
-    bar.update(advance)
-    return row
-
-
-def _jsonable(v):
-    """A metric as JSON: Python numbers, and null for NaN or infinity (JSON has neither)."""
-    if hasattr(v, "item"):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-
-
-def first_non_finite(values):
-    """The first NaN or infinity in the array ``values``, or 0.0 if there is none: one number that
-    `minirlhf.train.run.Run.check_finite` can judge and name."""
-    bad = values[~np.isfinite(values)]
-    return float(bad[0]) if bad.size else 0.0
 
 
 def config_summary(cfg):

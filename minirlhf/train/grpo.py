@@ -29,7 +29,7 @@ from ..losses import group_advantages, grpo_loss
 from ..optim import AdamW, param_groups
 from ..tensor import no_grad
 from .common import (batch_tensor, check_common, check_context, check_sampling, config_summary,
-                     first_non_finite, load_policy, option, overwrite_option, require)
+                     load_policy, option, overwrite_option, require)
 from .rl import Rewarder, sample_batch
 from .run import Run
 
@@ -178,8 +178,8 @@ def _train(cfg, run, metrics_fn):
                 gen.load_state_dict(generate_batch(policy, ref, rewarder, prompts[(step - 1) // mu],
                                                    cfg, tokenizer, rng, metrics_fn))
             except FloatingPointError:   # the last update made the logits overflow: diverged
-                run.check_finite("policy's logits", math.nan)
-            run.check_finite("advantage", first_non_finite(gen.advantages))
+                run.diverged("policy", "overflowing its logits")
+            run.check_finite("advantage", gen.advantages)
 
         input_ids = batch_tensor(gen.input_ids, cfg.device)             # (N, T)
         mask = batch_tensor(gen.mask, cfg.device)                        # (N, T)

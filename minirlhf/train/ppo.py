@@ -43,7 +43,7 @@ from ..model import GPT, RewardModel, ValueModel
 from ..optim import AdamW, clip_grad_norm_, param_groups
 from ..tensor import no_grad
 from .common import (batch_tensor, check_common, check_context, check_sampling, config_summary,
-                     first_non_finite, load_policy, option, overwrite_option, require)
+                     load_policy, option, overwrite_option, require)
 from .rl import Rewarder, sample_batch
 from .run import Run
 
@@ -236,9 +236,9 @@ def _train(cfg, run, metrics_fn):
         try:
             r = rollout(policy, ref, value, rewarder, prompts[step - 1], cfg, tokenizer, rng, kl_ctl.beta)
         except FloatingPointError:   # the last update made the logits overflow: diverged
-            run.check_finite("policy's logits", math.nan)
-        run.check_finite("advantage", first_non_finite(r["advantages"]))
-        run.check_finite("return", first_non_finite(r["returns"]))
+            run.diverged("policy", "overflowing its logits")
+        run.check_finite("advantage", r["advantages"])
+        run.check_finite("return", r["returns"])
 
         stats = []
         for _ in range(cfg.ppo_epochs):

@@ -50,8 +50,7 @@ class PretrainConfig:
 
 def check(cfg):
     check_common(cfg)
-    for name in ("n_layer", "n_head", "n_embd", "block_size", "eval_interval", "eval_batches",
-                 "ckpt_interval"):
+    for name in ("n_layer", "n_head", "n_embd", "block_size", "eval_batches"):
         require(getattr(cfg, name) >= 1, f"{name} must be at least 1, got {getattr(cfg, name)}")
     require(cfg.n_embd % cfg.n_head == 0,
             f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")

@@ -187,7 +187,7 @@ def _train(cfg, run, metrics_fn):
         try:
             seqs, completions, group = sample_batch(policy, prompt_texts, cfg, tokenizer, rng)
         except FloatingPointError:   # the last update made the logits overflow: diverged
-            run.check_finite("policy's logits", math.nan)
+            run.diverged("policy", "overflowing its logits")
         seq_prompts = [prompt_texts[g] for g in group]
         R = rewarder(seqs, seq_prompts, completions)                         # (N,)
 

@@ -1,5 +1,5 @@
 """One training run in one folder: its lock, its settings, resuming, the finiteness checks, the
-checkpoints and the log. Every trainer follows the same lines (see `minirlhf.train.common`):
+checkpoints and the log. Every trainer follows the same lines:
 
     def sft(cfg):
         check_common(cfg)
@@ -14,11 +14,35 @@ checkpoints and the log. Every trainer follows the same lines (see `minirlhf.tra
             loss, grad_norm = run.update(loss_t) # backward, clip, step; DivergenceError if not finite
             run.log(step, {"loss": loss, "grad_norm": grad_norm})
             run.save_if_due(step)                # every ckpt_interval steps and at max_steps
+        loss = run.last["loss"]                  # the last logged step (also right after a resume)
         return run.finish({"loss": loss}, f"loss {loss:.4f}")
 
 The position in the data order is the step itself: `minirlhf.datasets.Minibatches` gives the batch of
 any step from the seed alone, so a checkpoint needs only the model, the optimizer, the RNG states
 (the model's dropout RNG is always included) and the step.
+
+A run folder (``--out-dir``) holds one run:
+
+    ckpt.npz        the last checkpoint: model, optimizer, RNG states, step (written atomically)
+    metrics.jsonl   one JSON object per step, each step once (also after a resume), names as TRL's;
+                    a NaN or infinite metric is null
+    run.json        the stage, its settings and input files, and, once finished, its result
+    .lock           the process that holds the folder
+
+What a run guarantees, in every trainer:
+
+* Running the same command again goes on from the last checkpoint, bit for bit: the data order
+  comes from the seed and the step (`minirlhf.datasets.Minibatches`), the RNG states are saved.
+  A finished run says so and does nothing; other settings or input files of other content in the
+  same folder are refused unless ``--overwrite``. ``max_steps`` may change (a finished run goes on
+  to more steps), and so may ``ckpt_interval``, ``device``, ``quiet`` and the folder's place.
+* A second run in a folder in use refuses, naming the process; the lock of a dead process is taken
+  over, and the ``*.tmp`` files of a save that was killed are removed.
+* A NaN or infinite loss or gradient norm stops the run with one line (`DivergenceError`) before
+  anything is saved: the last good checkpoint stays. A checkpoint with such weights is never written.
+* Ctrl-C ends the step in progress, saves it, and the message says what to type to go on.
+* Bad input is one line (`ConfigError`, `DataError`, ...), checked before any work starts; in
+  particular ``--overwrite`` clears the folder only once the new run's data and model are loaded.
 """
 
 import contextlib
@@ -34,10 +58,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from ..checkpoint import CheckpointError, non_finite, load_checkpoint, save_checkpoint
-from .common import ConfigError, _jsonable, log_row
+from .common import ConfigError
 
 try:
     import fcntl
@@ -68,14 +93,15 @@ class Run:
     ``finished`` (with its ``result``), other settings are refused unless ``cfg.overwrite``.
     """
 
-    def __init__(self, cfg, stage, checkpoint_name="ckpt.npz"):
+    def __init__(self, cfg, stage):
         self.cfg, self.stage = cfg, stage
-        self.quiet = getattr(cfg, "quiet", False)
+        self.quiet = cfg.quiet
         self.max_steps = cfg.max_steps
         self.out = Path(cfg.out_dir)
-        self.ckpt_path = self.out / checkpoint_name
+        self.ckpt_path = self.out / "ckpt.npz"
         self.metrics_path, self.record_path = self.out / "metrics.jsonl", self.out / "run.json"
         self.also = {}
+        self.fresh = None      # the record of a run that starts afresh (once restore() is reached)
         self.model = self.optimizer = self.bar = self.metrics_file = self._lock = None
         self.rngs, self.last, self.saved_step, self.step = {}, {}, None, 0
         self.t0 = time.time()
@@ -121,7 +147,7 @@ class Run:
                        file=sys.stderr)
         f.seek(0)
         f.truncate()
-        f.write(f"{os.getpid()} ({_command()})\n")
+        f.write(f"{os.getpid()} ({command_line(sys.argv[1:])})\n")
         f.flush()
         self._lock = f
 
@@ -141,7 +167,7 @@ class Run:
         if self.record_path.exists():
             with contextlib.suppress(OSError, ValueError):
                 old = json.loads(self.record_path.read_text(encoding="utf-8"))
-        overwrite = getattr(self.cfg, "overwrite", False)
+        overwrite = self.cfg.overwrite
         has_ckpt = self.ckpt_path.exists()
         if not has_ckpt:  # nothing done yet (or a run that failed before its first checkpoint)
             return self._start_afresh(mine)
@@ -161,10 +187,9 @@ class Run:
         self._write_record({**mine, "max_steps": self.max_steps, "finished": False})
 
     def _start_afresh(self, record):
-        for path in (self.ckpt_path, self.metrics_path):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        self._write_record({**record, "max_steps": self.max_steps, "finished": False})
+        """Note that the folder's old run is to be replaced: `restore` clears it, once the new
+        run's data and model have loaded (a typo in --data must not cost the old run)."""
+        self.fresh = {**record, "max_steps": self.max_steps, "finished": False}
 
     def _write_record(self, record):
         tmp = self.out / ".run.json.tmp"
@@ -182,6 +207,11 @@ class Run:
         (a value model, its optimizer). ``metrics.jsonl`` is cut back to the steps the checkpoint
         has seen.
         """
+        if self.fresh is not None:
+            for path in (self.ckpt_path, self.metrics_path):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            self._write_record(self.fresh)
         self.model, self.optimizer = model, optimizer
         self.also = dict(also or {})
         self.rngs = dict(rngs or {})
@@ -204,6 +234,9 @@ class Run:
                     obj.load_state_dict(also[name])
                 except (ValueError, KeyError, IndexError) as e:
                     raise CheckpointError(f"{self.ckpt_path}: the state of {name} does not fit: {e}") from None
+        if start > self.max_steps:
+            raise ConfigError(f"{self.ckpt_path} is at step {start}, past --max-steps {self.max_steps}: "
+                              f"give --max-steps {start} or more to go on, or --overwrite to start again")
         self._open_metrics(start)
         self.step = start
         return start
@@ -269,16 +302,22 @@ class Run:
         self.check_finite("loss", value)
         self.optimizer.zero_grad()
         loss.backward()
-        clip = getattr(self.cfg, "grad_clip", 0) or math.inf
+        clip = self.cfg.grad_clip or math.inf
         grad_norm = clip_grad_norm_(self.model.parameters(), clip)   # the norm before clipping
         self.check_finite("gradient norm", grad_norm)
         self.optimizer.step()
         return value, grad_norm
 
     def check_finite(self, quantity, value):
-        """Raise `DivergenceError` (one line: stage, step, quantity, what to try) unless finite."""
-        if math.isfinite(float(value)):
+        """Raise `DivergenceError` unless ``value`` (a number, or a host array: every entry) is finite."""
+        values = np.asarray(value, dtype=np.float64)
+        if np.isfinite(values).all():
             return
+        self.diverged(quantity, values[~np.isfinite(values)].flat[0])
+
+    def diverged(self, quantity, value):
+        """Stop the run with one line: the stage, the step, the quantity and its value, what to try.
+        Nothing is saved: the last good checkpoint stays."""
         kept = (f"the checkpoint of step {self.saved_step} in {self.ckpt_path} is kept"
                 if self.saved_step else "no checkpoint was written")
         hint = f"lower --lr (now {self.cfg.lr:g})" if hasattr(self.cfg, "lr") else "lower the lr"
@@ -289,13 +328,18 @@ class Run:
                               f"{value}; {kept}; {hint}")
 
     def log(self, step, metrics):
-        """One JSON line of ``metrics`` for ``step`` (non-finite values as null) and the bar."""
-        self.last = log_row(self.metrics_file, self.bar, self.t0, step, metrics)
-        return self.last
+        """Write ``{"step", **metrics, "time"}`` as one JSON line (NaN as null), show it on the bar."""
+        row = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()},
+               "time": round(time.time() - self.t0, 3)}
+        self.metrics_file.write(json.dumps(row) + "\n")
+        self.metrics_file.flush()
+        shown = {k: f"{v:.4g}" for k, v in row.items() if isinstance(v, float) and k != "time"}
+        self.bar.set_postfix(shown, refresh=False)
+        self.bar.update(1)
+        self.last = row
 
     def save_if_due(self, step):
-        interval = getattr(self.cfg, "ckpt_interval", 0) or self.max_steps
-        if step % interval == 0 or step == self.max_steps:
+        if step % self.cfg.ckpt_interval == 0 or step == self.max_steps:
             self.save(step)
 
     def save(self, step):
@@ -318,8 +362,6 @@ class Run:
 
     def finish(self, result, summary=""):
         """Mark the run finished in ``run.json`` with ``result`` and print one summary line."""
-        if self.saved_step != self.max_steps and self.step == self.max_steps:
-            self.save(self.max_steps)
         result = {"checkpoint": str(self.ckpt_path), **result, "steps": self.max_steps,
                   "seconds": time.time() - self.t0}
         self._write_record({**self.record, "finished": True,
@@ -373,10 +415,18 @@ def _difference(old, mine):
     return None
 
 
+def _jsonable(v):
+    """A metric as JSON: Python numbers, and null for NaN or infinity (JSON has neither)."""
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
 def _digest(path):
     """The SHA-256 of a file's bytes, or of a folder's files (names and bytes, in sorted order: a
-    text corpus, a Hugging Face checkpoint): the same content is the same input, wherever it was
-    copied."""
+    text corpus, a Hugging Face checkpoint): a file edited in place is another input."""
     h = hashlib.sha256()
     files = [path] if os.path.isfile(path) else sorted(
         os.path.join(d, name) for d, _, names in os.walk(path) for name in names)
@@ -387,11 +437,6 @@ def _digest(path):
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
-
-
-def _command():
-    """The command line of this process, as typed (for the lock file and the interrupt message)."""
-    return command_line(sys.argv[1:])
 
 
 def command_line(argv):
