@@ -88,7 +88,7 @@ def stage_run(stage, files, out, **over):
         "rl": (RLConfig, rl, dict(prompts=files["prompts"], reward_fn=files["score"], prompts_per_step=2,
                                   samples_per_prompt=2, max_new_tokens=6)),
         "dpo": (DPOConfig, dpo, dict(data=files["prefs"], batch_size=4, warmup_steps=2, eval_interval=3)),
-        # everything that carries state from step to step is on: the value model (with dropout), the
+        # everything that carries state from step to step is on: the value model, the
         # adaptive β, the ptx windows, and (GRPO) a generation batch that two steps share
         "ppo": (PPOConfig, ppo, dict(prompts=files["prompts"], reward_fn=files["score"], prompts_per_step=2,
                                     samples_per_prompt=2, max_new_tokens=6, ppo_epochs=2,

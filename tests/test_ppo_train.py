@@ -1,12 +1,14 @@
 """`minirlhf ppo` end to end on the tiny files of test_train: it logs TRL's PPO metrics, saves a
 policy and a value model, starts on-policy (ρ = 1), and refuses bad input with one line."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from test_train import read_metrics, run_error, workdir  # noqa: F401  (workdir: a fixture)
 
 from minirlhf import cli
-from minirlhf.checkpoint import load_checkpoint, load_model
+from minirlhf.checkpoint import load_checkpoint, load_model, save_checkpoint
 from minirlhf.model import GPT, RewardModel, ValueModel
 from minirlhf.train.ppo import PPOConfig, adaptive_beta, make_value_model
 from minirlhf.train.rl import Rewarder
@@ -52,6 +54,23 @@ def test_one_epoch_one_minibatch_is_on_policy(workdir, tmp_path):
     assert abs(first["objective/kl"]) < 1e-5
     assert first["objective/rlhf_reward"] == pytest.approx(
         first["objective/scores"] + first["objective/non_score_reward"])
+
+
+def test_a_policy_with_dropout_is_sampled_and_updated_without_it(workdir, tmp_path):
+    """Dropout is off in RL (as TRL): with it on, p_old (the rollout's pass) and p_θ (the update's
+    pass) would differ by their dropout masks, and ρ would not be 1 on the first update."""
+    model = load_model(workdir["pre"])
+    config = replace(model.config, dropout=0.5)
+    noisy = GPT(config)
+    noisy.load_state_dict(model.state_dict())
+    save_checkpoint(tmp_path / "dropout.npz", noisy, config)
+    args = ppo_args(workdir, tmp_path, "--reward-fn", reward_file(tmp_path), "--max-steps", "2",
+                    "--ppo-epochs", "1", "--num-minibatches", "1")
+    args[args.index("--init") + 1] = str(tmp_path / "dropout.npz")
+    assert cli.main(args) == 0
+    for row in read_metrics(tmp_path / "ppo"):
+        assert row["val/ratio"] == pytest.approx(1.0, abs=1e-6) and row["policy/approxkl_avg"] < 1e-12
+    assert abs(read_metrics(tmp_path / "ppo")[0]["objective/kl"]) < 1e-5
 
 
 def test_ppo_ptx_and_missing_eos_penalty_and_adaptive_kl_run(workdir, tmp_path):

@@ -157,6 +157,7 @@ def _train(cfg, run, metrics_fn):
     tokenizer = tokenizer_for(cfg.init)   # the one the model was trained with
     records = load_prompts(cfg.prompts)
     policy = load_policy(cfg.init, cfg.device)
+    policy.eval()   # dropout off, as TRL: samples, log p_old and log p_θ of one distribution
     ref = None
     if cfg.beta > 0:                                                     # β = 0 needs no reference
         ref = load_policy(cfg.init, cfg.device)

@@ -211,11 +211,13 @@ def _train(cfg, run, metrics_fn):
     tokenizer = tokenizer_for(cfg.init)   # the one the model was trained with
     records = load_prompts(cfg.prompts)
     policy = load_policy(cfg.init, cfg.device)
+    policy.eval()   # dropout off, as TRL: samples, log p_old and log p_θ of one distribution
     ref = load_policy(cfg.init, cfg.device)
     ref.eval()
     rewarder = Rewarder(cfg, tokenizer)
     check_context(cfg, policy, rewarder.rm)
     value = make_value_model(cfg, policy, rewarder)
+    value.eval()    # the values of the rollout and of the updates, from one function
     ptx_tokens = encode_corpus(load_text(cfg.ptx_data), tokenizer) if cfg.ptx_coef > 0 else None
     if ptx_tokens is not None:
         require(len(ptx_tokens) > policy.config.block_size + 1,
@@ -225,7 +227,7 @@ def _train(cfg, run, metrics_fn):
     value_optimizer = AdamW(param_groups(value, 0.0), lr=cfg.lr)
     kl_ctl = KLController(cfg)
     start = run.restore(policy, policy_optimizer,
-                        rngs={"sampling": rng, "value_dropout": value.dropout_rng},
+                        rngs={"sampling": rng},
                         also={"value": value, "value_optimizer": value_optimizer,
                               "kl_controller": kl_ctl})
     prompts = Minibatches([r["prompt"] for r in records], cfg.prompts_per_step, seed=cfg.seed)

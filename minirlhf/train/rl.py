@@ -170,6 +170,7 @@ def _train(cfg, run, metrics_fn):
     records = load_prompts(cfg.prompts)
     tokenizer = tokenizer_for(cfg.init)   # the one the model was trained with
     policy = load_policy(cfg.init, cfg.device)
+    policy.eval()   # dropout off, as TRL: samples, log p_old and log p_θ of one distribution
     block = policy.config.block_size
     if cfg.max_new_tokens is None:  # the default: 48, or what a small context leaves
         cfg = replace(cfg, max_new_tokens=min(48, block - 2))
