@@ -13,6 +13,10 @@ whole completions come from `minirlhf.logprobs.sequence_logprobs` (sums over com
     dpo_loss           direct preference optimisation (and its cDPO and IPO variants)
     masked_mean, masked_var, masked_whiten, clipped_surrogate, kl_penalty_rewards, gae, value_loss
                        PPO as InstructGPT ran it: per-token KL reward, GAE, clipped policy and value
+    group_advantages, aggregate_tokens, grpo_loss
+                       GRPO as TRL runs it: group-standardised advantages, per-variant token weights,
+                       the clipped surrogate plus β·k3 in the loss
+    check_beta         the check of β that every loss and trainer config shares
 
 Losses that report something return ``(loss, metrics)``, metrics being a dict of Python floats under
 the names TRL logs, so runs can be compared with it.
@@ -47,8 +51,6 @@ def check_beta(beta, fn=None, allow_zero=False):
         raise ValueError(f"{where}{need}: β weighs the KL to the reference; got {beta}")
     return beta
 
-
-_check_beta = check_beta
 
 
 def _check_same_shape(fn, **arrays):
@@ -226,7 +228,7 @@ def reinforce_kl_loss(logp_seq, ref_logp_seq, rewards, beta, baseline="mean", gr
     Returns ``(loss, metrics)``: ``reward`` = mean R, ``kl`` = mean of log p_θ - log p_ref per
     sequence (k1), ``reward_with_kl`` = mean R̂, ``advantage/mean``, ``advantage/std``.
     """
-    beta = _check_beta(beta, "reinforce_kl_loss", allow_zero=True)
+    beta = check_beta(beta, "reinforce_kl_loss", allow_zero=True)
     if baseline not in ("none", "mean", "loo"):
         raise ValueError(f"reinforce_kl_loss: baseline must be 'none', 'mean' or 'loo', "
                          f"got {baseline!r}")
@@ -313,7 +315,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     ``rewards/accuracies`` = fraction of pairs whose chosen reward exceeds the rejected one,
     ``logps/chosen`` and ``logps/rejected`` = means of the policy log-probs.
     """
-    beta = _check_beta(beta, "dpo_loss")
+    beta = check_beta(beta, "dpo_loss")
     if loss_type not in ("sigmoid", "ipo"):
         raise ValueError(f"dpo_loss: loss_type must be 'sigmoid' or 'ipo', got {loss_type!r}")
     eps = float(label_smoothing)
@@ -476,7 +478,7 @@ def kl_penalty_rewards(scores, logp, ref_logp, mask, beta, estimator="k1"):
     token with the KL it itself added. 0 outside the mask. ``scores`` (B,) are R(y|x). Arrays
     give an array; a Tensor ``logp`` gives a Tensor (differentiable through the KL term).
     """
-    beta = _check_beta(beta, "kl_penalty_rewards", allow_zero=True)
+    beta = check_beta(beta, "kl_penalty_rewards", allow_zero=True)
     if estimator not in _ESTIMATORS:
         raise ValueError(f"kl_penalty_rewards: estimator must be 'k1', 'k2' or 'k3', got {estimator!r}")
     k = _ESTIMATORS[estimator](logp, ref_logp)                           # (B, T)
@@ -680,7 +682,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.0, epsilon_low=
     when β > 0), ``clip_ratio/low_mean`` (ρ < 1-ε_low and A < 0), ``clip_ratio/high_mean``
     (ρ > 1+ε_high and A > 0), ``clip_ratio/region_mean`` (either).
     """
-    beta = _check_beta(beta, "grpo_loss", allow_zero=True)
+    beta = check_beta(beta, "grpo_loss", allow_zero=True)
     if not isinstance(logp, Tensor):
         raise TypeError("grpo_loss: logp must be a Tensor (the policy's log p_θ per token)")
     if loss_type == "sequence" or loss_type not in LOSS_TYPES:
