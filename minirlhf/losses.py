@@ -34,9 +34,6 @@ from .tensor import Tensor, array_of
 # helpers
 
 
-_data = array_of   # the raw array of a Tensor, or x as an array of xp
-
-
 def _float(a):
     return float(a.item()) if hasattr(a, "item") else float(a)
 
@@ -75,7 +72,7 @@ def sft_loss(logits, input_ids, completion_mask):
     over tokens, not sequences: every completion token counts once, as in a pre-training loss.
     """
     xp = backend.get_array_module(logits.data)
-    ids = _data(input_ids, xp)
+    ids = array_of(input_ids, xp)
     if ids.ndim != 2 or logits.shape[:2] != tuple(ids.shape):
         raise ValueError(f"sft_loss: logits {logits.shape} and input_ids {tuple(ids.shape)} must be "
                          "(B, T, V) and (B, T)")
@@ -106,9 +103,9 @@ def bt_loss(r_chosen, r_rejected, margin=0.0):
         raise TypeError("bt_loss: r_chosen or r_rejected must be a Tensor (the reward model's output)")
     ref = r_chosen if isinstance(r_chosen, Tensor) else r_rejected
     xp = backend.get_array_module(ref.data)
-    _check_same_shape("bt_loss", r_chosen=_data(r_chosen, xp), r_rejected=_data(r_rejected, xp))
+    _check_same_shape("bt_loss", r_chosen=array_of(r_chosen, xp), r_rejected=array_of(r_rejected, xp))
     diff = r_chosen - r_rejected                                         # (B,)
-    m = margin if isinstance(margin, Tensor) else ops.as_tensor(_data(margin, xp).astype(diff.dtype))
+    m = margin if isinstance(margin, Tensor) else ops.as_tensor(array_of(margin, xp).astype(diff.dtype))
     loss = -F.logsigmoid(diff - m).mean()
 
     d = diff.data
@@ -136,7 +133,7 @@ def _log_ratio(logp, ref_logp):
     if isinstance(logp, Tensor) or isinstance(ref_logp, Tensor):
         ref = logp if isinstance(logp, Tensor) else ref_logp
         xp = backend.get_array_module(ref.data)
-        _check_same_shape("kl", logp=_data(logp, xp), ref_logp=_data(ref_logp, xp))
+        _check_same_shape("kl", logp=array_of(logp, xp), ref_logp=array_of(ref_logp, xp))
         return ops.as_tensor(ref_logp, like=ref) - ops.as_tensor(logp, like=ref)
     xp = backend.get_array_module(logp, ref_logp)
     logp, ref_logp = xp.asarray(logp), xp.asarray(ref_logp)
@@ -185,14 +182,10 @@ def kl_per_sequence(logp, ref_logp, mask, estimator="k1"):
     if estimator not in _ESTIMATORS:
         raise ValueError(f"kl_per_sequence: estimator must be 'k1', 'k2' or 'k3', got {estimator!r}")
     k = _ESTIMATORS[estimator](logp, ref_logp)                           # (B, T)
-    xp = backend.get_array_module(_data(k))
-    keep = _data(mask, xp) != 0
-    if tuple(keep.shape) != tuple(k.shape):
-        raise ValueError(f"kl_per_sequence: mask of shape {tuple(keep.shape)} does not match "
-                         f"log-probs of shape {tuple(k.shape)}")
+    keep = _keep(mask, k, "kl_per_sequence")                             # (B, T) bool
     if isinstance(k, Tensor):
         return ops.where(keep, k, 0.0).sum(axis=-1)
-    return xp.where(keep, k, 0).sum(axis=-1)
+    return backend.get_array_module(keep).where(keep, k, 0).sum(axis=-1)
 
 
 # ===================================================================================================
@@ -236,8 +229,8 @@ def reinforce_kl_loss(logp_seq, ref_logp_seq, rewards, beta, baseline="mean", gr
         raise TypeError("reinforce_kl_loss: logp_seq must be a Tensor (the policy's log p_θ(y|x))")
     xp = backend.get_array_module(logp_seq.data)
     logp = logp_seq.data
-    ref = _data(ref_logp_seq, xp).astype(logp.dtype)
-    R = _data(rewards, xp).astype(logp.dtype)
+    ref = array_of(ref_logp_seq, xp).astype(logp.dtype)
+    R = array_of(rewards, xp).astype(logp.dtype)
     if logp.ndim != 1:
         raise ValueError(f"reinforce_kl_loss: expected one log-prob per sequence (B,), got {logp.shape}")
     _check_same_shape("reinforce_kl_loss", logp_seq=logp, ref_logp_seq=ref, rewards=R)
@@ -263,7 +256,7 @@ def _baseline(shaped, kind, group, xp):
         sums = xp.full_like(shaped, shaped.sum())
         counts = xp.full_like(shaped, n)
     else:
-        g = _data(group, xp)
+        g = array_of(group, xp)
         if tuple(g.shape) != (n,):
             raise ValueError(f"reinforce_kl_loss: group must have shape ({n},), got {tuple(g.shape)}")
         _, inverse = xp.unique(g, return_inverse=True)
@@ -327,8 +320,8 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
         raise TypeError("dpo_loss: the policy log-probs must be Tensors")
     pc, pr = policy_chosen_logps, policy_rejected_logps
     xp = backend.get_array_module(pc.data)
-    rc = _data(ref_chosen_logps, xp).astype(pc.dtype)                  # constants: no gradient
-    rr = _data(ref_rejected_logps, xp).astype(pc.dtype)
+    rc = array_of(ref_chosen_logps, xp).astype(pc.dtype)                  # constants: no gradient
+    rr = array_of(ref_rejected_logps, xp).astype(pc.dtype)
     _check_same_shape("dpo_loss", policy_chosen_logps=pc.data, policy_rejected_logps=pr.data,
                       ref_chosen_logps=rc, ref_rejected_logps=rr)
 
@@ -363,11 +356,12 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
 def _keep(mask, like, fn):
     """The mask as a boolean array on ``like``'s device, checked against ``like``'s shape."""
-    xp = backend.get_array_module(_data(like))
-    keep = _data(mask, xp) != 0
-    if tuple(keep.shape) != tuple(_data(like).shape):
+    xp = backend.get_array_module(array_of(like))
+    shape = tuple(array_of(like, xp).shape)
+    keep = array_of(mask, xp) != 0
+    if tuple(keep.shape) != shape:
         raise ValueError(f"{fn}: mask of shape {tuple(keep.shape)} does not match values of shape "
-                         f"{tuple(_data(like).shape)}")
+                         f"{shape}")
     return keep
 
 
@@ -439,14 +433,14 @@ def clipped_surrogate(logp, old_logp, advantages, mask, epsilon_low=0.2, epsilon
         raise ValueError(f"clipped_surrogate: need 0 < epsilon_low < 1 and epsilon_high > 0, "
                          f"got {eps_lo} and {eps_hi}")
     xp = backend.get_array_module(logp.data)
-    old = _data(old_logp, xp).astype(logp.dtype)                       # (B, T) constants
-    A = _data(advantages, xp).astype(logp.dtype)
+    old = array_of(old_logp, xp).astype(logp.dtype)                       # (B, T) constants
+    A = array_of(advantages, xp).astype(logp.dtype)
     if A.ndim == 1:
         A = A[:, None]                                                   # (B, 1): one per sequence
     _check_same_shape("clipped_surrogate", logp=logp.data, old_logp=old)
     if A.shape[0] != logp.shape[0] or A.shape[1] not in (1, logp.shape[1]):
         raise ValueError(f"clipped_surrogate: advantages must be (B,) or (B, T) for logp "
-                         f"{tuple(logp.shape)}, got {tuple(_data(advantages, xp).shape)}")
+                         f"{tuple(logp.shape)}, got {tuple(array_of(advantages, xp).shape)}")
     keep = _keep(mask, logp, "clipped_surrogate")
 
     log_ratio = logp - ops.as_tensor(old, like=logp)                     # (B, T) log ρ
@@ -484,7 +478,7 @@ def kl_penalty_rewards(scores, logp, ref_logp, mask, beta, estimator="k1"):
     k = _ESTIMATORS[estimator](logp, ref_logp)                           # (B, T)
     keep = _keep(mask, k, "kl_penalty_rewards")
     xp = backend.get_array_module(keep)
-    R = _data(scores, xp).astype(_data(k).dtype)
+    R = array_of(scores, xp).astype(k.dtype)
     if tuple(R.shape) != (keep.shape[0],):
         raise ValueError(f"kl_penalty_rewards: scores must be (B,) = ({keep.shape[0]},), "
                          f"got {tuple(R.shape)}")
@@ -511,8 +505,8 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     gamma, lam = float(gamma), float(lam)
     if not (0 <= gamma <= 1 and 0 <= lam <= 1):
         raise ValueError(f"gae: need 0 <= gamma <= 1 and 0 <= lam <= 1, got {gamma} and {lam}")
-    xp = backend.get_array_module(_data(rewards), _data(values))
-    r, v = _data(rewards, xp), _data(values, xp)
+    xp = backend.get_array_module(array_of(rewards), array_of(values))
+    r, v = array_of(rewards, xp), array_of(values, xp)
     _check_same_shape("gae", rewards=r, values=v)
     keep = _keep(mask, r, "gae")
     r = xp.where(keep, r, 0)
@@ -546,8 +540,8 @@ def value_loss(values, old_values, returns, mask, clip_range_value=0.2):
     if not c > 0:
         raise ValueError(f"value_loss: clip_range_value must be > 0, got {c}")
     xp = backend.get_array_module(values.data)
-    old = _data(old_values, xp).astype(values.dtype)                     # (B, T) constants
-    R = _data(returns, xp).astype(values.dtype)
+    old = array_of(old_values, xp).astype(values.dtype)                     # (B, T) constants
+    R = array_of(returns, xp).astype(values.dtype)
     _check_same_shape("value_loss", values=values.data, old_values=old, returns=R)
     keep = _keep(mask, values, "value_loss")
 
@@ -582,8 +576,8 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-4):
     """
     if scale not in ("group", "batch", "none"):
         raise ValueError(f"group_advantages: scale must be 'group', 'batch' or 'none', got {scale!r}")
-    r = _data(rewards)
-    xp = backend.get_array_module(r)
+    xp = backend.get_array_module(array_of(rewards))
+    r = array_of(rewards, xp)                                            # lists too
     G = int(group_size)
     if r.ndim != 1:
         raise ValueError(f"group_advantages: rewards must be (B,), got {tuple(r.shape)}")
@@ -642,7 +636,7 @@ def aggregate_tokens(per_token_loss, mask, loss_type, max_completion_length=None
                          "(its constant normaliser)")
     keep = _keep(mask, per_token_loss, "aggregate_tokens")
     xp = backend.get_array_module(keep)
-    dtype = _data(per_token_loss).dtype
+    dtype = array_of(per_token_loss, xp).dtype
     B = keep.shape[0]
     if isinstance(per_token_loss, Tensor):
         masked = ops.where(keep, per_token_loss, 0.0)                    # (B, T)
@@ -691,7 +685,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.0, epsilon_low=
     if loss_type == "dr_grpo" and max_completion_length is None:
         raise ValueError("grpo_loss: loss_type='dr_grpo' needs max_completion_length")
     xp = backend.get_array_module(logp.data)
-    A = _data(advantages, xp)
+    A = array_of(advantages, xp)
     if A.ndim != 1:
         raise ValueError(f"grpo_loss: advantages must be one per sequence (B,), got {tuple(A.shape)}")
     keep = _keep(mask, logp, "grpo_loss")
@@ -701,11 +695,11 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.0, epsilon_low=
                "clip_ratio/high_mean": surrogate["clipfrac/high"],
                "clip_ratio/region_mean": surrogate["clipfrac"]}
     if beta > 0:
-        ref = _data(ref_logp, xp).astype(logp.dtype)
+        ref = array_of(ref_logp, xp).astype(logp.dtype)
         _check_same_shape("grpo_loss", logp=logp.data, ref_logp=ref)
         k3 = kl_k3(logp, ref)                                            # (B, T)
         if use_bias_correction_kl:
-            old = _data(old_logp, xp).astype(logp.dtype)
+            old = array_of(old_logp, xp).astype(logp.dtype)
             k3 = k3 * (logp - ops.as_tensor(old, like=logp)).exp()       # k3·ρ, ρ differentiable
         k3 = ops.where(keep, k3, 0.0)
         per_token = per_token + beta * k3

@@ -41,6 +41,13 @@ def test_masked_mean_is_the_mean_of_the_selected_entries(batch):
     assert mr.gradcheck(lambda x: masked_mean(x, mask, axis=1), [x])
 
 
+def test_masked_blocks_take_plain_lists():
+    assert masked_mean([[1.0, 2.0]], [[0, 1]]) == 2.0
+    assert masked_var([[1.0, 2.0, 4.0]], [[1, 1, 0]]) == 0.5
+    np.testing.assert_allclose(masked_whiten([[1.0, 3.0, 9.0]], [[1, 1, 0]]),
+                               [[-1 / np.sqrt(2 + 1e-8), 1 / np.sqrt(2 + 1e-8), 0]], rtol=1e-12)
+
+
 def test_masked_mean_ignores_what_lies_outside_the_mask_even_inf_and_nan():
     x = np.array([[1.0, 3.0, np.inf, np.nan]])
     assert masked_mean(x, np.array([[1, 1, 0, 0]])) == 2.0
