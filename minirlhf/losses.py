@@ -636,19 +636,16 @@ def aggregate_tokens(per_token_loss, mask, loss_type, max_completion_length=None
                          "(its constant normaliser)")
     keep = _keep(mask, per_token_loss, "aggregate_tokens")
     xp = backend.get_array_module(keep)
-    dtype = array_of(per_token_loss, xp).dtype
     B = keep.shape[0]
     if isinstance(per_token_loss, Tensor):
         masked = ops.where(keep, per_token_loss, 0.0)                    # (B, T)
-        const = lambda a: ops.as_tensor(xp.asarray(a, dtype=dtype), like=per_token_loss)  # noqa: E731
     else:
-        masked = xp.where(keep, per_token_loss, 0)
-        const = lambda a: xp.asarray(a, dtype=dtype)                     # noqa: E731
+        masked = xp.where(keep, xp.asarray(per_token_loss), 0)
     if loss_type == "grpo":
-        lengths = xp.maximum(keep.sum(axis=1), 1)                        # (B,) |y_i|, clamped
-        return (masked.sum(axis=1) / const(lengths)).sum() / B
+        lengths = xp.maximum(keep.sum(axis=1), 1).astype(masked.dtype)   # (B,) |y_i|, clamped
+        return (masked.sum(axis=1) / lengths).sum() / B
     if loss_type in ("bnpo", "dapo"):
-        return masked.sum() / const(max(int(keep.sum()), 1))
+        return masked.sum() / max(int(keep.sum()), 1)
     if loss_type == "dr_grpo":
         return masked.sum() / (B * int(max_completion_length))
     return masked.sum() / B
