@@ -526,10 +526,10 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
 def value_loss(values, old_values, returns, mask, clip_range_value=0.2):
     """PPO's clipped value loss, as in OpenAI's baselines and TRL:
 
-        L_V = ½·masked_mean(max((V - R)², (clip(V, V_old - c, V_old + c) - R)²))
+        L_V = ½·masked_mean(max((V - returns)², (clip(V, V_old - c, V_old + c) - returns)²))
 
     ``values`` (B, T) is the Tensor being trained, ``old_values`` its values at rollout time and
-    ``returns`` R = A + V_old (from `gae`) constants. The clip keeps the value head, like the policy,
+    ``returns`` = A + V_old (from `gae`) constants. The clip keeps the value head, like the policy,
     near where it was when the batch was sampled; the max makes the clip a pessimistic bound, never
     a bonus. Returns ``(loss, metrics)``: ``clipfrac`` = fraction of tokens where the clipped term
     is the larger.
@@ -541,17 +541,17 @@ def value_loss(values, old_values, returns, mask, clip_range_value=0.2):
         raise ValueError(f"value_loss: clip_range_value must be > 0, got {c}")
     xp = backend.get_array_module(values.data)
     old = array_of(old_values, xp).astype(values.dtype)                     # (B, T) constants
-    R = array_of(returns, xp).astype(values.dtype)
-    _check_same_shape("value_loss", values=values.data, old_values=old, returns=R)
+    returns = array_of(returns, xp).astype(values.dtype)
+    _check_same_shape("value_loss", values=values.data, old_values=old, returns=returns)
     keep = _keep(mask, values, "value_loss")
 
-    R_t = ops.as_tensor(R, like=values)
-    err = values - R_t
-    err_clipped = values.clip(old - c, old + c) - R_t
+    returns_t = ops.as_tensor(returns, like=values)
+    err = values - returns_t
+    err_clipped = values.clip(old - c, old + c) - returns_t
     loss1, loss2 = err * err, err_clipped * err_clipped                  # (B, T)
     worse = loss2.data > loss1.data
     loss = 0.5 * masked_mean(ops.where(worse, loss2, loss1), keep)
-    return loss, {"clipfrac": _float(masked_mean((worse & keep).astype(values.dtype), keep))}
+    return loss, {"clipfrac": _float(masked_mean(worse.astype(values.dtype), keep))}
 
 
 # ===================================================================================================
