@@ -368,16 +368,18 @@ def _keep(mask, like, fn):
 def masked_mean(x, mask, axis=None):
     """Mean of ``x`` over the entries where ``mask`` is 1:  Σ m·x / Σ m  (over ``axis``, or all).
 
-    Entries outside the mask never reach the sum, not even as 0·inf. A Tensor in gives a Tensor out.
+    Entries outside the mask never reach the sum, not even as 0·inf. A Tensor in gives a Tensor out,
+    and the result keeps x's dtype (the count is cast to it: float32 / int64 would be float64).
     """
     keep = _keep(mask, x, "masked_mean")
     count = keep.sum(axis=axis)
     if bool((count == 0).any()):
         raise ValueError("masked_mean: the mask selects no entry (all 0) along the reduced axis")
     if isinstance(x, Tensor):
-        return ops.where(keep, x, 0.0).sum(axis=axis) / ops.as_tensor(count.astype(x.dtype), like=x)
-    xp = backend.get_array_module(x)
-    return xp.where(keep, x, 0).sum(axis=axis) / count
+        return ops.where(keep, x, 0.0).sum(axis=axis) / count            # count takes x's dtype
+    xp = backend.get_array_module(keep)
+    x = xp.asarray(x)
+    return xp.where(keep, x, 0).sum(axis=axis) / count.astype(x.dtype)
 
 
 def masked_var(x, mask, unbiased=True):

@@ -41,6 +41,14 @@ def test_masked_mean_is_the_mean_of_the_selected_entries(batch):
     assert mr.gradcheck(lambda x: masked_mean(x, mask, axis=1), [x])
 
 
+def test_masked_blocks_keep_float32_as_float32():
+    x, mask = np.arange(6, dtype=np.float32).reshape(2, 3), np.array([[1, 1, 0], [1, 0, 1]])
+    for block in (masked_mean, masked_var, masked_whiten):
+        assert block(x, mask).dtype == np.float32
+        assert block(mr.tensor(x), mask).dtype == np.float32
+    assert masked_mean(x, mask, axis=1).dtype == np.float32
+
+
 def test_masked_blocks_take_plain_lists():
     assert masked_mean([[1.0, 2.0]], [[0, 1]]) == 2.0
     assert masked_var([[1.0, 2.0, 4.0]], [[1, 1, 0]]) == 0.5
