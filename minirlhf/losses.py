@@ -383,7 +383,10 @@ def masked_mean(x, mask, axis=None):
 
 
 def masked_var(x, mask, unbiased=True):
-    """Variance of ``x`` over the masked entries; ``unbiased`` multiplies by N/(N-1) (Bessel)."""
+    """Variance of ``x`` over the masked entries, μ = `masked_mean`:
+
+        σ² = Σ m·(x - μ)² / (Σ m - 1)    (``unbiased``, Bessel's correction)   or   / Σ m
+    """
     keep = _keep(mask, x, "masked_var")
     n = int(keep.sum())
     if unbiased and n < 2:
@@ -469,9 +472,9 @@ def kl_penalty_rewards(scores, logp, ref_logp, mask, beta, estimator="k1"):
         r_t = -β·k(log p_θ(y_t), log p_ref(y_t))  at every completion token t,
         r_T += R(y|x)                             at the last completion token T,
 
-    with k Schulman's k1 (log p_θ - log p_ref, the default), k2 or k3 per token. Summed over the
-    completion this is the REINFORCE reward R - β·KL; spread over tokens it lets GAE credit each
-    token with the KL it itself added. 0 outside the mask. ``scores`` (B,) are R(y|x). Arrays
+    with k Schulman's k1 (log p_θ - log p_ref, the default), k2 or k3 per token. With k1, the sum
+    over the completion is exactly R̂ = R - β·(log p_θ(y) - log p_ref(y)) of `reinforce_kl_loss`;
+    spread over tokens it lets GAE credit each token with the KL it itself added. 0 outside the mask. ``scores`` (B,) are R(y|x). Arrays
     give an array; a Tensor ``logp`` gives a Tensor (differentiable through the KL term).
     """
     beta = check_beta(beta, "kl_penalty_rewards", allow_zero=True)
@@ -570,10 +573,10 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-4):
         A_i = (r_i - mean_group(r)) / (std + eps)
 
     ``scale`` picks the std: ``"group"`` the std of i's group (GRPO), ``"batch"`` the std of all B
-    rewards, ``"none"`` no division at all (Dr. GRPO: the division weighs prompts whose samples
-    agree, too easy or too hard, as much as the rest, and rescales the reward each step). The std is
-    the unbiased one (ddof = 1), as ``torch.std`` computes it in TRL. The mean includes r_i itself,
-    which shrinks the expected gradient by (G-1)/G (see `reinforce_kl_loss`'s ``"mean"``).
+    rewards, ``"none"`` no division at all (Dr. GRPO: dividing by the std weighs prompts whose
+    samples agree, too easy or too hard, more than the rest, and rescales the reward each step).
+    The std is the unbiased one (ddof = 1), as ``torch.std`` computes it in TRL. The mean includes
+    r_i itself, which shrinks the expected gradient by (G-1)/G (see `reinforce_kl_loss`'s ``"mean"``).
     Arrays in, an array out: advantages are constants of the loss.
     """
     if scale not in ("group", "batch", "none"):
