@@ -278,17 +278,19 @@ def grpo_expected_advantage(p, R, G, scale, table=None):
 
 def grpo_group_fixed_point(p_ref, R, beta, G, n_tokens, length, iterations=100):
     """Where GRPO with std scaling converges, found without training: the policy p with
-    p = per_token_optimum(R' = E_p[A | y]), by iterating that map from p_ref (it contracts here:
-    17 iterations to 1e-14 on `audit_problem`)."""
+    p = per_token_optimum(R' = E_p[A | y]), by iterating that map from p_ref until one step moves p
+    by less than 1e-15 nats (KL); RuntimeError if ``iterations`` steps do not get there (the map
+    need not contract on every problem)."""
     p, table = p_ref, grpo_advantage_table(R, G, "group")
     for _ in range(iterations):
         R_scaled = grpo_expected_advantage(p, R, G, "group", table)
         q = per_token_optimum(p_ref, R_scaled, beta, n_tokens, length)
-        done = kl(q, p).max() < 1e-15
+        step = kl(q, p).max()
         p = q
-        if done:
-            break
-    return p
+        if step < 1e-15:
+            return p
+    raise RuntimeError(f"grpo_group_fixed_point: no fixed point after {iterations} iterations "
+                       f"(the last step moved p by {step:.3g} nats)")
 
 
 def grpo_expected_loss(policy, problem, ref_tok, G=4, scale="none", bias_correction=False,

@@ -113,6 +113,12 @@ def test_grpo_with_std_scaling_stops_at_its_own_rescaled_reward_optimum(toy):
     assert kl(p, optimal_policy(p_ref, problem.R, problem.beta)).mean() > 0.01
 
 
+def test_grpo_fixed_point_refuses_to_return_an_unconverged_policy(toy):
+    problem, _, p_ref, _ = toy
+    with pytest.raises(RuntimeError, match="no fixed point after 2 iterations"):
+        audit.grpo_group_fixed_point(p_ref, problem.R, problem.beta, 4, 3, 3, iterations=2)
+
+
 def test_forward_kl_argmax_is_stationary_on_the_simplex():
     rng = np.random.default_rng(0)
     ref = rng.dirichlet(np.ones(5), size=3)
