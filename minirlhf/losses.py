@@ -365,6 +365,13 @@ def _keep(mask, like, fn):
     return keep
 
 
+def _token_mean(x, keep):
+    """Σ keep·x / max(Σ keep, 1) as a Python float: the metrics' mean over the tokens, which is 0,
+    not an error, on an empty mask (TRL clamps the count at 1; `masked_mean` refuses)."""
+    xp = backend.get_array_module(keep)
+    return _float(xp.where(keep, x, 0).sum()) / max(int(keep.sum()), 1)
+
+
 def masked_mean(x, mask, axis=None):
     """Mean of ``x`` over the entries where ``mask`` is 1:  Σ m·x / Σ m  (over ``axis``, or all).
 
@@ -457,12 +464,11 @@ def clipped_surrogate(logp, old_logp, advantages, mask, epsilon_low=0.2, epsilon
     per_token = ops.where(keep, per_token, 0.0)
 
     r = ratio.data
-    low = (r < 1.0 - eps_lo) & (A < 0) & keep
-    high = (r > 1.0 + eps_hi) & (A > 0) & keep
-    n = max(int(keep.sum()), 1)
-    metrics = {"clipfrac": _float((low | high).sum()) / n,
-               "clipfrac/low": _float(low.sum()) / n, "clipfrac/high": _float(high.sum()) / n,
-               "approxkl": _float(xp.where(keep, 0.5 * log_ratio.data ** 2, 0).sum()) / n}
+    low = (r < 1.0 - eps_lo) & (A < 0)
+    high = (r > 1.0 + eps_hi) & (A > 0)
+    metrics = {"clipfrac": _token_mean(low | high, keep), "clipfrac/low": _token_mean(low, keep),
+               "clipfrac/high": _token_mean(high, keep),
+               "approxkl": _token_mean(kl_k2(logp.data, old), keep)}   # ½(log ρ)²
     return per_token, metrics
 
 
@@ -702,6 +708,6 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.0, epsilon_low=
             k3 = k3 * (logp - ops.as_tensor(old, like=logp)).exp()       # k3·ρ, ρ differentiable
         k3 = ops.where(keep, k3, 0.0)
         per_token = per_token + beta * k3
-        metrics = {"kl": _float(k3.data.sum()) / max(int(keep.sum()), 1), **metrics}
+        metrics = {"kl": _token_mean(k3.data, keep), **metrics}
     loss = aggregate_tokens(per_token, keep, loss_type, max_completion_length)
     return loss, metrics
