@@ -102,7 +102,8 @@ def set_policy(policy, problem, p):
 
 
 KL_PLACEMENTS = ("k1 in the loss", "k2 in the loss", "k3 in the loss",
-                 "k3·ρ in the loss (TRL use_bias_correction_kl)", "k1 in the reward (R̂ = R - β·k1)")
+                 "k3·ρ in the loss (TRL use_bias_correction_kl)",
+                 "k1 in the reward (R̂ = R - β·k1)")
 TARGETS = ("∇KL(p_θ‖p_ref)", "∇KL(p_ref‖p_θ)", "per-token ∇KL(p_θ‖p_ref)", "per-token ∇KL(p_ref‖p_θ)")
 
 
@@ -132,7 +133,7 @@ def kl_gradients(policy, ref, problem):
     def tok():
         return exact_token_logprobs(policy, prompts, ys)                 # (P, N, L)
 
-    def k3_rho():                                                        # k3·ρ, ρ = 1 with ∇ρ = ∇log p
+    def k3_rho():                                                        # ρ = 1, ∇ρ = ∇log p
         lp = tok()
         return kl_k3(lp, ref_tok) * (lp - lp.data).exp()
 

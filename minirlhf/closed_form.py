@@ -435,9 +435,9 @@ def centered_pearson(r, R):
 
 
 def flat_gradient(params, loss_fn):
-    """∇ loss_fn() with respect to ``params``, as one float64 NumPy vector: each parameter's gradient
-    raveled, in order (zeros for a parameter the loss does not reach). The parameters' ``.grad``
-    is cleared before the backward pass and left empty after it."""
+    """∇ loss_fn() with respect to ``params``, as one float64 NumPy vector: each parameter's
+    gradient raveled, in order (zeros for a parameter the loss does not reach). The parameters'
+    ``.grad`` is cleared before the backward pass and left empty after it."""
     for p in params:
         p.grad = None
     loss_fn().backward()
@@ -452,8 +452,11 @@ def exact_gradient(policy, ref, problem):
     """∇_θ J by autograd through the exact probability table, flattened over the parameters."""
     with no_grad():
         ref_logp = exact_logprobs(ref, problem.prompts, problem.completions).numpy()
-    return flat_gradient(policy.parameters(), lambda: exact_objective(
-        exact_logprobs(policy, problem.prompts, problem.completions), ref_logp, problem.R, problem.beta))
+    def J():
+        return exact_objective(exact_logprobs(policy, problem.prompts, problem.completions),
+                               ref_logp, problem.R, problem.beta)
+
+    return flat_gradient(policy.parameters(), J)
 
 
 def reinforce_gradients(policy, ref, problem, n_batches, n_per_prompt, seed=0, baseline="none"):

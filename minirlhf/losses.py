@@ -14,8 +14,8 @@ whole completions come from `minirlhf.logprobs.sequence_logprobs` (sums over com
     masked_mean, masked_var, masked_whiten, clipped_surrogate, kl_penalty_rewards, gae, value_loss
                        PPO as InstructGPT ran it: per-token KL reward, GAE, clipped policy and value
     group_advantages, aggregate_tokens, grpo_loss
-                       GRPO as TRL runs it: group-standardised advantages, per-variant token weights,
-                       the clipped surrogate plus β·k3 in the loss
+                       GRPO as TRL runs it: group-standardised advantages, each variant's
+                       weighing of tokens, the clipped surrogate plus β·k3 in the loss
     check_beta         the check of β that every loss and trainer config shares
 
 Losses that report something return ``(loss, metrics)``, metrics being a dict of Python floats under
@@ -47,7 +47,6 @@ def check_beta(beta, fn=None, allow_zero=False):
         where = f"{fn}: " if fn else ""
         raise ValueError(f"{where}{need}: β weighs the KL to the reference; got {beta}")
     return beta
-
 
 
 def _check_same_shape(fn, **arrays):
@@ -103,9 +102,11 @@ def bt_loss(r_chosen, r_rejected, margin=0.0):
         raise TypeError("bt_loss: r_chosen or r_rejected must be a Tensor (the reward model's output)")
     ref = r_chosen if isinstance(r_chosen, Tensor) else r_rejected
     xp = backend.get_array_module(ref.data)
-    _check_same_shape("bt_loss", r_chosen=array_of(r_chosen, xp), r_rejected=array_of(r_rejected, xp))
+    _check_same_shape("bt_loss", r_chosen=array_of(r_chosen, xp),
+                      r_rejected=array_of(r_rejected, xp))
     diff = r_chosen - r_rejected                                         # (B,)
-    m = margin if isinstance(margin, Tensor) else ops.as_tensor(array_of(margin, xp).astype(diff.dtype))
+    m = margin if isinstance(margin, Tensor) else ops.as_tensor(
+        array_of(margin, xp).astype(diff.dtype))
     loss = -F.logsigmoid(diff - m).mean()
 
     d = diff.data
@@ -320,7 +321,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
         raise TypeError("dpo_loss: the policy log-probs must be Tensors")
     pc, pr = policy_chosen_logps, policy_rejected_logps
     xp = backend.get_array_module(pc.data)
-    rc = array_of(ref_chosen_logps, xp).astype(pc.dtype)                  # constants: no gradient
+    rc = array_of(ref_chosen_logps, xp).astype(pc.dtype)                 # constants: no gradient
     rr = array_of(ref_rejected_logps, xp).astype(pc.dtype)
     _check_same_shape("dpo_loss", policy_chosen_logps=pc.data, policy_rejected_logps=pr.data,
                       ref_chosen_logps=rc, ref_rejected_logps=rr)
@@ -480,8 +481,9 @@ def kl_penalty_rewards(scores, logp, ref_logp, mask, beta, estimator="k1"):
 
     with k Schulman's k1 (log p_θ - log p_ref, the default), k2 or k3 per token. With k1, the sum
     over the completion is exactly R̂ = R - β·(log p_θ(y) - log p_ref(y)) of `reinforce_kl_loss`;
-    spread over tokens it lets GAE credit each token with the KL it itself added. 0 outside the mask. ``scores`` (B,) are R(y|x). Arrays
-    give an array; a Tensor ``logp`` gives a Tensor (differentiable through the KL term).
+    spread over tokens it lets GAE credit each token with the KL it itself added. 0 outside the
+    mask. ``scores`` (B,) are R(y|x). Arrays give an array; a Tensor ``logp`` gives a Tensor
+    (differentiable through the KL term).
     """
     beta = check_beta(beta, "kl_penalty_rewards", allow_zero=True)
     if estimator not in _ESTIMATORS:
@@ -582,7 +584,8 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-4):
     rewards, ``"none"`` no division at all (Dr. GRPO: dividing by the std weighs prompts whose
     samples agree, too easy or too hard, more than the rest, and rescales the reward each step).
     The std is the unbiased one (ddof = 1), as ``torch.std`` computes it in TRL. The mean includes
-    r_i itself, which shrinks the expected gradient by (G-1)/G (see `reinforce_kl_loss`'s ``"mean"``).
+    r_i itself, which shrinks the expected gradient by (G-1)/G (see `reinforce_kl_loss`'s
+    ``"mean"``).
     Arrays in, an array out: advantages are constants of the loss.
     """
     if scale not in ("group", "batch", "none"):

@@ -77,7 +77,7 @@ def test_group_advantages_and_aggregate_tokens_take_plain_lists():
                                   [-0.5, 0.5, -1.0, 1.0])
     np.testing.assert_allclose(group_advantages([1.0, 2.0, 3.0, 5.0], 2),
                                group_advantages(np.array([1.0, 2.0, 3.0, 5.0]), 2), rtol=0)
-    assert aggregate_tokens([[1.0, 3.0], [5.0, 7.0]], [[1, 1], [1, 0]], "grpo") == 3.5   # (2 + 5) / 2
+    assert aggregate_tokens([[1.0, 3.0], [5.0, 7.0]], [[1, 1], [1, 0]], "grpo") == (2 + 5) / 2
 
 
 def test_group_advantages_refuse_bad_input():
