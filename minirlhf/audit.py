@@ -459,6 +459,7 @@ def estimator_moments(group_sizes=(2, 3, 4, 6), seed=0, reward_offset=2.0):
         ref_logp = exact_logprobs(ref, problem.prompts, problem.completions).numpy()[0]
     p = np.exp(logp)
     shaped = problem.R[0] + reward_offset - problem.beta * (logp - ref_logp)   # R̂ (N,)
+
     def score(j):                                                        # ∇log p_θ(y_j)
         return flat_gradient(params, lambda: exact_logprobs(policy, problem.prompts,
                                                             problem.completions)[0, j])
