@@ -94,17 +94,18 @@ def main():
     t0 = time.time()
     ppo_policy = make_policy("tabular", problem, seed=1)
     ppo_ref = ref if args.model == "tabular" else make_policy("tabular", problem, seed=1)
-    ppo_star = optimal_policy(exact_policy(ppo_ref, problem.prompts, problem.completions),
-                              problem.R, problem.beta)
+    p_ppo_ref = exact_policy(ppo_ref, problem.prompts, problem.completions)
+    ppo_star = optimal_policy(p_ppo_ref, problem.R, problem.beta)
     value = TabularValue(problem.prompts, problem.n_tokens, problem.length)
     train_ppo(ppo_policy, ppo_ref, value, problem, steps=min(steps, 150), n_per_prompt=32, lr=0.05,
               seed=args.seed)
     p_ppo = exact_policy(ppo_policy, problem.prompts, problem.completions)
     ids, _ = make_sequences(problem.prompts, problem.completions[:len(problem.prompts)])
-    log_z = np.log((exact_policy(ppo_ref, problem.prompts, problem.completions)
-                    * np.exp(problem.R / problem.beta)).sum(axis=1))
+    # values[:, t] is the value of the prefix before token t: at t = Tp, V(x, empty prefix)
+    v_empty = value(ids).numpy()[:, problem.prompts.shape[1]]
+    log_z = np.log((p_ppo_ref * np.exp(problem.R / problem.beta)).sum(axis=1))
     print(f"(a) PPO (tabular policy and value): KL(p_θ ‖ p*) = {fmt(kl(p_ppo, ppo_star))}; "
-          f"V(x, empty prefix) = {fmt(value(ids).numpy()[:, 1])} vs β·log Z(x) = "
+          f"V(x, empty prefix) = {fmt(v_empty)} vs β·log Z(x) = "
           f"{fmt(problem.beta * log_z)}  ({time.time() - t0:.1f} s)")
 
     # ----- (b) DPO on Bradley-Terry pairs ----------------------------------------------------------

@@ -40,24 +40,16 @@ from itertools import product
 import numpy as np
 
 from . import functional as F
-from .closed_form import (TabularPolicy, TabularValue, _flat_grad, bradley_terry_pairs,
-                          exact_policy, kl, make_problem, make_sequences, optimal_policy,
-                          train_dpo, train_ppo, train_reinforce, train_reward_table)
-from .logprobs import sequence_logprobs
+from .closed_form import (TabularPolicy, TabularValue, bradley_terry_pairs, exact_logprobs,
+                          exact_policy, exact_token_logprobs, flat_gradient, kl, make_problem,
+                          make_sequences, optimal_policy, train_dpo, train_ppo, train_reinforce,
+                          train_reward_table)
 from .losses import group_advantages, kl_k1, kl_k2, kl_k3
 from .optim import AdamW, lr_schedule
 from .tensor import no_grad
 
 # ===================================================================================================
 # exact tables of a policy: per-token log-probs and the whole distribution at every position
-
-
-def token_logprobs(policy, problem):
-    """log p(y_t | x, y_<t) of every completion's every token, a Tensor (P, N, L)."""
-    P, (N, L) = len(problem.prompts), problem.completions.shape
-    ids, mask = make_sequences(np.repeat(problem.prompts, N, axis=0), np.tile(problem.completions, (P, 1)))
-    per_token, _ = sequence_logprobs(policy, ids, mask)                  # (P·N, Tp+L)
-    return per_token[:, ids.shape[1] - L:].reshape(P, N, L)
 
 
 def position_logprobs(policy, problem):
@@ -105,28 +97,18 @@ def set_policy(policy, problem, p):
     return policy
 
 
-def _gradient(params, loss_fn):
-    """∇ loss_fn() over ``params``, flattened; the parameters' .grad is left empty."""
-    for p in params:
-        p.grad = None
-    loss_fn().backward()
-    g = _flat_grad(params)
-    for p in params:
-        p.grad = None
-    return g
-
-
 # ===================================================================================================
 # 1. where the KL goes
 
 
-ESTIMATORS = ("k1 in the loss", "k2 in the loss", "k3 in the loss",
-              "k3·ρ in the loss (TRL use_bias_correction_kl)", "k1 in the reward (R̂ = R - β·k1)")
+KL_PLACEMENTS = ("k1 in the loss", "k2 in the loss", "k3 in the loss",
+                 "k3·ρ in the loss (TRL use_bias_correction_kl)",
+                 "k1 in the reward (R̂ = R - β·k1)")
 TARGETS = ("∇KL(p_θ‖p_ref)", "∇KL(p_ref‖p_θ)", "per-token ∇KL(p_θ‖p_ref)", "per-token ∇KL(p_ref‖p_θ)")
 
 
 def kl_gradients(policy, ref, problem):
-    """Expected gradients of each KL placement (`ESTIMATORS`) and the exact targets (`TARGETS`),
+    """Expected gradients of each KL placement (`KL_PLACEMENTS`) and the exact targets (`TARGETS`),
     flattened over the policy's parameters, averaged over prompts: two dicts name -> vector.
 
     "as a loss": Σ_y p_θ(y)·Σ_t k(y_t), p_θ(y) held fixed (the sample is not differentiated).
@@ -135,25 +117,32 @@ def kl_gradients(policy, ref, problem):
     whole distribution only.
     """
     params = policy.parameters()
+    prompts, ys = problem.prompts, problem.completions
     with no_grad():
-        ref_tok = token_logprobs(ref, problem).numpy()                  # (P, N, L)
+        ref_tok = exact_token_logprobs(ref, prompts, ys).numpy()        # (P, N, L)
         ref_pos = position_logprobs(ref, problem).numpy()                # (P, N, L, n)
-        w = np.exp(token_logprobs(policy, problem).numpy().sum(-1))     # (P, N) p_θ(y), a constant
-        k1_seq = token_logprobs(policy, problem).numpy().sum(-1) - ref_tok.sum(-1)
-    P = len(problem.prompts)
+        logp = exact_token_logprobs(policy, prompts, ys).numpy().sum(-1)   # (P, N) log p_θ(y)
+    w = np.exp(logp)                                                     # (P, N) p_θ(y), a constant
+    k1_seq = logp - ref_tok.sum(-1)
+    P = len(prompts)
     p_ref = np.exp(ref_tok.sum(-1))
 
     def expected(per_token):                                             # Σ_y w(y) Σ_t k_t(y)
         return lambda: (w * per_token().sum(axis=2)).sum() / P
 
-    tok = lambda: token_logprobs(policy, problem)                        # noqa: E731
-    rho = lambda lp: (lp - lp.data).exp()                                # noqa: E731  1, ∇ = ∇log p
+    def tok():
+        return exact_token_logprobs(policy, prompts, ys)                 # (P, N, L)
+
+    def k3_rho():                                                        # ρ = 1, ∇ρ = ∇log p
+        lp = tok()
+        return kl_k3(lp, ref_tok) * (lp - lp.data).exp()
+
     estimators = {
-        ESTIMATORS[0]: expected(lambda: kl_k1(tok(), ref_tok)),
-        ESTIMATORS[1]: expected(lambda: kl_k2(tok(), ref_tok)),
-        ESTIMATORS[2]: expected(lambda: kl_k3(tok(), ref_tok)),
-        ESTIMATORS[3]: expected(lambda: (lambda lp: kl_k3(lp, ref_tok) * rho(lp))(tok())),
-        ESTIMATORS[4]: lambda: (w * k1_seq * tok().sum(axis=2)).sum() / P,
+        KL_PLACEMENTS[0]: expected(lambda: kl_k1(tok(), ref_tok)),
+        KL_PLACEMENTS[1]: expected(lambda: kl_k2(tok(), ref_tok)),
+        KL_PLACEMENTS[2]: expected(lambda: kl_k3(tok(), ref_tok)),
+        KL_PLACEMENTS[3]: expected(k3_rho),
+        KL_PLACEMENTS[4]: lambda: (w * k1_seq * tok().sum(axis=2)).sum() / P,
     }
 
     def per_position(forward):                                           # Σ_y w Σ_t KL_t
@@ -176,8 +165,8 @@ def kl_gradients(policy, ref, problem):
 
     targets = {TARGETS[0]: sequence_kl(False), TARGETS[1]: sequence_kl(True),
                TARGETS[2]: per_position(False), TARGETS[3]: per_position(True)}
-    return ({k: _gradient(params, f) for k, f in estimators.items()},
-            {k: _gradient(params, f) for k, f in targets.items()})
+    return ({k: flat_gradient(params, f) for k, f in estimators.items()},
+            {k: flat_gradient(params, f) for k, f in targets.items()})
 
 
 def relative_error(g, target):
@@ -290,17 +279,19 @@ def grpo_expected_advantage(p, R, G, scale, table=None):
 
 def grpo_group_fixed_point(p_ref, R, beta, G, n_tokens, length, iterations=100):
     """Where GRPO with std scaling converges, found without training: the policy p with
-    p = per_token_optimum(R' = E_p[A | y]), by iterating that map from p_ref (it contracts here:
-    17 iterations to 1e-14 on `audit_problem`)."""
+    p = per_token_optimum(R' = E_p[A | y]), by iterating that map from p_ref until one step moves p
+    by less than 1e-15 nats (KL); RuntimeError if ``iterations`` steps do not get there (the map
+    need not contract on every problem)."""
     p, table = p_ref, grpo_advantage_table(R, G, "group")
     for _ in range(iterations):
         R_scaled = grpo_expected_advantage(p, R, G, "group", table)
         q = per_token_optimum(p_ref, R_scaled, beta, n_tokens, length)
-        done = kl(q, p).max() < 1e-15
+        step = kl(q, p).max()
         p = q
-        if done:
-            break
-    return p
+        if step < 1e-15:
+            return p
+    raise RuntimeError(f"grpo_group_fixed_point: no fixed point after {iterations} iterations "
+                       f"(the last step moved p by {step:.3g} nats)")
 
 
 def grpo_expected_loss(policy, problem, ref_tok, G=4, scale="none", bias_correction=False,
@@ -309,9 +300,10 @@ def grpo_expected_loss(policy, problem, ref_tok, G=4, scale="none", bias_correct
     y ~ p_θ: Σ_y p(y)·[-E[A | y]·log p_θ(y) + β·Σ_t k3_t(y)] / L, mean over prompts, with p(y) and
     E[A | y] (`grpo_expected_advantage`) held fixed, so its gradient is GRPO's expected gradient.
     Every completion has L tokens, so grpo, bnpo, dapo and dr_grpo all divide by L here: on this
-    problem Dr. GRPO is GRPO with ``scale="none"``. ``ref_tok``: `token_logprobs` of the reference."""
+    problem Dr. GRPO is GRPO with ``scale="none"``. ``ref_tok``: `exact_token_logprobs` of the
+    reference."""
     P, L = len(problem.prompts), problem.length
-    tok = token_logprobs(policy, problem)                                # (P, N, L)
+    tok = exact_token_logprobs(policy, problem.prompts, problem.completions)   # (P, N, L)
     p = np.exp(tok.data.sum(-1))                                         # (P, N), a constant
     A = grpo_expected_advantage(p, problem.R, G, scale, table)
     k3 = kl_k3(tok, ref_tok)
@@ -325,7 +317,7 @@ def train_grpo_expected(policy, ref, problem, G=4, scale="none", bias_correction
     """GRPO by its exact expected gradient (`grpo_expected_loss`): AdamW, the learning rate
     decaying by a cosine to lr/100."""
     with no_grad():
-        ref_tok = token_logprobs(ref, problem).numpy()
+        ref_tok = exact_token_logprobs(ref, problem.prompts, problem.completions).numpy()
     table = grpo_advantage_table(problem.R, G, scale)
     optimizer = AdamW(policy.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     for step in range(steps):
@@ -463,12 +455,16 @@ def estimator_moments(group_sizes=(2, 3, 4, 6), seed=0, reward_offset=2.0):
     problem, policy, ref = estimator_problem(seed=seed)
     params = policy.parameters()
     with no_grad():
-        logp = token_logprobs(policy, problem).numpy().sum(-1)[0]        # (N,)
-        ref_logp = token_logprobs(ref, problem).numpy().sum(-1)[0]
+        logp = exact_logprobs(policy, problem.prompts, problem.completions).numpy()[0]   # (N,)
+        ref_logp = exact_logprobs(ref, problem.prompts, problem.completions).numpy()[0]
     p = np.exp(logp)
     shaped = problem.R[0] + reward_offset - problem.beta * (logp - ref_logp)   # R̂ (N,)
-    scores = np.stack([_gradient(params, lambda j=j: token_logprobs(policy, problem)[0, j].sum())
-                       for j in range(len(p))])                          # (N, d) ∇log p_θ(y)
+
+    def score(j):                                                        # ∇log p_θ(y_j)
+        return flat_gradient(params, lambda: exact_logprobs(policy, problem.prompts,
+                                                            problem.completions)[0, j])
+
+    scores = np.stack([score(j) for j in range(len(p))])                 # (N, d)
     grad_J = (p * shaped) @ scores                                       # ∇J = E[R̂ ∇log p_θ]
     rows = []
     for n in group_sizes:

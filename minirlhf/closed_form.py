@@ -111,16 +111,32 @@ def make_sequences(prompts, completions):
 # exact distributions
 
 
+def _all_sequences(model, prompts, completions):
+    """`sequence_logprobs` of every (prompt, completion) pair in one batch of P·N sequences, row
+    p·N + j for prompt p and completion j: per_token (P·N, Tp+L), per_sequence (P·N,)."""
+    P, N = len(prompts), len(completions)
+    ids, mask = make_sequences(np.repeat(prompts, N, axis=0), np.tile(completions, (P, 1)))
+    return sequence_logprobs(model, ids, mask)
+
+
 def exact_logprobs(model, prompts, completions):
     """log p(y|x) of every completion under ``model``, as a differentiable Tensor (P, N).
 
     One batch of P·N sequences through `sequence_logprobs`: autograd through this table gives exact
-    gradients of any function of the policy, such as the RLHF objective.
+    gradients of any function of the policy, such as the RLHF objective. (The same sum as the
+    trainers' per_sequence, bit for bit; `exact_token_logprobs` summed over L can differ in the
+    last bit once Tp + L >= 8, where NumPy's sum turns pairwise.)
     """
-    P, N = len(prompts), len(completions)
-    ids, mask = make_sequences(np.repeat(prompts, N, axis=0), np.tile(completions, (P, 1)))
-    _, per_sequence = sequence_logprobs(model, ids, mask)                 # (P·N,), row p·N + j
-    return per_sequence.reshape(P, N)
+    _, per_sequence = _all_sequences(model, prompts, completions)        # (P·N,)
+    return per_sequence.reshape(len(prompts), len(completions))
+
+
+def exact_token_logprobs(model, prompts, completions):
+    """log p(y_t | x, y_<t) of every completion's every token under ``model``, a differentiable
+    Tensor (P, N, L): the terms whose sum over t is `exact_logprobs`."""
+    P, (N, L) = len(prompts), np.shape(completions)
+    per_token, _ = _all_sequences(model, prompts, completions)           # (P·N, Tp+L)
+    return per_token[:, per_token.shape[1] - L:].reshape(P, N, L)
 
 
 def exact_policy(model, prompts, completions):
@@ -418,25 +434,29 @@ def centered_pearson(r, R):
 # the REINFORCE estimator against the exact gradient
 
 
-def _flat_grad(params):
-    return np.concatenate([backend.to_numpy(p.grad).ravel().astype(np.float64) if p.grad is not None
+def flat_gradient(params, loss_fn):
+    """∇ loss_fn() with respect to ``params``, as one float64 NumPy vector: each parameter's
+    gradient raveled, in order (zeros for a parameter the loss does not reach). The parameters'
+    ``.grad`` is cleared before the backward pass and left empty after it."""
+    for p in params:
+        p.grad = None
+    loss_fn().backward()
+    grad = np.concatenate([backend.to_numpy(p.grad).ravel().astype(np.float64) if p.grad is not None
                            else np.zeros(p.size) for p in params])
+    for p in params:
+        p.grad = None
+    return grad
 
 
 def exact_gradient(policy, ref, problem):
     """∇_θ J by autograd through the exact probability table, flattened over the parameters."""
-    params = policy.parameters()
     with no_grad():
         ref_logp = exact_logprobs(ref, problem.prompts, problem.completions).numpy()
-    for p in params:
-        p.grad = None
-    J = exact_objective(exact_logprobs(policy, problem.prompts, problem.completions),
-                        ref_logp, problem.R, problem.beta)
-    J.backward()
-    grad = _flat_grad(params)
-    for p in params:
-        p.grad = None
-    return grad
+    def J():
+        return exact_objective(exact_logprobs(policy, problem.prompts, problem.completions),
+                               ref_logp, problem.R, problem.beta)
+
+    return flat_gradient(policy.parameters(), J)
 
 
 def reinforce_gradients(policy, ref, problem, n_batches, n_per_prompt, seed=0, baseline="none"):
@@ -458,10 +478,5 @@ def reinforce_gradients(policy, ref, problem, n_batches, n_per_prompt, seed=0, b
             _, ref_logp = sequence_logprobs(ref, ids, mask)
         loss, _ = reinforce_kl_loss(logp, ref_logp, rewards, problem.beta, baseline=baseline,
                                     group=prompt_idx)
-        for p in params:
-            p.grad = None
-        loss.backward()
-        rows.append(-_flat_grad(params))
-    for p in params:
-        p.grad = None
+        rows.append(-flat_gradient(params, lambda: loss))
     return np.stack(rows)

@@ -13,6 +13,10 @@ whole completions come from `minirlhf.logprobs.sequence_logprobs` (sums over com
     dpo_loss           direct preference optimisation (and its cDPO and IPO variants)
     masked_mean, masked_var, masked_whiten, clipped_surrogate, kl_penalty_rewards, gae, value_loss
                        PPO as InstructGPT ran it: per-token KL reward, GAE, clipped policy and value
+    group_advantages, aggregate_tokens, grpo_loss
+                       GRPO as TRL runs it: group-standardised advantages, each variant's
+                       weighing of tokens, the clipped surrogate plus β·k3 in the loss
+    check_beta         the check of β that every loss and trainer config shares
 
 Losses that report something return ``(loss, metrics)``, metrics being a dict of Python floats under
 the names TRL logs, so runs can be compared with it.
@@ -30,9 +34,6 @@ from .tensor import Tensor, array_of
 # helpers
 
 
-_data = array_of   # the raw array of a Tensor, or x as an array of xp
-
-
 def _float(a):
     return float(a.item()) if hasattr(a, "item") else float(a)
 
@@ -46,9 +47,6 @@ def check_beta(beta, fn=None, allow_zero=False):
         where = f"{fn}: " if fn else ""
         raise ValueError(f"{where}{need}: β weighs the KL to the reference; got {beta}")
     return beta
-
-
-_check_beta = check_beta
 
 
 def _check_same_shape(fn, **arrays):
@@ -73,7 +71,7 @@ def sft_loss(logits, input_ids, completion_mask):
     over tokens, not sequences: every completion token counts once, as in a pre-training loss.
     """
     xp = backend.get_array_module(logits.data)
-    ids = _data(input_ids, xp)
+    ids = array_of(input_ids, xp)
     if ids.ndim != 2 or logits.shape[:2] != tuple(ids.shape):
         raise ValueError(f"sft_loss: logits {logits.shape} and input_ids {tuple(ids.shape)} must be "
                          "(B, T, V) and (B, T)")
@@ -104,9 +102,11 @@ def bt_loss(r_chosen, r_rejected, margin=0.0):
         raise TypeError("bt_loss: r_chosen or r_rejected must be a Tensor (the reward model's output)")
     ref = r_chosen if isinstance(r_chosen, Tensor) else r_rejected
     xp = backend.get_array_module(ref.data)
-    _check_same_shape("bt_loss", r_chosen=_data(r_chosen, xp), r_rejected=_data(r_rejected, xp))
+    _check_same_shape("bt_loss", r_chosen=array_of(r_chosen, xp),
+                      r_rejected=array_of(r_rejected, xp))
     diff = r_chosen - r_rejected                                         # (B,)
-    m = margin if isinstance(margin, Tensor) else ops.as_tensor(_data(margin, xp).astype(diff.dtype))
+    m = margin if isinstance(margin, Tensor) else ops.as_tensor(
+        array_of(margin, xp).astype(diff.dtype))
     loss = -F.logsigmoid(diff - m).mean()
 
     d = diff.data
@@ -134,7 +134,7 @@ def _log_ratio(logp, ref_logp):
     if isinstance(logp, Tensor) or isinstance(ref_logp, Tensor):
         ref = logp if isinstance(logp, Tensor) else ref_logp
         xp = backend.get_array_module(ref.data)
-        _check_same_shape("kl", logp=_data(logp, xp), ref_logp=_data(ref_logp, xp))
+        _check_same_shape("kl", logp=array_of(logp, xp), ref_logp=array_of(ref_logp, xp))
         return ops.as_tensor(ref_logp, like=ref) - ops.as_tensor(logp, like=ref)
     xp = backend.get_array_module(logp, ref_logp)
     logp, ref_logp = xp.asarray(logp), xp.asarray(ref_logp)
@@ -183,14 +183,10 @@ def kl_per_sequence(logp, ref_logp, mask, estimator="k1"):
     if estimator not in _ESTIMATORS:
         raise ValueError(f"kl_per_sequence: estimator must be 'k1', 'k2' or 'k3', got {estimator!r}")
     k = _ESTIMATORS[estimator](logp, ref_logp)                           # (B, T)
-    xp = backend.get_array_module(_data(k))
-    keep = _data(mask, xp) != 0
-    if tuple(keep.shape) != tuple(k.shape):
-        raise ValueError(f"kl_per_sequence: mask of shape {tuple(keep.shape)} does not match "
-                         f"log-probs of shape {tuple(k.shape)}")
+    keep = _keep(mask, k, "kl_per_sequence")                             # (B, T) bool
     if isinstance(k, Tensor):
         return ops.where(keep, k, 0.0).sum(axis=-1)
-    return xp.where(keep, k, 0).sum(axis=-1)
+    return backend.get_array_module(keep).where(keep, k, 0).sum(axis=-1)
 
 
 # ===================================================================================================
@@ -226,7 +222,7 @@ def reinforce_kl_loss(logp_seq, ref_logp_seq, rewards, beta, baseline="mean", gr
     Returns ``(loss, metrics)``: ``reward`` = mean R, ``kl`` = mean of log p_θ - log p_ref per
     sequence (k1), ``reward_with_kl`` = mean R̂, ``advantage/mean``, ``advantage/std``.
     """
-    beta = _check_beta(beta, "reinforce_kl_loss", allow_zero=True)
+    beta = check_beta(beta, "reinforce_kl_loss", allow_zero=True)
     if baseline not in ("none", "mean", "loo"):
         raise ValueError(f"reinforce_kl_loss: baseline must be 'none', 'mean' or 'loo', "
                          f"got {baseline!r}")
@@ -234,8 +230,8 @@ def reinforce_kl_loss(logp_seq, ref_logp_seq, rewards, beta, baseline="mean", gr
         raise TypeError("reinforce_kl_loss: logp_seq must be a Tensor (the policy's log p_θ(y|x))")
     xp = backend.get_array_module(logp_seq.data)
     logp = logp_seq.data
-    ref = _data(ref_logp_seq, xp).astype(logp.dtype)
-    R = _data(rewards, xp).astype(logp.dtype)
+    ref = array_of(ref_logp_seq, xp).astype(logp.dtype)
+    R = array_of(rewards, xp).astype(logp.dtype)
     if logp.ndim != 1:
         raise ValueError(f"reinforce_kl_loss: expected one log-prob per sequence (B,), got {logp.shape}")
     _check_same_shape("reinforce_kl_loss", logp_seq=logp, ref_logp_seq=ref, rewards=R)
@@ -261,7 +257,7 @@ def _baseline(shaped, kind, group, xp):
         sums = xp.full_like(shaped, shaped.sum())
         counts = xp.full_like(shaped, n)
     else:
-        g = _data(group, xp)
+        g = array_of(group, xp)
         if tuple(g.shape) != (n,):
             raise ValueError(f"reinforce_kl_loss: group must have shape ({n},), got {tuple(g.shape)}")
         _, inverse = xp.unique(g, return_inverse=True)
@@ -313,7 +309,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     ``rewards/accuracies`` = fraction of pairs whose chosen reward exceeds the rejected one,
     ``logps/chosen`` and ``logps/rejected`` = means of the policy log-probs.
     """
-    beta = _check_beta(beta, "dpo_loss")
+    beta = check_beta(beta, "dpo_loss")
     if loss_type not in ("sigmoid", "ipo"):
         raise ValueError(f"dpo_loss: loss_type must be 'sigmoid' or 'ipo', got {loss_type!r}")
     eps = float(label_smoothing)
@@ -325,8 +321,8 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
         raise TypeError("dpo_loss: the policy log-probs must be Tensors")
     pc, pr = policy_chosen_logps, policy_rejected_logps
     xp = backend.get_array_module(pc.data)
-    rc = _data(ref_chosen_logps, xp).astype(pc.dtype)                  # constants: no gradient
-    rr = _data(ref_rejected_logps, xp).astype(pc.dtype)
+    rc = array_of(ref_chosen_logps, xp).astype(pc.dtype)                 # constants: no gradient
+    rr = array_of(ref_rejected_logps, xp).astype(pc.dtype)
     _check_same_shape("dpo_loss", policy_chosen_logps=pc.data, policy_rejected_logps=pr.data,
                       ref_chosen_logps=rc, ref_rejected_logps=rr)
 
@@ -361,31 +357,44 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
 def _keep(mask, like, fn):
     """The mask as a boolean array on ``like``'s device, checked against ``like``'s shape."""
-    xp = backend.get_array_module(_data(like))
-    keep = _data(mask, xp) != 0
-    if tuple(keep.shape) != tuple(_data(like).shape):
+    xp = backend.get_array_module(array_of(like))
+    shape = tuple(array_of(like, xp).shape)
+    keep = array_of(mask, xp) != 0
+    if tuple(keep.shape) != shape:
         raise ValueError(f"{fn}: mask of shape {tuple(keep.shape)} does not match values of shape "
-                         f"{tuple(_data(like).shape)}")
+                         f"{shape}")
     return keep
+
+
+def _token_mean(x, keep):
+    """Σ keep·x / max(Σ keep, 1) as a Python float: the metrics' mean over the tokens, which is 0,
+    not an error, on an empty mask (TRL clamps the count at 1; `masked_mean` refuses)."""
+    xp = backend.get_array_module(keep)
+    return _float(xp.where(keep, x, 0).sum()) / max(int(keep.sum()), 1)
 
 
 def masked_mean(x, mask, axis=None):
     """Mean of ``x`` over the entries where ``mask`` is 1:  Σ m·x / Σ m  (over ``axis``, or all).
 
-    Entries outside the mask never reach the sum, not even as 0·inf. A Tensor in gives a Tensor out.
+    Entries outside the mask never reach the sum, not even as 0·inf. A Tensor in gives a Tensor out,
+    and the result keeps x's dtype (the count is cast to it: float32 / int64 would be float64).
     """
     keep = _keep(mask, x, "masked_mean")
     count = keep.sum(axis=axis)
     if bool((count == 0).any()):
         raise ValueError("masked_mean: the mask selects no entry (all 0) along the reduced axis")
     if isinstance(x, Tensor):
-        return ops.where(keep, x, 0.0).sum(axis=axis) / ops.as_tensor(count.astype(x.dtype), like=x)
-    xp = backend.get_array_module(x)
-    return xp.where(keep, x, 0).sum(axis=axis) / count
+        return ops.where(keep, x, 0.0).sum(axis=axis) / count            # count takes x's dtype
+    xp = backend.get_array_module(keep)
+    x = xp.asarray(x)
+    return xp.where(keep, x, 0).sum(axis=axis) / count.astype(x.dtype)
 
 
 def masked_var(x, mask, unbiased=True):
-    """Variance of ``x`` over the masked entries; ``unbiased`` multiplies by N/(N-1) (Bessel)."""
+    """Variance of ``x`` over the masked entries, μ = `masked_mean`:
+
+        σ² = Σ m·(x - μ)² / (Σ m - 1)    (``unbiased``, Bessel's correction)   or   / Σ m
+    """
     keep = _keep(mask, x, "masked_var")
     n = int(keep.sum())
     if unbiased and n < 2:
@@ -437,14 +446,14 @@ def clipped_surrogate(logp, old_logp, advantages, mask, epsilon_low=0.2, epsilon
         raise ValueError(f"clipped_surrogate: need 0 < epsilon_low < 1 and epsilon_high > 0, "
                          f"got {eps_lo} and {eps_hi}")
     xp = backend.get_array_module(logp.data)
-    old = _data(old_logp, xp).astype(logp.dtype)                       # (B, T) constants
-    A = _data(advantages, xp).astype(logp.dtype)
+    old = array_of(old_logp, xp).astype(logp.dtype)                       # (B, T) constants
+    A = array_of(advantages, xp).astype(logp.dtype)
     if A.ndim == 1:
         A = A[:, None]                                                   # (B, 1): one per sequence
     _check_same_shape("clipped_surrogate", logp=logp.data, old_logp=old)
     if A.shape[0] != logp.shape[0] or A.shape[1] not in (1, logp.shape[1]):
         raise ValueError(f"clipped_surrogate: advantages must be (B,) or (B, T) for logp "
-                         f"{tuple(logp.shape)}, got {tuple(_data(advantages, xp).shape)}")
+                         f"{tuple(logp.shape)}, got {tuple(array_of(advantages, xp).shape)}")
     keep = _keep(mask, logp, "clipped_surrogate")
 
     log_ratio = logp - ops.as_tensor(old, like=logp)                     # (B, T) log ρ
@@ -456,12 +465,11 @@ def clipped_surrogate(logp, old_logp, advantages, mask, epsilon_low=0.2, epsilon
     per_token = ops.where(keep, per_token, 0.0)
 
     r = ratio.data
-    low = (r < 1.0 - eps_lo) & (A < 0) & keep
-    high = (r > 1.0 + eps_hi) & (A > 0) & keep
-    n = max(int(keep.sum()), 1)
-    metrics = {"clipfrac": _float((low | high).sum()) / n,
-               "clipfrac/low": _float(low.sum()) / n, "clipfrac/high": _float(high.sum()) / n,
-               "approxkl": _float(xp.where(keep, 0.5 * log_ratio.data ** 2, 0).sum()) / n}
+    low = (r < 1.0 - eps_lo) & (A < 0)
+    high = (r > 1.0 + eps_hi) & (A > 0)
+    metrics = {"clipfrac": _token_mean(low | high, keep), "clipfrac/low": _token_mean(low, keep),
+               "clipfrac/high": _token_mean(high, keep),
+               "approxkl": _token_mean(kl_k2(logp.data, old), keep)}   # ½(log ρ)²
     return per_token, metrics
 
 
@@ -471,18 +479,19 @@ def kl_penalty_rewards(scores, logp, ref_logp, mask, beta, estimator="k1"):
         r_t = -β·k(log p_θ(y_t), log p_ref(y_t))  at every completion token t,
         r_T += R(y|x)                             at the last completion token T,
 
-    with k Schulman's k1 (log p_θ - log p_ref, the default), k2 or k3 per token. Summed over the
-    completion this is the REINFORCE reward R - β·KL; spread over tokens it lets GAE credit each
-    token with the KL it itself added. 0 outside the mask. ``scores`` (B,) are R(y|x). Arrays
-    give an array; a Tensor ``logp`` gives a Tensor (differentiable through the KL term).
+    with k Schulman's k1 (log p_θ - log p_ref, the default), k2 or k3 per token. With k1, the sum
+    over the completion is exactly R̂ = R - β·(log p_θ(y) - log p_ref(y)) of `reinforce_kl_loss`;
+    spread over tokens it lets GAE credit each token with the KL it itself added. 0 outside the
+    mask. ``scores`` (B,) are R(y|x). Arrays give an array; a Tensor ``logp`` gives a Tensor
+    (differentiable through the KL term).
     """
-    beta = _check_beta(beta, "kl_penalty_rewards", allow_zero=True)
+    beta = check_beta(beta, "kl_penalty_rewards", allow_zero=True)
     if estimator not in _ESTIMATORS:
         raise ValueError(f"kl_penalty_rewards: estimator must be 'k1', 'k2' or 'k3', got {estimator!r}")
     k = _ESTIMATORS[estimator](logp, ref_logp)                           # (B, T)
     keep = _keep(mask, k, "kl_penalty_rewards")
     xp = backend.get_array_module(keep)
-    R = _data(scores, xp).astype(_data(k).dtype)
+    R = array_of(scores, xp).astype(k.dtype)
     if tuple(R.shape) != (keep.shape[0],):
         raise ValueError(f"kl_penalty_rewards: scores must be (B,) = ({keep.shape[0]},), "
                          f"got {tuple(R.shape)}")
@@ -509,8 +518,8 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     gamma, lam = float(gamma), float(lam)
     if not (0 <= gamma <= 1 and 0 <= lam <= 1):
         raise ValueError(f"gae: need 0 <= gamma <= 1 and 0 <= lam <= 1, got {gamma} and {lam}")
-    xp = backend.get_array_module(_data(rewards), _data(values))
-    r, v = _data(rewards, xp), _data(values, xp)
+    xp = backend.get_array_module(array_of(rewards), array_of(values))
+    r, v = array_of(rewards, xp), array_of(values, xp)
     _check_same_shape("gae", rewards=r, values=v)
     keep = _keep(mask, r, "gae")
     r = xp.where(keep, r, 0)
@@ -530,10 +539,10 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
 def value_loss(values, old_values, returns, mask, clip_range_value=0.2):
     """PPO's clipped value loss, as in OpenAI's baselines and TRL:
 
-        L_V = ½·masked_mean(max((V - R)², (clip(V, V_old - c, V_old + c) - R)²))
+        L_V = ½·masked_mean(max((V - returns)², (clip(V, V_old - c, V_old + c) - returns)²))
 
     ``values`` (B, T) is the Tensor being trained, ``old_values`` its values at rollout time and
-    ``returns`` R = A + V_old (from `gae`) constants. The clip keeps the value head, like the policy,
+    ``returns`` = A + V_old (from `gae`) constants. The clip keeps the value head, like the policy,
     near where it was when the batch was sampled; the max makes the clip a pessimistic bound, never
     a bonus. Returns ``(loss, metrics)``: ``clipfrac`` = fraction of tokens where the clipped term
     is the larger.
@@ -544,18 +553,18 @@ def value_loss(values, old_values, returns, mask, clip_range_value=0.2):
     if not c > 0:
         raise ValueError(f"value_loss: clip_range_value must be > 0, got {c}")
     xp = backend.get_array_module(values.data)
-    old = _data(old_values, xp).astype(values.dtype)                     # (B, T) constants
-    R = _data(returns, xp).astype(values.dtype)
-    _check_same_shape("value_loss", values=values.data, old_values=old, returns=R)
+    old = array_of(old_values, xp).astype(values.dtype)                     # (B, T) constants
+    returns = array_of(returns, xp).astype(values.dtype)
+    _check_same_shape("value_loss", values=values.data, old_values=old, returns=returns)
     keep = _keep(mask, values, "value_loss")
 
-    R_t = ops.as_tensor(R, like=values)
-    err = values - R_t
-    err_clipped = values.clip(old - c, old + c) - R_t
+    returns_t = ops.as_tensor(returns, like=values)
+    err = values - returns_t
+    err_clipped = values.clip(old - c, old + c) - returns_t
     loss1, loss2 = err * err, err_clipped * err_clipped                  # (B, T)
     worse = loss2.data > loss1.data
     loss = 0.5 * masked_mean(ops.where(worse, loss2, loss1), keep)
-    return loss, {"clipfrac": _float(masked_mean((worse & keep).astype(values.dtype), keep))}
+    return loss, {"clipfrac": _float(masked_mean(worse.astype(values.dtype), keep))}
 
 
 # ===================================================================================================
@@ -572,16 +581,17 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-4):
         A_i = (r_i - mean_group(r)) / (std + eps)
 
     ``scale`` picks the std: ``"group"`` the std of i's group (GRPO), ``"batch"`` the std of all B
-    rewards, ``"none"`` no division at all (Dr. GRPO: the division weighs prompts whose samples
-    agree, too easy or too hard, as much as the rest, and rescales the reward each step). The std is
-    the unbiased one (ddof = 1), as ``torch.std`` computes it in TRL. The mean includes r_i itself,
-    which shrinks the expected gradient by (G-1)/G (see `reinforce_kl_loss`'s ``"mean"``).
+    rewards, ``"none"`` no division at all (Dr. GRPO: dividing by the std weighs prompts whose
+    samples agree, too easy or too hard, more than the rest, and rescales the reward each step).
+    The std is the unbiased one (ddof = 1), as ``torch.std`` computes it in TRL. The mean includes
+    r_i itself, which shrinks the expected gradient by (G-1)/G (see `reinforce_kl_loss`'s
+    ``"mean"``).
     Arrays in, an array out: advantages are constants of the loss.
     """
     if scale not in ("group", "batch", "none"):
         raise ValueError(f"group_advantages: scale must be 'group', 'batch' or 'none', got {scale!r}")
-    r = _data(rewards)
-    xp = backend.get_array_module(r)
+    xp = backend.get_array_module(array_of(rewards))
+    r = array_of(rewards, xp)                                            # lists too
     G = int(group_size)
     if r.ndim != 1:
         raise ValueError(f"group_advantages: rewards must be (B,), got {tuple(r.shape)}")
@@ -640,19 +650,16 @@ def aggregate_tokens(per_token_loss, mask, loss_type, max_completion_length=None
                          "(its constant normaliser)")
     keep = _keep(mask, per_token_loss, "aggregate_tokens")
     xp = backend.get_array_module(keep)
-    dtype = _data(per_token_loss).dtype
     B = keep.shape[0]
     if isinstance(per_token_loss, Tensor):
         masked = ops.where(keep, per_token_loss, 0.0)                    # (B, T)
-        const = lambda a: ops.as_tensor(xp.asarray(a, dtype=dtype), like=per_token_loss)  # noqa: E731
     else:
-        masked = xp.where(keep, per_token_loss, 0)
-        const = lambda a: xp.asarray(a, dtype=dtype)                     # noqa: E731
+        masked = xp.where(keep, xp.asarray(per_token_loss), 0)
     if loss_type == "grpo":
-        lengths = xp.maximum(keep.sum(axis=1), 1)                        # (B,) |y_i|, clamped
-        return (masked.sum(axis=1) / const(lengths)).sum() / B
+        lengths = xp.maximum(keep.sum(axis=1), 1).astype(masked.dtype)   # (B,) |y_i|, clamped
+        return (masked.sum(axis=1) / lengths).sum() / B
     if loss_type in ("bnpo", "dapo"):
-        return masked.sum() / const(max(int(keep.sum()), 1))
+        return masked.sum() / max(int(keep.sum()), 1)
     if loss_type == "dr_grpo":
         return masked.sum() / (B * int(max_completion_length))
     return masked.sum() / B
@@ -680,16 +687,14 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.0, epsilon_low=
     when β > 0), ``clip_ratio/low_mean`` (ρ < 1-ε_low and A < 0), ``clip_ratio/high_mean``
     (ρ > 1+ε_high and A > 0), ``clip_ratio/region_mean`` (either).
     """
-    beta = _check_beta(beta, "grpo_loss", allow_zero=True)
+    beta = check_beta(beta, "grpo_loss", allow_zero=True)
     if not isinstance(logp, Tensor):
         raise TypeError("grpo_loss: logp must be a Tensor (the policy's log p_θ per token)")
     if loss_type == "sequence" or loss_type not in LOSS_TYPES:
         raise ValueError(f"grpo_loss: loss_type must be 'grpo', 'bnpo', 'dapo' or 'dr_grpo', "
                          f"got {loss_type!r}")
-    if loss_type == "dr_grpo" and max_completion_length is None:
-        raise ValueError("grpo_loss: loss_type='dr_grpo' needs max_completion_length")
     xp = backend.get_array_module(logp.data)
-    A = _data(advantages, xp)
+    A = array_of(advantages, xp)
     if A.ndim != 1:
         raise ValueError(f"grpo_loss: advantages must be one per sequence (B,), got {tuple(A.shape)}")
     keep = _keep(mask, logp, "grpo_loss")
@@ -699,14 +704,13 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.0, epsilon_low=
                "clip_ratio/high_mean": surrogate["clipfrac/high"],
                "clip_ratio/region_mean": surrogate["clipfrac"]}
     if beta > 0:
-        ref = _data(ref_logp, xp).astype(logp.dtype)
-        _check_same_shape("grpo_loss", logp=logp.data, ref_logp=ref)
-        k3 = kl_k3(logp, ref)                                            # (B, T)
+        ref = array_of(ref_logp, xp).astype(logp.dtype)
+        k3 = kl_k3(logp, ref)                                            # (B, T), shapes checked
         if use_bias_correction_kl:
-            old = _data(old_logp, xp).astype(logp.dtype)
+            old = array_of(old_logp, xp).astype(logp.dtype)
             k3 = k3 * (logp - ops.as_tensor(old, like=logp)).exp()       # k3·ρ, ρ differentiable
         k3 = ops.where(keep, k3, 0.0)
         per_token = per_token + beta * k3
-        metrics = {"kl": _float(k3.data.sum()) / max(int(keep.sum()), 1), **metrics}
+        metrics = {"kl": _token_mean(k3.data, keep), **metrics}
     loss = aggregate_tokens(per_token, keep, loss_type, max_completion_length)
     return loss, metrics

@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 
 from minirlhf import audit
-from minirlhf.audit import (ESTIMATORS, TARGETS, audit_problem, estimator_moments, exact_policy,
+from minirlhf.audit import (KL_PLACEMENTS, TARGETS, audit_problem, estimator_moments, exact_policy,
                             grpo_expected_loss, kl_gradients, kl_problems, per_token_optimum,
-                            set_policy, token_logprobs)
+                            set_policy)
 from minirlhf.closed_form import (TabularPolicy, bradley_terry_pairs, exact_gradient, exact_logprobs,
-                                  kl, optimal_policy)
+                                  exact_token_logprobs, flat_gradient, kl, optimal_policy)
 from minirlhf.losses import dpo_loss, reinforce_kl_loss
 from minirlhf.tensor import no_grad
 
 REVERSE, FORWARD, PER_TOKEN_REVERSE, PER_TOKEN_FORWARD = TARGETS
-K1_LOSS, K2_LOSS, K3_LOSS, K3_RHO, K1_REWARD = ESTIMATORS
+K1_LOSS, K2_LOSS, K3_LOSS, K3_RHO, K1_REWARD = KL_PLACEMENTS
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def toy():
     problem, ref = audit_problem()
     p_ref = exact_policy(ref, problem.prompts, problem.completions)
     with no_grad():
-        ref_tok = token_logprobs(ref, problem).numpy()
+        ref_tok = exact_token_logprobs(ref, problem.prompts, problem.completions).numpy()
     return problem, ref, p_ref, ref_tok
 
 
@@ -74,7 +74,7 @@ def policy_at(problem, p):
 
 def grpo_gradient(problem, p, ref_tok, scale="none", bias_correction=False, G=4):
     policy = policy_at(problem, p)
-    return audit._gradient(policy.parameters(), lambda: grpo_expected_loss(
+    return flat_gradient(policy.parameters(), lambda: grpo_expected_loss(
         policy, problem, ref_tok, G, scale, bias_correction))
 
 
@@ -113,6 +113,12 @@ def test_grpo_with_std_scaling_stops_at_its_own_rescaled_reward_optimum(toy):
     assert kl(p, optimal_policy(p_ref, problem.R, problem.beta)).mean() > 0.01
 
 
+def test_grpo_fixed_point_refuses_to_return_an_unconverged_policy(toy):
+    problem, _, p_ref, _ = toy
+    with pytest.raises(RuntimeError, match="no fixed point after 2 iterations"):
+        audit.grpo_group_fixed_point(p_ref, problem.R, problem.beta, 4, 3, 3, iterations=2)
+
+
 def test_forward_kl_argmax_is_stationary_on_the_simplex():
     rng = np.random.default_rng(0)
     ref = rng.dirichlet(np.ones(5), size=3)
@@ -137,7 +143,7 @@ def test_ipo_stops_at_its_pairs_least_squares_not_at_p_star(toy):
         return dpo_loss(table[prompt, chosen], table[prompt, rejected], ref_table[prompt, chosen],
                         ref_table[prompt, rejected], beta=problem.beta, loss_type="ipo")[0]
 
-    assert np.abs(audit._gradient(policy.parameters(), loss)).max() < 1e-10
+    assert np.abs(flat_gradient(policy.parameters(), loss)).max() < 1e-10
     assert kl(p_ipo, optimal_policy(p_ref, problem.R, problem.beta)).mean() > 0.1
 
 
@@ -165,18 +171,19 @@ def test_the_mean_with_the_sample_shrinks_the_gradient_by_n_minus_1_over_n(momen
 def test_group_estimates_are_minus_the_gradient_of_reinforce_kl_loss():
     """The vectorised estimates of the table are the library's loss on one group of samples."""
     problem, policy, ref = audit.estimator_problem()
+    ys = problem.completions
     with no_grad():
-        logp = token_logprobs(policy, problem).numpy().sum(-1)[0]
-        ref_logp = token_logprobs(ref, problem).numpy().sum(-1)[0]
+        logp = exact_token_logprobs(policy, problem.prompts, ys).numpy().sum(-1)[0]
+        ref_logp = exact_token_logprobs(ref, problem.prompts, ys).numpy().sum(-1)[0]
     params = policy.parameters()
-    scores = np.stack([audit._gradient(params, lambda j=j: token_logprobs(policy, problem)[0, j].sum())
-                       for j in range(len(logp))])
+    scores = np.stack([flat_gradient(params, lambda j=j: exact_token_logprobs(
+        policy, problem.prompts, ys)[0, j].sum()) for j in range(len(logp))])
     group = np.array([[0, 4, 4, 7]])
     for baseline in ("none", "mean", "loo"):
         def loss():
-            table = token_logprobs(policy, problem).sum(axis=2)[0]      # (N,)
+            table = exact_token_logprobs(policy, problem.prompts, ys).sum(axis=2)[0]   # (N,)
             return reinforce_kl_loss(table[group[0]], ref_logp[group[0]], problem.R[0][group[0]],
                                      problem.beta, baseline=baseline)[0]
         shaped = problem.R[0] - problem.beta * (logp - ref_logp)
         np.testing.assert_allclose(audit.group_estimates(shaped, scores, group, baseline)[0],
-                                   -audit._gradient(params, loss), rtol=1e-10, atol=1e-14)
+                                   -flat_gradient(params, loss), rtol=1e-10, atol=1e-14)

@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 import minirlhf as mr
 from minirlhf.closed_form import (TabularPolicy, bradley_terry_pairs, centered_pearson,
                                   completion_index, enumerate_completions, exact_gradient,
-                                  exact_logprobs, exact_objective, exact_policy, kl, make_problem,
+                                  exact_logprobs, exact_objective, exact_policy,
+                                  exact_token_logprobs, flat_gradient, kl, make_problem,
                                   make_sequences, optimal_policy, reinforce_gradients,
                                   sample_completions, train_dpo, train_reinforce,
                                   train_reward_table)
@@ -75,6 +76,25 @@ def test_exact_policy_is_a_distribution_and_matches_the_chain_rule(exact):
     probs = np.exp(z) / np.exp(z).sum(axis=-1, keepdims=True)
     y = ids[0]
     assert p[1, 14] == pytest.approx(np.prod([probs[t - 1, y[t]] for t in (1, 2, 3)]), rel=1e-12)
+
+
+def test_exact_token_logprobs_are_the_terms_of_exact_logprobs(exact):
+    tokens = exact_token_logprobs(exact["ref"], PROBLEM.prompts, PROBLEM.completions).numpy()
+    assert tokens.shape == (2, 27, 3)
+    table = exact_logprobs(exact["ref"], PROBLEM.prompts, PROBLEM.completions).numpy()
+    np.testing.assert_array_equal(tokens.sum(-1), table)                 # 4 tokens: one sum order
+    # p(y_0 | x) does not depend on the rest of y: the first token's term repeats in blocks of 9
+    np.testing.assert_array_equal(tokens[:, :, 0], np.repeat(tokens[:, ::9, 0], 9, axis=1))
+
+
+def test_flat_gradient_is_every_parameters_gradient_in_order_and_leaves_grad_empty():
+    a, b = mr.tensor(np.ones((2, 2)), requires_grad=True), mr.tensor(np.ones(3), requires_grad=True)
+    b.grad = np.full(3, 7.0)                                             # stale: cleared first
+    g = flat_gradient([a, b], lambda: (a * 3.0).sum() + (b * b).sum())
+    np.testing.assert_array_equal(g, [3.0, 3.0, 3.0, 3.0, 2.0, 2.0, 2.0])
+    assert g.dtype == np.float64 and a.grad is None and b.grad is None
+    unused = mr.tensor(np.ones(2), requires_grad=True)
+    np.testing.assert_array_equal(flat_gradient([unused, b], lambda: b.sum()), [0, 0, 1, 1, 1])
 
 
 def test_sampling_frequencies_match_the_exact_policy(exact):

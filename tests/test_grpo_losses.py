@@ -72,6 +72,14 @@ def test_group_advantages_use_the_unbiased_std_and_zero_a_group_that_agrees():
     assert (A[2:] == 0).all()                                            # std 0, not nan
 
 
+def test_group_advantages_and_aggregate_tokens_take_plain_lists():
+    np.testing.assert_array_equal(group_advantages([1.0, 2.0, 3.0, 5.0], 2, scale="none"),
+                                  [-0.5, 0.5, -1.0, 1.0])
+    np.testing.assert_allclose(group_advantages([1.0, 2.0, 3.0, 5.0], 2),
+                               group_advantages(np.array([1.0, 2.0, 3.0, 5.0]), 2), rtol=0)
+    assert aggregate_tokens([[1.0, 3.0], [5.0, 7.0]], [[1, 1], [1, 0]], "grpo") == (2 + 5) / 2
+
+
 def test_group_advantages_refuse_bad_input():
     with pytest.raises(ValueError, match="does not divide"):
         group_advantages(np.zeros(6), 4)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import minirlhf as mr
 from minirlhf.losses import (clipped_surrogate, gae, kl_k3, kl_penalty_rewards, masked_mean,
-                             masked_var, masked_whiten, value_loss)
+                             masked_var, masked_whiten, reinforce_kl_loss, value_loss)
 from minirlhf.testing import arrays
 
 
@@ -39,6 +39,21 @@ def test_masked_mean_is_the_mean_of_the_selected_entries(batch):
                                [row[m == 1].mean() for row, m in zip(x, mask)], rtol=1e-12)
     assert masked_mean(mr.tensor(x), mask).item() == pytest.approx(masked_mean(x, mask), rel=1e-12)
     assert mr.gradcheck(lambda x: masked_mean(x, mask, axis=1), [x])
+
+
+def test_masked_blocks_keep_float32_as_float32():
+    x, mask = np.arange(6, dtype=np.float32).reshape(2, 3), np.array([[1, 1, 0], [1, 0, 1]])
+    for block in (masked_mean, masked_var, masked_whiten):
+        assert block(x, mask).dtype == np.float32
+        assert block(mr.tensor(x), mask).dtype == np.float32
+    assert masked_mean(x, mask, axis=1).dtype == np.float32
+
+
+def test_masked_blocks_take_plain_lists():
+    assert masked_mean([[1.0, 2.0]], [[0, 1]]) == 2.0
+    assert masked_var([[1.0, 2.0, 4.0]], [[1, 1, 0]]) == 0.5
+    np.testing.assert_allclose(masked_whiten([[1.0, 3.0, 9.0]], [[1, 1, 0]]),
+                               [[-1 / np.sqrt(2 + 1e-8), 1 / np.sqrt(2 + 1e-8), 0]], rtol=1e-12)
 
 
 def test_masked_mean_ignores_what_lies_outside_the_mask_even_inf_and_nan():
@@ -186,6 +201,21 @@ def test_kl_penalty_rewards_put_the_kl_on_every_token_and_the_score_on_the_last(
     t = kl_penalty_rewards(R, mr.tensor(logp), ref, mask, beta, estimator=est)
     np.testing.assert_allclose(t.numpy(), rewards, rtol=1e-12, atol=1e-15)
     assert mr.gradcheck(lambda lp: kl_penalty_rewards(R, lp, ref, mask, beta, estimator=est), [logp])
+
+
+def test_only_k1_per_token_rewards_sum_to_the_reinforce_reward():
+    logp = np.log(np.array([[0.5, 0.2, 0.9], [0.3, 0.6, 0.1]]))
+    ref = np.log(np.array([[0.4, 0.5, 0.7], [0.2, 0.3, 0.6]]))
+    mask, R, beta = np.array([[1, 1, 1], [1, 1, 0]]), np.array([1.0, -2.0]), 0.3
+    seq, ref_seq = (logp * mask).sum(1), (ref * mask).sum(1)
+    _, metrics = reinforce_kl_loss(mr.tensor(seq), ref_seq, R, beta, baseline="none")
+    shaped = R - beta * (seq - ref_seq)                                  # R̂ of reinforce_kl_loss
+    k1_sum = kl_penalty_rewards(R, logp, ref, mask, beta, "k1").sum(1)
+    np.testing.assert_allclose(k1_sum, shaped, rtol=1e-12)
+    assert k1_sum.mean() == pytest.approx(metrics["reward_with_kl"], rel=1e-12)
+    for est in ("k2", "k3"):                                             # a KL estimate, not R̂
+        other = kl_penalty_rewards(R, logp, ref, mask, beta, est).sum(1)
+        assert np.abs(other - shaped).max() > 1e-3
 
 
 def test_kl_penalty_rewards_refuse_bad_input():
