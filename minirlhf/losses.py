@@ -436,7 +436,8 @@ def clipped_surrogate(logp, old_logp, advantages, mask, epsilon_low=0.2, epsilon
     Returns ``(per_token_loss, metrics)``: the (B, T) loss, 0 outside the mask (aggregate it with
     `masked_mean`), and, as masked means over the tokens, ``clipfrac`` = fraction of tokens whose
     clipped term is active, split into ``clipfrac/low`` (ρ < 1-ε_low, A < 0) and ``clipfrac/high``
-    (ρ > 1+ε_high, A > 0), and ``approxkl`` = ½(log ρ)², the k2 estimate of KL(p_old ‖ p_θ).
+    (ρ > 1+ε_high, A > 0), ``approxkl`` = ½(log ρ)², the k2 estimate of KL(p_old ‖ p_θ), and
+    ``ratio``, the mean ρ (1 while the policy is still the one that sampled).
     """
     if not isinstance(logp, Tensor):
         raise TypeError("clipped_surrogate: logp must be a Tensor (the policy's log p_θ per token)")
@@ -469,7 +470,8 @@ def clipped_surrogate(logp, old_logp, advantages, mask, epsilon_low=0.2, epsilon
     high = (r > 1.0 + eps_hi) & (A > 0)
     metrics = {"clipfrac": _token_mean(low | high, keep), "clipfrac/low": _token_mean(low, keep),
                "clipfrac/high": _token_mean(high, keep),
-               "approxkl": _token_mean(kl_k2(logp.data, old), keep)}   # ½(log ρ)²
+               "approxkl": _token_mean(kl_k2(logp.data, old), keep),   # ½(log ρ)²
+               "ratio": _token_mean(r, keep)}
     return per_token, metrics
 
 

@@ -127,6 +127,7 @@ def test_clipped_surrogate_matches_numpy_and_gradcheck(batch):
     assert metrics["clipfrac/high"] == pytest.approx(high.sum() / m.sum())
     assert metrics["clipfrac"] == pytest.approx((low | high).sum() / m.sum())
     assert metrics["approxkl"] == pytest.approx((0.5 * (logp - old) ** 2)[m].mean(), rel=1e-12)
+    assert metrics["ratio"] == pytest.approx(rho[m].mean(), rel=1e-12)
 
 
 @given(masked_batches(), arrays((3,)))

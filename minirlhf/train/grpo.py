@@ -109,8 +109,8 @@ class GenerationBatch:
 def generate_batch(policy, ref, rewarder, prompt_texts, cfg, tokenizer, rng, metrics_fn):
     """Sample G completions of each prompt, score them, and compute what the μ steps need: the
     fields of a `GenerationBatch`."""
-    G, max_len = cfg.num_generations, cfg.max_new_tokens + 1            # the tokens plus an EOT
-    seqs, completions, group = sample_batch(policy, prompt_texts, cfg, tokenizer, rng)
+    G = cfg.num_generations
+    seqs, completions, group, truncated = sample_batch(policy, prompt_texts, cfg, tokenizer, rng)
     seq_prompts = [prompt_texts[g] for g in group]
     R = rewarder(seqs, seq_prompts, completions)                         # (N,)
     groups = R.reshape(-1, G)
@@ -118,7 +118,6 @@ def generate_batch(policy, ref, rewarder, prompt_texts, cfg, tokenizer, rng, met
 
     batch = collate(seqs)
     lengths = batch["completion_mask"].sum(axis=1)                       # (N,) tokens incl. EOT
-    truncated = lengths == max_len                                       # EOT appended by sample_batch
     mask_np = batch["completion_mask"]
     if cfg.mask_truncated_completions:
         mask_np = mask_np * ~truncated[:, None]

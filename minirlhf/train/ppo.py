@@ -15,8 +15,9 @@ Each iteration:
          + vf_coef · ½·masked_mean(max((V - R)², (clip(V, V_old ± c) - R)²))   (`value_loss`)
          - entropy_coef · H  + ptx_coef · L_pretrain                      (optional)
 
-   with ρ_t = p_θ(y_t)/p_old(y_t): the first minibatch of the first epoch is on-policy (ρ = 1, the
-   gradient is REINFORCE's); the clip keeps the later passes over the same samples near p_old.
+   with ρ_t = p_θ(y_t)/p_old(y_t): the first minibatch of the first epoch is on-policy (ρ = 1: the
+   plain policy gradient with the advantages A_t); the clip keeps the later passes over the same
+   samples near p_old. Dropout is off throughout, so p_old and p_θ are one function.
 4. With ``target_kl``, the adaptive controller of Ziegler et al. (2019) moves β so that the KL
    stays near the target: β ← β·(1 + clip(KL/target - 1, -0.2, 0.2)·N/horizon).
 
@@ -165,13 +166,11 @@ class KLController:
 
 def rollout(policy, ref, value, rewarder, prompt_texts, cfg, tokenizer, rng, beta):
     """Sample, score, and compute everything the updates need, as host arrays (float64)."""
-    seqs, completions, group = sample_batch(policy, prompt_texts, cfg, tokenizer, rng)
+    seqs, completions, group, missing_eos = sample_batch(policy, prompt_texts, cfg, tokenizer, rng)
     seq_prompts = [prompt_texts[g] for g in group]
     scores = rewarder(seqs, seq_prompts, completions)                    # (N,)
     batch = collate(seqs)
     mask = batch["completion_mask"].astype(np.float64)                   # (N, T)
-    # a completion that hit max_new_tokens had an EOT appended by sample_batch: one token too many
-    missing_eos = mask.sum(axis=1) > cfg.max_new_tokens
     if cfg.missing_eos_penalty is not None:
         scores = scores - cfg.missing_eos_penalty * missing_eos
 
@@ -183,7 +182,8 @@ def rollout(policy, ref, value, rewarder, prompt_texts, cfg, tokenizer, rng, bet
         entropy = token_entropy(logits, m)                               # (N, T)
         ref_logp, _ = logprobs_from_logits(ref(ids), ids, m)
         old_values = value(ids)                                          # (N, T)
-    host = lambda t: to_numpy(t.data).astype(np.float64) * mask          # noqa: E731
+    def host(t):   # float64 on the host, 0 outside the completions
+        return to_numpy(t.data).astype(np.float64) * mask
     old_logp, ref_logp, old_values, entropy = map(host, (old_logp, ref_logp, old_values, entropy))
 
     rewards = kl_penalty_rewards(scores, old_logp, ref_logp, mask, beta, cfg.kl_estimator)
@@ -236,33 +236,34 @@ def _train(cfg, run, metrics_fn):
     size = n // cfg.num_minibatches
     for step in run.steps(start):
         try:
-            r = rollout(policy, ref, value, rewarder, prompts[step - 1], cfg, tokenizer, rng, kl_ctl.beta)
+            data = rollout(policy, ref, value, rewarder, prompts[step - 1], cfg, tokenizer, rng,
+                           kl_ctl.beta)
         except FloatingPointError:   # the last update made the logits overflow: diverged
             run.diverged("policy", "overflowing its logits")
-        run.check_finite("advantage", r["advantages"])
-        run.check_finite("return", r["returns"])
+        run.check_finite("advantage", data["advantages"])
+        run.check_finite("return", data["returns"])
 
         stats = []
         for _ in range(cfg.ppo_epochs):
             order = rng.permutation(n)
             for i in range(0, n, size):
-                mb = np.sort(order[i:i + size])
-                stats.append(update(run, policy, value, policy_optimizer, value_optimizer, r, mb, cfg,
-                                    ptx_tokens, rng))
+                rows = np.sort(order[i:i + size])                         # one minibatch
+                stats.append(update(run, policy, value, policy_optimizer, value_optimizer, data, rows,
+                                    cfg, ptx_tokens, rng))
 
-        kl_mean = float(r["kl"].mean())
+        kl_mean = float(data["kl"].mean())
         # TRL's names and definitions: objective/entropy is the mean of -log p_old(y|x) per completion
         row = {"objective/kl": kl_mean,
-               "objective/entropy": float((-r["old_logp"]).sum(axis=1).mean()),
-               "objective/non_score_reward": float(r["non_score"].mean()),
-               "objective/rlhf_reward": float((r["scores"] + r["non_score"]).mean()),
-               "objective/scores": float(r["scores"].mean()),
+               "objective/entropy": float((-data["old_logp"]).sum(axis=1).mean()),
+               "objective/non_score_reward": float(data["non_score"].mean()),
+               "objective/rlhf_reward": float((data["scores"] + data["non_score"]).mean()),
+               "objective/scores": float(data["scores"].mean()),
                **{k: float(np.mean([s[k] for s in stats])) for k in stats[0]},
-               "policy/entropy_avg": float(r["entropy"].sum() / r["mask"].sum()),
-               "beta": kl_ctl.beta, "eos_missing": float(r["missing_eos"].mean()),
-               "length": float(r["mask"].sum(axis=1).mean())}
+               "policy/entropy_avg": float(data["entropy"].sum() / data["mask"].sum()),
+               "beta": kl_ctl.beta, "eos_missing": float(data["missing_eos"].mean()),
+               "length": float(data["mask"].sum(axis=1).mean())}
         if metrics_fn is not None:
-            row.update(metrics_fn(r["prompts"], r["completions"]))
+            row.update(metrics_fn(data["prompts"], data["completions"]))
         run.log(step, row)
         kl_ctl.update(kl_mean, n)
         run.save_if_due(step)
@@ -276,29 +277,30 @@ def _train(cfg, run, metrics_fn):
                       f"score {last.get('objective/scores'):.3f}, kl {last.get('objective/kl'):.3f}")
 
 
-def update(run, policy, value, policy_optimizer, value_optimizer, r, mb, cfg, ptx_tokens, rng):
-    """One gradient step of PPO's loss on the sequences ``mb`` of the rollout ``r``; returns its metrics.
+def update(run, policy, value, policy_optimizer, value_optimizer, data, rows, cfg, ptx_tokens, rng):
+    """One gradient step of PPO's loss on the sequences ``rows`` of the rollout ``data``; returns
+    its metrics.
 
     Both models step together on one loss, so this is `Run.update` by hand: the loss and the
     gradient norm of both models are checked before any weight moves."""
-    ids = batch_tensor(r["input_ids"][mb], cfg.device)                  # (M, T)
-    mask = r["mask"][mb]                                                 # (M, T)
-    m = batch_tensor(mask, cfg.device)
+    ids = batch_tensor(data["input_ids"][rows], cfg.device)             # (M, T)
+    mask = batch_tensor(data["mask"][rows], cfg.device)                  # (M, T), on the device once
     logits = policy(ids)                                                 # (M, T, V)
-    logp, _ = logprobs_from_logits(logits, ids, m)                       # (M, T)
-    per_token, pm = clipped_surrogate(logp, r["old_logp"][mb], r["advantages"][mb], mask,
-                                      epsilon_low=cfg.cliprange)
+    logp, _ = logprobs_from_logits(logits, ids, mask)                    # (M, T)
+    per_token, pg_stats = clipped_surrogate(logp, data["old_logp"][rows], data["advantages"][rows],
+                                            mask, epsilon_low=cfg.cliprange)
     pg_loss = masked_mean(per_token, mask)
-    vf_loss, vm = value_loss(value(ids), r["old_values"][mb], r["returns"][mb], mask,
-                             clip_range_value=cfg.cliprange_value)
+    vf_loss, vf_stats = value_loss(value(ids), data["old_values"][rows], data["returns"][rows], mask,
+                                   clip_range_value=cfg.cliprange_value)
     loss = pg_loss + cfg.vf_coef * vf_loss
     if cfg.entropy_coef > 0:
-        loss = loss - cfg.entropy_coef * masked_mean(token_entropy(logits, m), mask)
+        loss = loss - cfg.entropy_coef * masked_mean(token_entropy(logits, mask), mask)
     if ptx_tokens is not None:
         x, y = get_batch(ptx_tokens, policy.config.block_size, cfg.ptx_batch_size, rng)
         ptx = F.cross_entropy(policy(batch_tensor(x, cfg.device)), batch_tensor(y, cfg.device))
         loss = loss + cfg.ptx_coef * ptx
-    run.check_finite(f"loss (policy {pg_loss.item():.4g}, value {vf_loss.item():.4g})", loss.item())
+    pg_value, vf_value = pg_loss.item(), vf_loss.item()
+    run.check_finite(f"loss (policy {pg_value:.4g}, value {vf_value:.4g})", loss.item())
 
     policy_optimizer.zero_grad()
     value_optimizer.zero_grad()
@@ -308,9 +310,7 @@ def update(run, policy, value, policy_optimizer, value_optimizer, r, mb, cfg, pt
     run.check_finite("gradient norm", grad_norm)
     policy_optimizer.step()
     value_optimizer.step()
-    with no_grad():
-        ratio = np.exp(to_numpy(logp.data).astype(np.float64) - r["old_logp"][mb])
-    return {"policy/approxkl_avg": pm["approxkl"], "policy/clipfrac_avg": pm["clipfrac"],
-            "loss/policy_avg": pg_loss.item(), "loss/value_avg": vf_loss.item(),
-            "val/clipfrac_avg": vm["clipfrac"],
-            "val/ratio": float((ratio * mask).sum() / mask.sum()), "grad_norm": grad_norm}
+    return {"policy/approxkl_avg": pg_stats["approxkl"], "policy/clipfrac_avg": pg_stats["clipfrac"],
+            "loss/policy_avg": pg_value, "loss/value_avg": vf_value,
+            "val/clipfrac_avg": vf_stats["clipfrac"], "val/ratio": pg_stats["ratio"],
+            "grad_norm": grad_norm}

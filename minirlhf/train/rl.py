@@ -137,21 +137,23 @@ def sample_batch(policy, prompt_texts, cfg, tokenizer, rng):
     Sampling is exact (temperature 1, no top-k or top-p): REINFORCE's estimator is unbiased only for
     samples drawn from p_θ itself. Returns sequences ``(ids, n_prompt)`` that end with EOT (appended
     to a completion that hit ``max_new_tokens``, so that the reward model reads every sequence the
-    same way), the completions as text, and the prompt index of each (its group for the baseline).
+    same way), the completions as text, the prompt index of each (its group for the baseline), and
+    ``truncated`` (N,): which completions hit ``max_new_tokens`` without ending (their EOT appended).
     """
     block = policy.config.block_size
     prompt_ids = [encode_prompt(tokenizer, p, block, cfg.max_new_tokens + 1) for p in prompt_texts]
     k = cfg.samples_per_prompt
     ids = [p for p in prompt_ids for _ in range(k)]
     out = generate(policy, ids, cfg.max_new_tokens, temperature=1.0, eot_id=tokenizer.eot_id, seed=rng)
-    seqs, completions = [], []
+    seqs, completions, truncated = [], [], []
     for p, new in zip(ids, out.tokens):
-        if not new or new[-1] != tokenizer.eot_id:
+        truncated.append(not new or new[-1] != tokenizer.eot_id)
+        if truncated[-1]:
             new = new + [tokenizer.eot_id]
         seqs.append((p + new, len(p)))
         completions.append(tokenizer.decode(new))
     group = np.repeat(np.arange(len(prompt_texts)), k)
-    return seqs, completions, group
+    return seqs, completions, group, np.array(truncated)
 
 
 def rl(cfg, metrics_fn=None):
@@ -186,7 +188,7 @@ def _train(cfg, run, metrics_fn):
     for step in run.steps(start):
         prompt_texts = prompts[step - 1]
         try:
-            seqs, completions, group = sample_batch(policy, prompt_texts, cfg, tokenizer, rng)
+            seqs, completions, group, _ = sample_batch(policy, prompt_texts, cfg, tokenizer, rng)
         except FloatingPointError:   # the last update made the logits overflow: diverged
             run.diverged("policy", "overflowing its logits")
         seq_prompts = [prompt_texts[g] for g in group]
