@@ -153,8 +153,8 @@ def grpo(cfg, metrics_fn=None):
 
 
 def _train(cfg, run, metrics_fn):
-    tokenizer = tokenizer_for(cfg.init)   # the one the model was trained with
     records = load_prompts(cfg.prompts)
+    tokenizer = tokenizer_for(cfg.init)   # the one the model was trained with
     policy = load_policy(cfg.init, cfg.device)
     policy.eval()   # dropout off, as TRL: samples, log p_old and log p_θ of one distribution
     ref = None
