@@ -125,9 +125,9 @@ def load_model(path, device="cpu"):
     ``path`` may also be a Hugging Face GPT-2 folder (one with a config.json): `minirlhf.hf.load_gpt2`.
     """
     from .model import GPT, GPTConfig, RewardModel, ValueModel  # here: checkpoint.py works alone
+    from .hf import is_hf_folder, load_gpt2
 
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
-        from .hf import load_gpt2
+    if is_hf_folder(path):
         return load_gpt2(path, device=device)[0]
     ckpt = load_checkpoint(path)
     classes = {"GPT": GPT, "RewardModel": RewardModel, "ValueModel": ValueModel}
