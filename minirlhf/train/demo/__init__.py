@@ -50,7 +50,7 @@ from ..reward import RewardConfig, reward
 from ..rl import RLConfig, rl
 from ..sft import SFTConfig, sft
 from .evaluate import (batched_logprobs, batched_rewards, evaluate_all, evaluate_policy,
-                       gold_metrics, implicit_agreement, mean_se, reward_agreement)
+                       gold_metrics, implicit_agreement, mean_se, pair_logprobs, reward_agreement)
 from .labels import make_data, make_labels, sample_replies
 from .plan import (LARGE, PRESETS, QUICK, SMOKE, Stages, beta_name, check_out_dir, make_plan,
                    parse_betas, say)
@@ -60,8 +60,8 @@ from .report import write_report
 # what `minirlhf.train.demo` offers; each name lives in the module of its job
 __all__ = ["DemoConfig", "demo", "QUICK", "LARGE", "SMOKE", "PRESETS", "parse_betas", "make_plan",
            "Stages", "make_data", "make_labels", "sample_replies", "evaluate_all",
-           "evaluate_policy", "reward_agreement", "implicit_agreement", "gold_metrics",
-           "batched_logprobs", "batched_rewards", "mean_se", "write_report", "make_plots"]
+           "evaluate_policy", "reward_agreement", "implicit_agreement", "pair_logprobs",
+           "gold_metrics", "batched_logprobs", "batched_rewards", "mean_se", "write_report", "make_plots"]
 
 
 @dataclass
