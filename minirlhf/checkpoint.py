@@ -125,9 +125,9 @@ def load_model(path, device="cpu"):
     ``path`` may also be a Hugging Face GPT-2 folder (one with a config.json): `minirlhf.hf.load_gpt2`.
     """
     from .model import GPT, GPTConfig, RewardModel, ValueModel  # here: checkpoint.py works alone
+    from .hf import is_hf_folder, load_gpt2
 
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
-        from .hf import load_gpt2
+    if is_hf_folder(path):
         return load_gpt2(path, device=device)[0]
     ckpt = load_checkpoint(path)
     classes = {"GPT": GPT, "RewardModel": RewardModel, "ValueModel": ValueModel}
@@ -165,7 +165,7 @@ def tokenizer_for(path):
             if tokenizer is None:
                 raise CheckpointError(f"{path} has no vocab.json: which tokenizer does the model read?")
             return tokenizer
-        header = _read_header(path)
+        header = read_header(path)
         extra, config = header.get("extra") or {}, header.get("config") or {}
         if isinstance(extra.get("tokenizer"), dict):
             stored = extra["tokenizer"]
@@ -181,7 +181,7 @@ def tokenizer_for(path):
                               f"tokenizer was found with it (looked in: {', '.join(seen)})")
 
 
-def _read_header(path):
+def read_header(path):
     """The header of a checkpoint without reading its arrays (an .npz is read member by member)."""
     try:
         with np.load(path, allow_pickle=False) as npz:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, non_finite
 from .model import GPT, GPTConfig, RewardModel
 from .tokenizer import BPETokenizer, ByteTokenizer
 
@@ -77,6 +77,9 @@ def load_gpt2(path, dtype="float32", device="cpu"):
         raise HFError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                       f"vocab_size is {config['vocab_size']}")
     weights = _read_weights(folder)
+    bad = non_finite(weights)   # refused as load_model refuses a diverged .npz
+    if bad:
+        raise HFError(f"{folder}: the weights {bad} are NaN or infinite")
 
     cls = ARCHITECTURES[config["architectures"][0]]
     try:
@@ -233,6 +236,9 @@ def save_gpt2(model, path, tokenizer=None):
     no merges whose ids are the bytes, 256 ``<|endoftext|>`` and 257 ``<|pad|>``, which encodes every
     text exactly as it does. Returns the folder.
     """
+    if type(model) not in (GPT, RewardModel):   # a ValueModel would lose its head, silently
+        raise HFError(f"save_gpt2: a {type(model).__name__} has no GPT-2 form: export the policy "
+                      f"(ckpt.npz) or a reward model")
     folder = Path(path)
     config = model.config
     if tokenizer is None and config.vocab_size == ByteTokenizer.vocab_size:

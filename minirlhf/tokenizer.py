@@ -200,7 +200,7 @@ def _category_ranges(prefix):
 
 
 def _pretokenizer():
-    """GPT2_PATTERN compiled with Python's `re` (built once, on first use: it takes ~0.5 s).
+    """GPT2_PATTERN compiled with Python's `re` (built once, on first use: it takes a moment).
 
     Why not the `regex` package? It would be one more dependency for one pattern, and this is the
     same pattern, not an imitation: each \\p{..} becomes the list of characters it names, so both
@@ -278,7 +278,7 @@ class BPETokenizer:
         ids = []
         for piece in pretokenize(text):
             if piece not in self._cache:
-                self._cache[piece] = self._bpe(_utf8(text, piece))
+                self._cache[piece] = self._bpe(_utf8(piece))
             ids += self._cache[piece]
         return ids
 
@@ -346,7 +346,7 @@ class BPETokenizer:
         if vocab_size < 257:
             raise ValueError(f"vocab_size must be at least 257 (256 bytes + {EOT_TEXT}), got {vocab_size}")
         words = collections.Counter(pretokenize(text))
-        words = [([bytes([b]) for b in _utf8(text, w)], n) for w, n in words.items()]
+        words = [([bytes([b]) for b in _utf8(w)], n) for w, n in words.items()]
         vocab = {bytes([b]): b for b in range(256)}
         merges = []
         while len(vocab) < vocab_size - 1:
@@ -435,8 +435,8 @@ class BPETokenizer:
                 f"eot_id={self.eot_id}, pad_id={self.pad_id})")
 
 
-def _utf8(text, piece):
-    """The UTF-8 bytes of a piece of ``text``, or the error `ByteTokenizer.encode` gives."""
+def _utf8(piece):
+    """The UTF-8 bytes of ``piece`` (a piece of a text), or the error `ByteTokenizer.encode` gives."""
     try:
         return piece.encode("utf-8")
     except UnicodeEncodeError as err:

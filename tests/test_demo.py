@@ -197,6 +197,9 @@ def test_smoke_demo_writes_the_report_with_its_tables(smoke_run):
     assert "## Training" in report and "## Replies before and after" in report
     assert "## Settings" in report
     assert "## Times" in report
+    training = report.split("## RL, PPO and GRPO: reward model against gold during training")[1]
+    rows = [line for line in training.split("\n\n")[1].splitlines() if line.startswith("| GRPO β=0 |")]
+    assert len(rows) == 1 and rows[0].endswith("| — |")     # at β = 0 GRPO logs no KL
     summary = json.loads((smoke_run / "summary.json").read_text())
     assert set(summary["policies"]) == {"SFT", "RL β=0.1", "PPO β=0.1", "DPO β=0.1", "GRPO β=0"}
     assert summary["policies"]["SFT"]["kl"] == 0.0

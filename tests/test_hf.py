@@ -16,7 +16,7 @@ pytest.importorskip("safetensors")
 from minirlhf import hf  # noqa: E402
 from minirlhf.checkpoint import load_model, save_checkpoint, tokenizer_for  # noqa: E402
 from minirlhf.hf import HFError, load_gpt2, save_gpt2  # noqa: E402
-from minirlhf.model import GPT, GPTConfig, RewardModel  # noqa: E402
+from minirlhf.model import GPT, GPTConfig, RewardModel, ValueModel  # noqa: E402
 from minirlhf.tensor import no_grad  # noqa: E402
 from minirlhf.tokenizer import BPETokenizer, ByteTokenizer  # noqa: E402
 
@@ -181,6 +181,26 @@ def test_an_untied_lm_head_is_refused(tmp_path):
         load_gpt2(folder)
 
 
+def test_a_nan_weight_is_refused_by_name(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    folder = copy_folder(LM, tmp_path / "diverged")
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["transformer.h.0.mlp.c_fc.weight"][0, 0] = np.nan
+    save_file(weights, str(folder / "model.safetensors"))
+    named = r"transformer\.h\.0\.mlp\.c_fc\.weight are NaN or infinite"
+    with pytest.raises(HFError, match=named) as err:
+        load_gpt2(folder)
+    assert "\n" not in str(err.value)
+
+
+def test_a_value_model_has_no_gpt2_form(tmp_path):
+    value = ValueModel(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=8), seed=6)
+    with pytest.raises(HFError, match="a ValueModel has no GPT-2 form: export the policy"):
+        save_gpt2(value, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_missing_safetensors_package_names_the_extra(monkeypatch):
     import builtins
 
@@ -303,3 +323,14 @@ def test_cli_reports_a_bad_folder_in_one_line(tmp_path, capsys):
     assert cli.main(["import", "--hf", str(tmp_path), "--out", str(tmp_path / "x.npz")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("minirlhf import: error:") and "GPT-2 only" in err and "\n" not in err
+
+
+def test_cli_refuses_to_export_a_value_model_in_one_line(tmp_path, capsys):
+    from minirlhf import cli
+
+    value = ValueModel(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=8), seed=6)
+    npz = save_checkpoint(tmp_path / "value.npz", value, value.config)
+    assert cli.main(["export", "--ckpt", str(npz), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("minirlhf export: error:") and "ValueModel has no GPT-2 form" in err
+    assert "\n" not in err and not (tmp_path / "hf").exists()

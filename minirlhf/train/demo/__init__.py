@@ -16,15 +16,15 @@
 5. **REINFORCE with a KL penalty** against the reward model (`rl`), **PPO** as InstructGPT ran it
    (`ppo`, its value model a copy of the reward model), and **DPO** on the same preferences
    (`dpo`), each at a few β (PPO at RL's); **GRPO** (`grpo`) against the same reward model, at
-   β = 0 (TRL's default: no reference in the loss) and β = 0.1 (k3 in the loss). During RL and PPO
-   we also log the gold reward of the samples: where the reward model's score climbs and the gold
+   β = 0 (TRL's default: no reference in the loss) and β = 0.1 (k3 in the loss). During RL, PPO
+   and GRPO we also log the gold reward of the samples: where the reward model's score climbs and the gold
    reward does not, the policy over-optimises a proxy.
 6. **Evaluation** on held-out prompts: mean gold reward ± standard error, mean reward-model score,
    and KL(p_θ ‖ p_sft) estimated by Monte Carlo, mean over samples y ~ p_θ of
    log p_θ(y|x) - log p_sft(y|x); how often each policy's implicit reward β·log(p_θ/p_sft) orders
    held-out pairs as R_gold does; and a few replies side by side.
-7. **report.md** in ``out_dir``, and with matplotlib two plots: gold reward against KL for RL and DPO
-   across β (the DPO paper's Figure 2 in miniature), and gold against reward-model reward during RL.
+7. **report.md** in ``out_dir``, and with matplotlib two plots: gold reward against KL for RL, PPO, DPO
+   and GRPO across β (the DPO paper's Figure 2 in miniature), and gold against reward-model reward during RL.
 
 Every stage writes its outputs atomically and is skipped when they are up to date (finished, and
 newer than what they were made from, as ``make`` decides), so a demo that was interrupted goes on
@@ -50,7 +50,7 @@ from ..reward import RewardConfig, reward
 from ..rl import RLConfig, rl
 from ..sft import SFTConfig, sft
 from .evaluate import (batched_logprobs, batched_rewards, evaluate_all, evaluate_policy,
-                       gold_metrics, implicit_agreement, mean_se, reward_agreement)
+                       gold_metrics, implicit_agreement, mean_se, pair_logprobs, reward_agreement)
 from .labels import make_data, make_labels, sample_replies
 from .plan import (LARGE, PRESETS, QUICK, SMOKE, Stages, beta_name, check_out_dir, make_plan,
                    parse_betas, say)
@@ -60,8 +60,8 @@ from .report import write_report
 # what `minirlhf.train.demo` offers; each name lives in the module of its job
 __all__ = ["DemoConfig", "demo", "QUICK", "LARGE", "SMOKE", "PRESETS", "parse_betas", "make_plan",
            "Stages", "make_data", "make_labels", "sample_replies", "evaluate_all",
-           "evaluate_policy", "reward_agreement", "implicit_agreement", "gold_metrics",
-           "batched_logprobs", "batched_rewards", "mean_se", "write_report", "make_plots"]
+           "evaluate_policy", "reward_agreement", "implicit_agreement", "pair_logprobs",
+           "gold_metrics", "batched_logprobs", "batched_rewards", "mean_se", "write_report", "make_plots"]
 
 
 @dataclass

@@ -32,12 +32,17 @@ def evaluate_all(out, plan, cfg, policies, rm_ckpt, sft_ckpt, stages):
     held_prompts = out / "data" / "prompts_held_out.jsonl"
     held_prefs = out / "labels" / "prefs_held_out.jsonl"
     prompts = [r["prompt"] for r in load_prompts(held_prompts)][:e["prompts"]]
-    models = {}
+    models, sft_pairs = {}, []
 
     def model(path):
         if path not in models:
             models[path] = load_model(path, cfg.device)
         return models[path]
+
+    def sft_pair_logprobs():   # computed once for every policy's implicit reward, and only if needed
+        if not sft_pairs:
+            sft_pairs.append(pair_logprobs(model(sft_ckpt), held_prefs, cfg.device))
+        return sft_pairs[0]
 
     rm_path = out / "eval" / "reward.json"
     stages.run("eval reward model", rm_path, lambda: write_json(
@@ -48,8 +53,10 @@ def evaluate_all(out, plan, cfg, policies, rm_ckpt, sft_ckpt, stages):
         path = out / "eval" / f"{name.replace(' β=', '_beta').lower()}.json"
 
         def run(name=name, ckpt=ckpt, path=path):
-            result = evaluate_policy(name, model(ckpt), model(sft_ckpt), model(rm_ckpt), prompts, e,
-                                     cfg.seed + 7, cfg.device, held_prefs)
+            policy, sft_model = model(ckpt), model(sft_ckpt)
+            result = evaluate_policy(name, policy, sft_model, model(rm_ckpt), prompts, e,
+                                     cfg.seed + 7, cfg.device, held_prefs,
+                                     sft_pair_logprobs() if policy is not sft_model else None)
             write_json(path, result)
 
         stages.run(f"eval {name}", path, run,
@@ -58,13 +65,15 @@ def evaluate_all(out, plan, cfg, policies, rm_ckpt, sft_ckpt, stages):
     return evals
 
 
-def evaluate_policy(name, policy, sft_model, rm, prompts, e, seed, device, held_prefs=None):
+def evaluate_policy(name, policy, sft_model, rm, prompts, e, seed, device, held_prefs=None,
+                    sft_pairs=None):
     """Sample ``e["samples_per_prompt"]`` replies to each held-out prompt and measure them.
 
     KL(p_θ ‖ p_sft) is estimated by Monte Carlo on the policy's own samples: the mean over y ~ p_θ
     of log p_θ(y|x) - log p_sft(y|x), summed over the generated tokens (k1, an unbiased estimate).
     With ``held_prefs`` (a preference file), also the agreement of the policy's implicit reward
-    with gold on those pairs (`implicit_agreement`).
+    with gold on those pairs (`implicit_agreement`); ``sft_pairs`` is the SFT model's
+    `pair_logprobs` of them, if computed already.
     """
     k = e["samples_per_prompt"]
     repeated = [p for p in prompts for _ in range(k)]                # N = k·len(prompts) prompts
@@ -79,11 +88,15 @@ def evaluate_policy(name, policy, sft_model, rm, prompts, e, seed, device, held_
     g_mean, g_se = mean_se(gold)
     r_mean, r_se = mean_se(rm_scores)
     kl_mean, kl_se = mean_se(kl)
+    implicit = None
+    if held_prefs is not None and policy is not sft_model:
+        if sft_pairs is None:
+            sft_pairs = pair_logprobs(sft_model, held_prefs, device)
+        implicit = implicit_agreement(policy, sft_pairs, held_prefs, device)
     return {"name": name, "n": len(texts), "gold": g_mean, "gold_se": g_se, "rm": r_mean,
             "rm_se": r_se, "kl": kl_mean, "kl_se": kl_se,
             "length": float(np.mean([len(r) for r in replies])),
-            "implicit_agreement": (implicit_agreement(policy, sft_model, held_prefs, device)
-                                   if held_prefs is not None and policy is not sft_model else None),
+            "implicit_agreement": implicit,
             "samples": [{"prompt": p, "reply": t, "gold": g} for p, t, g in
                         zip(repeated[::k], texts[::k], gold[::k])]}
 
@@ -99,18 +112,20 @@ def reward_agreement(rm, path, device):
             "label_accuracy": float(np.mean(diff > 0))}
 
 
-def implicit_agreement(policy, sft_model, path, device):
+def implicit_agreement(policy, sft_pairs, path, device):
     """How often a policy's implicit reward β·log(p_θ(y|x)/p_sft(y|x)) orders held-out pairs as the
     gold reward does. The KL-regularised optimum is p* ∝ p_sft·exp(R/β), so a policy trained
-    towards it (by DPO, or by RL) holds a reward model of its own; the sign needs no β."""
-    records = load_preferences(path)
-    chosen_seqs, rejected_seqs = _pair_sequences(records, policy.config.block_size)
-    # log p_θ(y|x) - log p_sft(y|x) of the chosen and of the rejected reply of each pair: (P,) each
-    ratio_c = (batched_logprobs(policy, chosen_seqs, device)
-               - batched_logprobs(sft_model, chosen_seqs, device))
-    ratio_r = (batched_logprobs(policy, rejected_seqs, device)
-               - batched_logprobs(sft_model, rejected_seqs, device))
-    return agreement(ratio_c - ratio_r, _gold_diffs(records))[0]
+    towards it (by DPO, or by RL) holds a reward model of its own; the sign needs no β.
+    ``sft_pairs`` is ``pair_logprobs(sft_model, path, device)``, the same for every policy."""
+    (sft_c, sft_r), (logp_c, logp_r) = sft_pairs, pair_logprobs(policy, path, device)  # (P,) each
+    ratio_c, ratio_r = logp_c - sft_c, logp_r - sft_r    # log p_θ(y|x) - log p_sft(y|x)  (P,) each
+    return agreement(ratio_c - ratio_r, _gold_diffs(load_preferences(path)))[0]
+
+
+def pair_logprobs(model, path, device):
+    """(log p(chosen|x), log p(rejected|x)) of the preference pairs in ``path``: (P,) each."""
+    chosen_seqs, rejected_seqs = _pair_sequences(load_preferences(path), model.config.block_size)
+    return batched_logprobs(model, chosen_seqs, device), batched_logprobs(model, rejected_seqs, device)
 
 
 def batched_logprobs(model, seqs, device, batch_size=64):

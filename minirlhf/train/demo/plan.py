@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...checkpoint import load_checkpoint
+from ...checkpoint import read_header
 from ..common import ConfigError, check_common, require
 
 # ----- the presets ------------------------------------------------------------------------------------
@@ -118,10 +118,7 @@ def make_plan(cfg):
         plan["rl"]["betas"] = parse_betas(cfg.rl_betas, "rl_betas")
     if cfg.dpo_betas is not None:
         plan["dpo"]["betas"] = parse_betas(cfg.dpo_betas, "dpo_betas")
-    plan["rl"]["betas"] = tuple(plan["rl"]["betas"])
-    plan["dpo"]["betas"] = tuple(plan["dpo"]["betas"])
     plan["ppo"]["betas"] = plan["rl"]["betas"]                            # PPO and RL side by side
-    plan["grpo"]["betas"] = tuple(plan["grpo"]["betas"])
     block = plan["model"]["block_size"]
     for stage in ("labels", "rl", "ppo", "grpo", "eval"):
         n = plan[stage]["max_new_tokens"]
@@ -169,7 +166,7 @@ def read_metrics(folder):
 
 def _steps(ckpt_path):
     """The step a checkpoint was saved at, or None if there is none."""
-    return load_checkpoint(ckpt_path)["step"] if Path(ckpt_path).exists() else None
+    return read_header(ckpt_path).get("step", 0) if Path(ckpt_path).exists() else None
 
 
 def _up_to_date(output, inputs=(), steps=None):
@@ -193,11 +190,9 @@ def beta_name(beta):
 def check_out_dir(out, plan, cfg):
     """An out_dir that holds a demo of other settings is refused (its outputs would be mixed up)."""
     path = out / "plan.json"
-    key = {"plan": {k: v for k, v in plan.items() if k not in ("rl", "dpo", "ppo", "grpo")},
-           "rl": {k: v for k, v in plan["rl"].items() if k != "betas"},
-           "dpo": {k: v for k, v in plan["dpo"].items() if k != "betas"}, "seed": cfg.seed}
-    key["ppo"] = {k: v for k, v in plan["ppo"].items() if k != "betas"}
-    key["grpo"] = {k: v for k, v in plan["grpo"].items() if k != "betas"}
+    swept = ("rl", "dpo", "ppo", "grpo")                 # their β may change; the rest may not
+    key = {"plan": {k: v for k, v in plan.items() if k not in swept}, "seed": cfg.seed,
+           **{stage: {k: v for k, v in plan[stage].items() if k != "betas"} for stage in swept}}
     key = json.loads(json.dumps(key, default=_json_default))
     if path.exists():
         old = read_json(path)

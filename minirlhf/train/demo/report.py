@@ -53,8 +53,8 @@ def write_report(out, plan, cfg, evals, stages, seconds):
         f"preference pairs: two SFT replies to each of {lab['prompts']} training prompts, the first "
         f"preferred with probability σ(ΔR_gold/τ), τ = {lab['temperature']:g}"
         + (", pairs the labeler called a tie (equal gold rewards) left out." if lab["drop_ties"]
-           else "; ties were coin flips.") + " RL and DPO start from the SFT model, their "
-        "reference.", "",
+           else "; ties were coin flips.") + " RL, PPO, DPO and GRPO start from the SFT "
+        "model, their reference.", "",
         "| policy | gold reward ± se | gain over SFT | reward model | KL to SFT | reply length |",
         "|---|---|---|---|---|---|", *rows, "",
         f"Reward model: on {rm['pairs']} held-out preference pairs it orders "
@@ -112,10 +112,12 @@ def write_report(out, plan, cfg, evals, stages, seconds):
             lines.append(f"| {name} | {_fmt(evals[name]['implicit_agreement'])} |")
     lines.append("")
 
-    lines += ["## RL and PPO: reward model against gold during training", "",
+    lines += ["## RL, PPO and GRPO: reward model against gold during training", "",
               "| run | steps | RM reward: first 10 → last 10 steps | gold: first 10 → last 10 steps | "
               "KL at the end |", "|---|---|---|---|---|"]
-    for kind, reward_key, kl_key in (("rl", "reward", "kl"), ("ppo", "objective/scores", "objective/kl")):
+    # GRPO logs its k3 KL only when β > 0 (at β = 0 the loss has no reference): "—" there
+    for kind, reward_key, kl_key in (("rl", "reward", "kl"), ("ppo", "objective/scores", "objective/kl"),
+                                     ("grpo", "reward", "kl")):
         for beta in plan[kind]["betas"]:
             m = read_metrics(out / f"{kind}_beta{beta_name(beta)}")
             if not m:
@@ -124,7 +126,8 @@ def write_report(out, plan, cfg, evals, stages, seconds):
             mean = lambda rows, k: float(np.mean([r[k] for r in rows]))  # noqa: E731
             lines.append(f"| {kind.upper()} β={beta_name(beta)} | {len(m)} | "
                          f"{mean(head, reward_key):.3f} → {mean(tail, reward_key):.3f} | "
-                         f"{mean(head, 'gold'):.3f} → {mean(tail, 'gold'):.3f} | {mean(tail, kl_key):.2f} |")
+                         f"{mean(head, 'gold'):.3f} → {mean(tail, 'gold'):.3f} | "
+                         + (f"{mean(tail, kl_key):.2f} |" if kl_key in m[-1] else "— |"))
     lines.append("")
 
     lines += ["## Replies before and after", "",
