@@ -13,7 +13,7 @@ or buffers reused in place, they call the kernel in `kernels.py` named by what i
 
 import math
 
-from . import backend, kernels
+from . import backend, kernels, rotary
 from .ops import as_tensor, stable_sigmoid
 from .tensor import Function, array_of
 
@@ -324,6 +324,117 @@ class GELU(Function):
 def gelu(x):
     """GELU in the tanh approximation that GPT-2 uses. Plain version: `reference.gelu`."""
     return GELU()(x)
+
+
+class RMSNorm(Function):
+    def __init__(self, eps):
+        self.eps = eps
+
+    def forward(self, x, weight):
+        xp = backend.get_array_module(x)
+        x2 = x.reshape(-1, x.shape[-1])                              # (N, C)
+        wide = x2.astype(xp.promote_types(x2.dtype, xp.float32), copy=False)   # LlamaRMSNorm's upcast
+        rstd = 1 / xp.sqrt((wide * wide).mean(axis=-1, keepdims=True) + self.eps)   # (N, 1)
+        self.xhat, self.rstd, self.weight = (wide * rstd).astype(x.dtype, copy=False), rstd, weight
+        return (self.xhat * weight).reshape(x.shape)                 # x̂ w, (..., C)
+
+    def backward(self, gy):
+        """y = x̂ w, x̂ = x · rstd, rstd = 1 / sqrt(mean(x²) + eps) over the last axis:
+
+        gw = Σ_rows gy x̂,   gx = rstd · (g - x̂ · mean(g x̂))  with g = gy w
+        (the LayerNorm gradient without the mean terms: nothing is subtracted from x).
+        """
+        gy2 = gy.reshape(-1, gy.shape[-1])                           # (N, C)
+        gw = (gy2 * self.xhat).sum(axis=0)
+        g = gy2 * self.weight
+        gx = self.rstd.astype(gy.dtype) * (g - self.xhat * (g * self.xhat).mean(axis=-1, keepdims=True))
+        return gx.reshape(gy.shape), gw
+
+
+def rms_norm(x, weight, eps=1e-6):
+    """x / sqrt(mean(x²) + eps) · weight over the last axis (Llama's RMSNorm: no mean subtracted,
+    no bias). As transformers' LlamaRMSNorm, the statistic is computed in float32 at least (a float16
+    input is upcast and the result cast back; float32 and float64 compute in their own dtype).
+    Plain version: `reference.rms_norm`."""
+    if weight.shape != (x.shape[-1],):
+        raise ValueError(f"rms_norm: weight {weight.shape} must have shape ({x.shape[-1]},) for "
+                         f"input of shape {x.shape}")
+    return RMSNorm(eps)(x, weight)
+
+
+class SiLU(Function):
+    def forward(self, x):
+        self.x, self.s = x, stable_sigmoid(x)
+        return x * self.s
+
+    def backward(self, gy):
+        """y = x σ(x)  ->  gx = gy · σ(x) (1 + x (1 - σ(x)))."""
+        s = self.s
+        return (gy * s * (1 + self.x * (1 - s)),)
+
+
+def silu(x):
+    """SiLU (swish): x σ(x), the gate of Llama's SwiGLU MLP. Plain version: `reference.silu`."""
+    return SiLU()(x)
+
+
+def _rotate_half(x, sign=1):
+    """(-x2, x1) of x = (x1, x2) split in halves along the last axis; sign=-1 gives (x2, -x1),
+    its transpose (and inverse)."""
+    xp = backend.get_array_module(x)
+    h = x.shape[-1] // 2
+    return xp.concatenate([-sign * x[..., h:], sign * x[..., :h]], axis=-1)
+
+
+class Rope(Function):
+    def __init__(self, cos, sin):
+        self.cos, self.sin = cos, sin
+
+    def forward(self, x):
+        return x * self.cos + _rotate_half(x) * self.sin             # (B, nh, T, hs)
+
+    def backward(self, gy):
+        """y = x·cos + rotate_half(x)·sin, rotate_half a fixed signed permutation P:
+
+        gx = gy·cos + Pᵀ(gy·sin),  Pᵀ(g1, g2) = (g2, -g1).
+        """
+        return (gy * self.cos + _rotate_half(gy * self.sin, sign=-1),)
+
+
+def rope(q, k, positions, theta=10000.0, scaling=None):
+    """Rotary position embeddings of queries and keys (B, nh, T, hs) at integer ``positions``
+    (T,) or (B, T), in the rotate-half convention of transformers' Llama (`minirlhf.rotary` says
+    why it is the paper's rotation up to a permutation). The cos/sin tables are cached. Returns
+    (q, k) rotated. Plain version: `reference.rope`."""
+    q, k = as_tensor(q), as_tensor(k)
+    cos, sin = rotary.cos_sin(array_of(positions, backend.get_array_module(q.data)), q.shape[-1],
+                              theta, q.dtype, scaling)
+    return Rope(cos, sin)(q), Rope(cos, sin)(k)
+
+
+class RepeatKV(Function):
+    def __init__(self, n_rep):
+        self.n_rep = n_rep
+
+    def forward(self, x):
+        xp = backend.get_array_module(x)
+        B, n_kv, T, hs = x.shape
+        y = xp.broadcast_to(x[:, :, None], (B, n_kv, self.n_rep, T, hs))
+        return y.reshape(B, n_kv * self.n_rep, T, hs)               # (B, nh, T, hs)
+
+    def backward(self, gy):
+        """y[:, j] = x[:, j // n_rep]  ->  gx[:, g] = Σ_{r < n_rep} gy[:, g·n_rep + r]
+        (each kv head's gradient sums over the query heads of its group)."""
+        B, nh, T, hs = gy.shape
+        return (gy.reshape(B, nh // self.n_rep, self.n_rep, T, hs).sum(axis=2),)
+
+
+def repeat_kv(x, n_rep):
+    """Grouped-query attention's sharing: keys or values of n_kv heads (B, n_kv, T, hs) -> n_kv·n_rep
+    heads (B, nh, T, hs), query head j reading kv head j // n_rep (transformers' ``repeat_kv``).
+    n_rep = 1 is the identity. Plain version: `reference.repeat_kv`."""
+    x = as_tensor(x)
+    return x if n_rep == 1 else RepeatKV(n_rep)(x)
 
 
 class Embedding(Function):

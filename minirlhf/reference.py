@@ -13,8 +13,8 @@ gradient is written by hand. The fused ops give the same numbers faster and in l
 
 import math
 
-from . import backend
-from .ops import as_tensor, where
+from . import backend, rotary
+from .ops import as_tensor, concatenate, where
 from .tensor import array_of
 
 
@@ -75,6 +75,39 @@ def gelu(x):
     """GELU, tanh form (GPT-2's): ½ x (1 + tanh(√(2/π) (x + 0.044715 x³)))."""
     u = math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)      # (...)
     return 0.5 * x * (1 + u.tanh())                            # (...)
+
+
+def rms_norm(x, weight, eps=1e-6):
+    """y = x / sqrt(mean(x²) + eps) · w over the last axis (Llama's RMSNorm). transformers' LlamaRMSNorm
+    computes this in float32 and casts back; for float32 and float64 inputs, the dtypes minirlhf
+    computes in, that is computing in the input's own dtype, as here."""
+    ms = (x * x).mean(axis=-1, keepdims=True)                  # (..., 1) mean square
+    return x / (ms + eps).sqrt() * weight                      # (..., C)
+
+
+def silu(x):
+    """SiLU: x σ(x)."""
+    return x * x.sigmoid()
+
+
+def rotate_half(x):
+    """(x1, x2) -> (-x2, x1), the halves of the last axis: a quarter turn of each pair (x_i, x_{i+hs/2})."""
+    h = x.shape[-1] // 2
+    return concatenate([-x[..., h:], x[..., :h]], axis=-1)
+
+
+def rope(q, k, positions, theta=10000.0, scaling=None):
+    """Rotary position embeddings of q and k (B, nh, T, hs): x·cos(mθ) + rotate_half(x)·sin(mθ) at
+    positions m (T,) or (B, T); see `minirlhf.rotary` for the tables and the convention."""
+    cos, sin = rotary.cos_sin(array_of(positions, backend.get_array_module(q.data)), q.shape[-1],
+                              theta, q.dtype, scaling)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def repeat_kv(x, n_rep):
+    """(B, n_kv, T, hs) -> (B, n_kv·n_rep, T, hs): query head j reads kv head j // n_rep."""
+    xp = backend.get_array_module(x.data)
+    return x[:, xp.arange(x.shape[1] * n_rep) // n_rep]        # (B, nh, T, hs)
 
 
 def causal_attention(q, k, v, mask=None):

@@ -118,6 +118,37 @@ def test_all_ignored_mean_gives_zero_gradient_not_nan(device):
     assert (host(z.grad) == 0).all()
 
 
+def test_rope_scores_depend_on_the_distance_between_positions_only(device):
+    """q·k after rotating q to position m and k to n is a function of m - n: a shift of both by 5
+    changes no score."""
+    rng = np.random.default_rng(0)
+    q, k = (on(device, rng.standard_normal((1, 2, 4, 6))) for _ in range(2))
+    pos = np.array([0, 3, 4, 9])
+    scores = [(lambda a, b: (a @ b.transpose(-1, -2)).numpy())(*F.rope(q, k, p)) for p in (pos, pos + 5)]
+    np.testing.assert_allclose(scores[0], scores[1], rtol=1e-10, atol=1e-10)
+
+
+def test_rope_at_position_0_is_the_identity_and_keeps_norms(device):
+    rng = np.random.default_rng(1)
+    x = on(device, rng.standard_normal((1, 1, 3, 4)))
+    at0, _ = F.rope(x, x, np.zeros(3, dtype=np.int64))
+    np.testing.assert_allclose(at0.numpy(), x.numpy(), rtol=0, atol=0)
+    moved, _ = F.rope(x, x, np.array([1, 7, 100]))
+    np.testing.assert_allclose(np.linalg.norm(moved.numpy(), axis=-1), np.linalg.norm(x.numpy(), axis=-1))
+
+
+def test_rope_refuses_an_odd_head_size(device):
+    x = on(device, np.ones((1, 1, 2, 3)))
+    with pytest.raises(ValueError, match="head size must be even"):
+        F.rope(x, x, np.arange(2))
+
+
+def test_rms_norm_of_float64_stays_float64_and_of_float32_stays_float32(device):
+    for dtype in (np.float64, np.float32):
+        x = on(device, np.ones((2, 3)), dtype)
+        assert F.rms_norm(x, on(device, np.ones(3), dtype)).dtype == dtype
+
+
 def test_gelu_of_a_0d_tensor_stays_an_array(device):  # in-place ops once broke here
     x = on(device, 1.0)
     y = F.gelu(x)
@@ -215,6 +246,10 @@ FLOAT32_OPS = {
     "logsigmoid": lambda x, y, w: F.logsigmoid(x),
     "layer_norm": lambda x, y, w: F.layer_norm(x, w, w),
     "gelu": lambda x, y, w: F.gelu(x),
+    "rms_norm": lambda x, y, w: F.rms_norm(x, w),
+    "silu": lambda x, y, w: F.silu(x),
+    "rope": lambda x, y, w: mr.stack(F.rope(x[None], y[None], np.arange(3))),
+    "repeat_kv": lambda x, y, w: F.repeat_kv(x[None], 2),
     "embedding": lambda x, y, w: F.embedding(np.array([1, 1, 0]), x.reshape(6, 4)),
     "causal_attention": lambda x, y, w: F.causal_attention(x[None], y[None], y[None]),
     "causal_attention_kv_cache": lambda x, y, w: F.causal_attention(x[None, :, 1:], y[None], y[None]),

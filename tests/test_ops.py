@@ -224,6 +224,30 @@ def attention_inputs(draw, kv_cache):
     return (q, k, v), {}
 
 
+@st.composite
+def rms_norm_inputs(draw):
+    x = draw(mrt.arrays(mrt.shapes(min_dims=1), min_value=0.3, max_value=2.0))   # no all-0 row
+    return (x, draw(mrt.arrays((x.shape[-1],)))), {}
+
+
+@st.composite
+def rope_inputs(draw):
+    """q, k (B, nh, T, hs) with hs even; positions (T,) or, as with left padding, (B, T)."""
+    B, nh, T, hs = (draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 4)),
+                    2 * draw(st.integers(1, 3)))
+    q, k = (draw(mrt.arrays((B, nh, T, hs))) for _ in range(2))
+    shape = draw(st.sampled_from([(T,), (B, T)]))
+    positions = np.asarray(draw(st.lists(st.integers(0, 50), min_size=int(np.prod(shape)),
+                                         max_size=int(np.prod(shape))))).reshape(shape)
+    return (q, k), {"positions": positions, "theta": draw(st.sampled_from([10000.0, 1e6]))}
+
+
+@st.composite
+def repeat_kv_inputs(draw):
+    B, n_kv, T, hs = (draw(st.integers(1, 2)) for _ in range(4))
+    return (draw(mrt.arrays((B, n_kv, T, hs))),), {"n_rep": draw(st.integers(1, 3))}
+
+
 # ===================================================================================================
 # NumPy references, written plainly
 
@@ -259,6 +283,35 @@ def np_layer_norm(x, w, b, eps=1e-5):
 
 def np_gelu(x):
     return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def np_rms_norm(x, w, eps=1e-6):
+    return x / np.sqrt((x ** 2).mean(axis=-1, keepdims=True) + eps) * w
+
+
+def np_silu(x):
+    return x / (1 + np.exp(-x))
+
+
+def np_rope(q, k, positions, theta):
+    """The paper's rotation of pairs (x_i, x_{i + hs/2}) by the angle m·theta^(-2i/hs), pair by pair."""
+    hs = q.shape[-1]
+    m = np.asarray(positions, dtype=np.float64)                # (T,), or (B, T) -> (B, 1, T)
+    m = m[:, None, :] if m.ndim == 2 else m
+    out = []
+    for x in (q, k):
+        y = np.empty_like(x)
+        for i in range(hs // 2):
+            angle = m * theta ** (-2 * i / hs)
+            a, b = x[..., i], x[..., i + hs // 2]
+            y[..., i] = a * np.cos(angle) - b * np.sin(angle)
+            y[..., i + hs // 2] = a * np.sin(angle) + b * np.cos(angle)
+        out.append(y)
+    return np.stack(out)
+
+
+def np_repeat_kv(x, n_rep):
+    return np.repeat(x, n_rep, axis=1)
 
 
 def np_causal_attention(q, k, v):
@@ -351,6 +404,10 @@ CASES = [
     Case("layer_norm", F.layer_norm, np_layer_norm, layer_norm_inputs()),
     Case("gelu", F.gelu, np_gelu, unary(min_value=-4.0, max_value=4.0)),
     Case("embedding", lambda w, ids: F.embedding(ids, w), lambda w, ids: w[ids], embedding_inputs()),
+    Case("rms_norm", F.rms_norm, np_rms_norm, rms_norm_inputs()),
+    Case("silu", F.silu, np_silu, unary(min_value=-8.0, max_value=8.0)),
+    Case("rope", lambda q, k, **kw: mr.stack(F.rope(q, k, **kw)), np_rope, rope_inputs()),
+    Case("repeat_kv", F.repeat_kv, np_repeat_kv, repeat_kv_inputs()),
     Case("causal_attention", F.causal_attention, np_causal_attention, attention_inputs(False)),
     Case("causal_attention_kv_cache", F.causal_attention, np_causal_attention,
          attention_inputs(True)),

@@ -89,6 +89,32 @@ def test_gelu_equals_its_reference(x):
     assert_same_value_and_gradients(F.gelu, R.gelu, [x])
 
 
+@given(st.data(), mrt.shapes(min_dims=1))
+def test_rms_norm_equals_its_reference(data, shape):
+    arrays = [data.draw(mrt.arrays(shape, min_value=0.3)), data.draw(mrt.arrays((shape[-1],)))]
+    assert_same_value_and_gradients(F.rms_norm, R.rms_norm, arrays)
+
+
+@given(mrt.arrays(min_value=-8.0, max_value=8.0))
+def test_silu_equals_its_reference(x):
+    assert_same_value_and_gradients(F.silu, R.silu, [x])
+
+
+@given(st.data(), st.booleans())
+def test_rope_equals_its_reference(data, padded):
+    B, nh, T, hs = 2, data.draw(st.integers(1, 2)), data.draw(st.integers(1, 4)), 2 * data.draw(st.integers(1, 3))
+    q, k = (data.draw(mrt.arrays((B, nh, T, hs))) for _ in range(2))
+    positions = np.maximum(np.arange(T)[None] - np.array([[0], [1]]), 0) if padded else np.arange(T) + 3
+    assert_same_value_and_gradients(lambda q, k: mr.stack(F.rope(q, k, positions)),
+                                    lambda q, k: mr.stack(R.rope(q, k, positions)), [q, k])
+
+
+@given(st.data(), st.integers(1, 3))
+def test_repeat_kv_equals_its_reference(data, n_rep):
+    x = data.draw(mrt.arrays((2, data.draw(st.integers(1, 2)), 3, 2)))
+    assert_same_value_and_gradients(lambda x: F.repeat_kv(x, n_rep), lambda x: R.repeat_kv(x, n_rep), [x])
+
+
 @given(st.data(), st.booleans())
 def test_causal_attention_equals_its_reference(data, kv_cache):
     """Tq == Tk, or Tq < Tk as when new queries meet a KV cache."""
