@@ -27,6 +27,7 @@ import tempfile
 import numpy as np
 
 from . import backend
+from .nn import non_finite  # noqa: F401  (re-exported: the trainers' runs check with it too)
 
 FORMAT = "minirlhf-checkpoint"
 VERSION = 1
@@ -122,13 +123,14 @@ def load_model(path, device="cpu"):
     """Rebuild the model saved in ``path`` (a `GPT`, `RewardModel` or `ValueModel`) with its weights,
     on ``device``.
 
-    ``path`` may also be a Hugging Face GPT-2 folder (one with a config.json): `minirlhf.hf.load_gpt2`.
+    ``path`` may also be a Hugging Face folder (one with a config.json; GPT-2, Llama or Qwen2):
+    `minirlhf.hf.load_hf`.
     """
     from .model import GPT, GPTConfig, RewardModel, ValueModel  # here: checkpoint.py works alone
-    from .hf import is_hf_folder, load_gpt2
+    from .hf import is_hf_folder, load_hf   # hf.py never imports checkpoint.py: no import loop
 
     if is_hf_folder(path):
-        return load_gpt2(path, device=device)[0]
+        return load_hf(path, device=device)[0]
     ckpt = load_checkpoint(path)
     classes = {"GPT": GPT, "RewardModel": RewardModel, "ValueModel": ValueModel}
     if ckpt["model_class"] not in classes:
@@ -150,20 +152,22 @@ def load_model(path, device="cpu"):
 def tokenizer_for(path):
     """The tokenizer a model in ``path`` reads: what the JSONL stages must encode with.
 
-    A Hugging Face folder: its vocab.json/merges.txt. A ``.npz``: the tokenizer stored in its
+    A Hugging Face folder: its vocab.json/merges.txt (or tokenizer.json, `minirlhf.hf.load_folder_tokenizer`).
+    A ``.npz``: the tokenizer stored in its
     ``extra["tokenizer"]`` (``minirlhf import`` puts it there); else that of the checkpoint it was
     trained from (``extra["init"]``, which every trainer records), followed back to where the run
     began; else the byte tokenizer, if the model has its 258 tokens.
     """
-    from .hf import is_hf_folder, load_tokenizer
+    from .hf import is_hf_folder, load_folder_tokenizer
     from .tokenizer import BPETokenizer, ByteTokenizer
 
     seen = []
     while True:
         if is_hf_folder(path):
-            tokenizer = load_tokenizer(path)
+            tokenizer = load_folder_tokenizer(path)
             if tokenizer is None:
-                raise CheckpointError(f"{path} has no vocab.json: which tokenizer does the model read?")
+                raise CheckpointError(f"{path} has no vocab.json (nor a tokenizer.json minirlhf reads): "
+                                      "which tokenizer does the model read?")
             return tokenizer
         header = read_header(path)
         extra, config = header.get("extra") or {}, header.get("config") or {}
@@ -233,14 +237,6 @@ def _read(path):
         raise CheckpointError(f"{path}: checkpoint format version {header.get('version')!r} is newer "
                               f"than this minirlhf reads ({VERSION}); upgrade minirlhf")
     return arrays, header
-
-
-def non_finite(state):
-    """The names (comma-separated, or "") of the arrays in ``state`` with a NaN or an infinity."""
-    bad = [name for name, a in state.items()
-           if hasattr(a, "dtype") and a.dtype.kind in "fc"
-           and not bool(backend.get_array_module(a).isfinite(a).all())]
-    return ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
 
 
 def _check_finite(path, weights):

@@ -97,6 +97,7 @@ def main(argv=None):
     from .backend import DeviceError
     from .checkpoint import CheckpointError
     from .datasets import DataError
+    from .hf import HFError
     from .train.common import ConfigError
     from .train.rl import RewardFunctionError
     from .train.run import DivergenceError, Interrupted, command_line
@@ -106,7 +107,7 @@ def main(argv=None):
         # warnings about the overflows that lead there would only bury that line
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             run(config_cls(**args))
-    except (ConfigError, DataError, DeviceError, CheckpointError, FileNotFoundError,
+    except (ConfigError, DataError, DeviceError, CheckpointError, HFError, FileNotFoundError,
             RewardFunctionError) as e:
         # bad input: one clear line, no traceback
         print(f"minirlhf {stage}: error: {e}", file=sys.stderr)

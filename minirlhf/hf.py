@@ -1,4 +1,7 @@
-"""Hugging Face GPT-2 folders in and out: ``load_gpt2`` and ``save_gpt2``.
+"""Hugging Face folders in and out: ``load_hf``/``save_hf`` for GPT-2, Llama and Qwen2 (and
+``load_gpt2``/``save_gpt2``, GPT-2 only).
+
+GPT-2 first; the Llama family's mapping is at the end of this docstring.
 
 A Hugging Face GPT-2 folder holds
 
@@ -28,6 +31,22 @@ when the padding id never ends a real row: ``save_gpt2`` writes ``pad_token_id =
 (``<|pad|>``, 257, for byte-level models; for GPT-2's vocabulary, which has no padding token, EOT,
 as Hugging Face pads GPT-2 - and then a row ending with EOT is read one token earlier there).
 
+Llama and Qwen2 (``LlamaForCausalLM``, ``Qwen2ForCausalLM`` and their ``*ForSequenceClassification``)
+are a `GPTConfig` with ``norm="rms", pos="rope", mlp="swiglu"`` (see `minirlhf.model`). Their tensors
+are torch Linears, stored (out, in), and q, k, v come in three; ours are (in, out) and packed:
+
+    model.embed_tokens                 transformer.wte
+    model.layers.i.input_layernorm     transformer.h.i.ln_1       (post_attention_layernorm: ln_2)
+    self_attn.{q,k,v}_proj             attn.c_attn  = [qᵀ | kᵀ | vᵀ]  (biases side by side: Qwen2)
+    self_attn.o_proj                   attn.c_proj  = o_projᵀ
+    mlp.up_proj, gate_proj, down_proj  mlp.c_fc, mlp.c_gate, mlp.c_proj  (each transposed)
+    model.norm                         transformer.ln_f
+    lm_head (untied), score            lm_head = lm_headᵀ, head = scoreᵀ
+
+What is not computed here is refused by name, in one line: rope scaling other than linear and
+llama3, sliding-window attention, mixtures of experts, a head size other than n_embd/n_head,
+Llama's attention_bias/mlp_bias (biases on o_proj and the MLP).
+
 Reading and writing the weights needs the ``safetensors`` package: ``pip install 'minirlhf[hf]'``.
 """
 
@@ -36,8 +55,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import CheckpointError, non_finite
 from .model import GPT, GPTConfig, RewardModel
+from .nn import non_finite
+from .rotary import ROPE_SCALINGS
 from .tokenizer import BPETokenizer, ByteTokenizer
 
 ARCHITECTURES = {"GPT2LMHeadModel": GPT, "GPT2Model": GPT, "GPT2ForSequenceClassification": RewardModel}
@@ -48,8 +68,9 @@ ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")   # both are GELU's tanh form, a
 INSTALL = "pip install 'minirlhf[hf]'"
 
 
-class HFError(CheckpointError):
-    """A folder that is not a GPT-2 checkpoint minirlhf can read; the message says why."""
+class HFError(Exception):
+    """A folder that is not a checkpoint minirlhf can read (or a model with no Hugging Face form);
+    the message says why."""
 
 
 def is_hf_folder(path):
@@ -76,7 +97,7 @@ def load_gpt2(path, dtype="float32", device="cpu"):
     if tokenizer is not None and tokenizer.vocab_size != config["vocab_size"]:
         raise HFError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                       f"vocab_size is {config['vocab_size']}")
-    weights = _read_weights(folder)
+    weights = _read_weights(folder, config["architectures"][0])
     bad = non_finite(weights)   # refused as load_model refuses a diverged .npz
     if bad:
         raise HFError(f"{folder}: the weights {bad} are NaN or infinite")
@@ -95,8 +116,8 @@ def load_gpt2(path, dtype="float32", device="cpu"):
     return model.to(device), tokenizer
 
 
-def read_config(folder):
-    """config.json of a GPT-2 folder, checked: anything this GPT would compute differently is refused."""
+def _config_json(folder):
+    """config.json of a folder, as a dict (one HFError line if there is none or it is not JSON)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise HFError(f"{folder}: no such folder")
@@ -104,10 +125,15 @@ def read_config(folder):
     if not path.is_file():
         raise HFError(f"{folder} has no config.json: not a Hugging Face checkpoint folder")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:
         raise HFError(f"{path} is not valid JSON ({e})") from None
 
+
+def read_config(folder):
+    """config.json of a GPT-2 folder, checked: anything this GPT would compute differently is refused."""
+    path = Path(folder) / "config.json"
+    config = _config_json(folder)
     model_type = config.get("model_type")
     architectures = config.get("architectures") or ["GPT2LMHeadModel"]
     if model_type != "gpt2" or architectures[0] not in ARCHITECTURES:
@@ -163,22 +189,28 @@ def _safetensors():
     return safetensors.numpy
 
 
-def _read_weights(folder):
+def _read_weights(folder, architecture):
     """{name: array} of model.safetensors (or of the shards its index lists)."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as e:
+            raise HFError(f"{index} is not a safetensors index (no weight_map: {e})") from None
     elif (folder / "model.safetensors").is_file():
         files = ["model.safetensors"]
-    elif any((folder / name).is_file() for name in ("pytorch_model.bin", "model.bin")):
+    elif any(folder.glob("*.bin")):
         raise HFError(
-            f"{folder} holds PyTorch .bin weights, which minirlhf does not read (unpickling can run "
-            "code); convert them once with transformers: python -c \"from transformers import "
-            f"AutoModel as M; M.from_pretrained('{folder}').save_pretrained('{folder}')\"")
+            f"{folder} holds PyTorch .bin weights; minirlhf reads safetensors only (unpickling can run "
+            "code): convert them once with transformers: python -c \"from transformers import "
+            f"{architecture} as M; M.from_pretrained('{folder}').save_pretrained('{folder}', "
+            "safe_serialization=True)\"")
     else:
         raise HFError(f"{folder} has no model.safetensors")
     weights = {}
     for name in files:
+        if not (folder / name).is_file():
+            raise HFError(f"{folder}: the shard {name} that {index.name} lists is missing")
         try:
             weights.update(_safetensors().load_file(str(folder / name)))
         except (OSError, ValueError, TypeError) as e:   # a damaged file, or bf16 that NumPy lacks
@@ -223,8 +255,307 @@ def _check_shapes(model, state, folder):
                       + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
 
 
+def load_hf(path, dtype="float32", device="cpu"):
+    """(model, tokenizer) from a local Hugging Face folder: GPT-2 (`load_gpt2`), Llama or Qwen2.
+
+    The model is a `GPT` (``*ForCausalLM``) or a `RewardModel` (``*ForSequenceClassification``) in
+    ``dtype`` on ``device``. The tokenizer: `minirlhf.hf_tokenizer.load_hf_tokenizer` of the
+    folder's tokenizer.json where that module exists, else vocab.json/merges.txt as for GPT-2
+    (None if the folder has neither). Every problem is one `HFError` line.
+    """
+    folder = Path(path)
+    config = _config_json(folder)
+    if config.get("model_type", "gpt2") == "gpt2":
+        return load_gpt2(folder, dtype, device)
+    gpt_config, cls = llama_config(config, folder, dtype)
+    tokenizer = load_folder_tokenizer(folder)
+    if tokenizer is not None and tokenizer.vocab_size > gpt_config.vocab_size:
+        raise HFError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                      f"vocab_size is {gpt_config.vocab_size}")
+    weights = _read_weights(folder, config["architectures"][0])
+    bad = non_finite(weights)
+    if bad:
+        raise HFError(f"{folder}: the weights {bad} are NaN or infinite")
+    model = cls(gpt_config)
+    state = _llama_to_minirlhf(weights, gpt_config, folder, cls)
+    _check_shapes(model, state, folder)
+    model.load_state_dict(state)
+    return model.to(device), tokenizer
+
+
+def load_folder_tokenizer(folder):
+    """The tokenizer of a Hugging Face folder: vocab.json/merges.txt (GPT-2's files, and what
+    minirlhf writes) if present, else tokenizer.json through `minirlhf.hf_tokenizer` where that
+    module exists; None if neither can be read."""
+    folder = Path(folder)
+    if (folder / "vocab.json").is_file() or not (folder / "tokenizer.json").is_file():
+        return load_tokenizer(folder)
+    try:
+        from .hf_tokenizer import load_hf_tokenizer
+    except ImportError:
+        return load_tokenizer(folder)
+    return load_hf_tokenizer(folder)
+
+
+LLAMA_ARCHITECTURES = {
+    "LlamaForCausalLM": ("llama", GPT), "LlamaForSequenceClassification": ("llama", RewardModel),
+    "Qwen2ForCausalLM": ("qwen2", GPT), "Qwen2ForSequenceClassification": ("qwen2", RewardModel),
+}
+# config.json fields (with the value we compute) of features this model does not have
+LLAMA_UNSUPPORTED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+                     "use_sliding_window": False, "pretraining_tp": 1}
+MOE_FIELDS = ("num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size")
+
+
+def llama_config(config, folder, dtype="float32"):
+    """(GPTConfig, GPT or RewardModel) of a Llama or Qwen2 config.json, checked field by field."""
+    path = Path(folder) / "config.json"
+    model_type = config.get("model_type")
+    architectures = config.get("architectures") or [{"llama": "LlamaForCausalLM",
+                                                     "qwen2": "Qwen2ForCausalLM"}.get(model_type)]
+    arch = architectures[0]
+    if arch not in LLAMA_ARCHITECTURES or LLAMA_ARCHITECTURES[arch][0] != model_type:
+        raise HFError(f"{path}: model_type {model_type!r}, architectures {architectures}: minirlhf reads "
+                      f"GPT-2, Llama and Qwen2 ({', '.join(['GPT2LMHeadModel', *LLAMA_ARCHITECTURES])})")
+    for field, ours in LLAMA_UNSUPPORTED.items():
+        if field == "attention_bias" and model_type == "qwen2":
+            continue                                     # Qwen2's q, k, v biases: always there
+        if config.get(field, ours) not in (ours, None):
+            raise HFError(f"{path}: {field}={config[field]!r} is not supported (minirlhf computes {ours})")
+    for field in MOE_FIELDS:
+        if config.get(field):
+            raise HFError(f"{path}: {field}={config[field]!r}: mixtures of experts are not supported")
+    for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                  "intermediate_size", "max_position_embeddings"):
+        if not isinstance(config.get(field), int):
+            raise HFError(f"{path}: {field} is missing or not an integer")
+    C, nh = config["hidden_size"], config["num_attention_heads"]
+    if config.get("head_dim") not in (None, C // nh):
+        raise HFError(f"{path}: head_dim={config['head_dim']} is not supported (minirlhf's head size "
+                      f"is hidden_size / num_attention_heads = {C // nh})")
+    theta, scaling = _rope(config, path)
+    if arch.endswith("ForSequenceClassification") and _num_labels(config) != 1:
+        raise HFError(f"{path}: num_labels={_num_labels(config)}; a reward model has one")
+    try:
+        gpt_config = GPTConfig(
+            block_size=config["max_position_embeddings"], vocab_size=config["vocab_size"],
+            n_layer=config["num_hidden_layers"], n_head=nh, n_embd=C, dropout=0.0, bias=False,
+            dtype=dtype, norm="rms", pos="rope", mlp="swiglu",
+            n_kv_head=config.get("num_key_value_heads") or nh, n_inner=config["intermediate_size"],
+            rope_theta=theta, rope_scaling=scaling, rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            attention_bias=model_type == "qwen2")
+    except (TypeError, ValueError) as e:
+        raise HFError(f"{path}: {e}") from None
+    return gpt_config, LLAMA_ARCHITECTURES[arch][1]
+
+
+def _rope(config, path):
+    """(rope_theta, rope_scaling) of a config.json: the old fields (``rope_theta``, ``rope_scaling``)
+    or transformers 5's ``rope_parameters``; scaling types other than linear/llama3 refused."""
+    params = dict(config.get("rope_parameters") or {})
+    scaling = config.get("rope_scaling") or {}
+    scaling = {**scaling, **{k: v for k, v in params.items() if k != "rope_theta"}}
+    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind in (None, "default"):
+        return float(theta), None
+    if kind not in ROPE_SCALINGS:
+        raise HFError(f"{path}: rope_scaling type {kind!r} is not supported (none, "
+                      f"{', '.join(ROPE_SCALINGS)})")
+    return float(theta), {k: v for k, v in scaling.items() if k != "type"} | {"rope_type": kind}
+
+
+def _llama_to_minirlhf(weights, config, folder, cls):
+    """transformers' Llama/Qwen2 tensors -> our state dict: q, k, v packed, Linears transposed."""
+    w = {name[len("model."):] if name.startswith("model.") else name: a for name, a in weights.items()}
+    used = set()
+
+    def take(name):
+        if name not in w:
+            raise HFError(f"{folder}: missing tensor model.{name}" if not name.startswith(("lm_head", "score"))
+                          else f"{folder}: missing tensor {name}")
+        used.add(name)
+        return w[name]
+
+    state = {"transformer.wte.weight": take("embed_tokens.weight"),
+             "transformer.ln_f.weight": take("norm.weight")}
+    for i in range(config.n_layer):
+        src, dst = f"layers.{i}.", f"transformer.h.{i}."
+        state[dst + "ln_1.weight"] = take(src + "input_layernorm.weight")
+        state[dst + "ln_2.weight"] = take(src + "post_attention_layernorm.weight")
+        qkv = [take(f"{src}self_attn.{p}_proj.weight") for p in "qkv"]
+        _check_rows(qkv, [config.n_embd, config.n_kv_head * config.head_size, config.n_kv_head * config.head_size],
+                    [f"model.{src}self_attn.{p}_proj.weight" for p in "qkv"], folder)
+        state[dst + "attn.c_attn.weight"] = np.concatenate([a.T for a in qkv], axis=1)
+        if config.attention_bias:
+            state[dst + "attn.c_attn.bias"] = np.concatenate(
+                [take(f"{src}self_attn.{p}_proj.bias") for p in "qkv"])
+        state[dst + "attn.c_proj.weight"] = take(src + "self_attn.o_proj.weight").T
+        for ours, theirs in (("c_fc", "up_proj"), ("c_gate", "gate_proj"), ("c_proj", "down_proj")):
+            state[dst + f"mlp.{ours}.weight"] = take(f"{src}mlp.{theirs}.weight").T
+    if cls is RewardModel:
+        state["head.weight"] = take("score.weight").T                      # (1, C) -> (C, 1)
+        state["head.bias"] = np.zeros(1, dtype=state["head.weight"].dtype)   # HF's score has none
+    elif not config.tie_word_embeddings:
+        state["lm_head.weight"] = take("lm_head.weight").T                 # (V, C) -> (C, V)
+    elif "lm_head.weight" in w:
+        used.add("lm_head.weight")
+        if not np.array_equal(w["lm_head.weight"], w["embed_tokens.weight"]):
+            raise HFError(f"{folder}: tie_word_embeddings is true but lm_head.weight differs from "
+                          "embed_tokens.weight")
+    extra = sorted(set(w) - used - {n for n in w if n.endswith("rotary_emb.inv_freq")})
+    if extra:
+        raise HFError(f"{folder}: unexpected tensor {extra[0]} {tuple(w[extra[0]].shape)} "
+                      "(does config.json describe these weights?)")
+    return state
+
+
+def _check_rows(arrays, rows, names, folder):
+    for a, n, name in zip(arrays, rows, names):
+        if a.ndim != 2 or a.shape[0] != n:
+            raise HFError(f"{folder}: tensor {name} has shape {tuple(a.shape)} but config.json "
+                          f"gives ({n}, ...)")
+
+
 # ===================================================================================================
 # out
+
+
+def save_hf(model, path, tokenizer=None):
+    """Write ``model`` (a `GPT` or `RewardModel`) as a Hugging Face folder: GPT-2 (`save_gpt2`) for
+    a GPT-2 config, else Llama, or Qwen2 when it has q/k/v biases (``attention_bias``).
+
+    ``AutoModelForCausalLM.from_pretrained(path)`` (``AutoModelForSequenceClassification`` for a
+    reward model) loads it and computes the same logits. Returns the folder.
+    """
+    if _is_gpt2(model.config):
+        return save_gpt2(model, path, tokenizer)
+    _check_savable(model, "save_hf")
+    c = model.config
+    if (c.norm, c.pos, c.mlp, c.bias) != ("rms", "rope", "swiglu", False):
+        raise HFError(f"save_hf: norm={c.norm!r}, pos={c.pos!r}, mlp={c.mlp!r}, bias={c.bias} is neither "
+                      "GPT-2 (layer, learned, gelu, bias) nor Llama/Qwen2 (rms, rope, swiglu, no bias): "
+                      "it has no Hugging Face form")
+    tokenizer = _tokenizer_to_write(tokenizer, c, "save_hf")
+    reward = isinstance(model, RewardModel)
+    state = model.state_dict()
+    if reward and state["head.bias"][0] != 0:
+        raise HFError("save_hf: the reward head has a bias, which Llama's bias-free score cannot hold")
+    tensors = {"model.embed_tokens.weight": state["transformer.wte.weight"],
+               "model.norm.weight": state["transformer.ln_f.weight"]}
+    C, kv = c.n_embd, c.n_kv_head * c.head_size
+    for i in range(c.n_layer):
+        src, dst = f"transformer.h.{i}.", f"model.layers.{i}."
+        tensors[dst + "input_layernorm.weight"] = state[src + "ln_1.weight"]
+        tensors[dst + "post_attention_layernorm.weight"] = state[src + "ln_2.weight"]
+        w = state[src + "attn.c_attn.weight"]                                # (C, C + 2kv)
+        for name, cols in zip("qkv", (slice(0, C), slice(C, C + kv), slice(C + kv, C + 2 * kv))):
+            tensors[dst + f"self_attn.{name}_proj.weight"] = w[:, cols].T
+            if c.attention_bias:
+                tensors[dst + f"self_attn.{name}_proj.bias"] = state[src + "attn.c_attn.bias"][cols]
+        tensors[dst + "self_attn.o_proj.weight"] = state[src + "attn.c_proj.weight"].T
+        for ours, theirs in (("c_fc", "up_proj"), ("c_gate", "gate_proj"), ("c_proj", "down_proj")):
+            tensors[dst + f"mlp.{theirs}.weight"] = state[src + f"mlp.{ours}.weight"].T
+    if reward:
+        tensors["score.weight"] = state["head.weight"].T                     # (1, C)
+    elif not c.tie_word_embeddings:
+        tensors["lm_head.weight"] = state["lm_head.weight"].T                # (V, C)
+    folder = _write_weights(tensors, path)
+    _write_config(folder, _llama_hf_config(model, tokenizer))
+    _write_tokenizer(folder, tokenizer, c.block_size)
+    return folder
+
+
+def _is_gpt2(c):
+    return (c.norm, c.pos, c.mlp, c.n_kv_head, c.n_inner, c.tie_word_embeddings, c.attention_bias) == (
+        "layer", "learned", "gelu", c.n_head, 4 * c.n_embd, True, False)
+
+
+def _check_savable(model, fn):
+    if type(model) not in (GPT, RewardModel):   # a ValueModel would lose its head, silently
+        raise HFError(f"{fn}: a {type(model).__name__} has no Hugging Face form: export the policy "
+                      f"(ckpt.npz) or a reward model")
+
+
+def _tokenizer_to_write(tokenizer, config, fn):
+    if tokenizer is None and config.vocab_size == ByteTokenizer.vocab_size:
+        tokenizer = ByteTokenizer()
+    if isinstance(tokenizer, ByteTokenizer):
+        tokenizer = BPETokenizer.byte_level()
+    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size or (
+            isinstance(tokenizer, BPETokenizer) and tokenizer.vocab_size != config.vocab_size):
+        raise HFError(f"{fn}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                      f"vocab_size is {config.vocab_size}")
+    return tokenizer
+
+
+def _write_weights(tensors, path):
+    save_file = _safetensors().save_file
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    return folder
+
+
+def _write_config(folder, config):
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def _write_tokenizer(folder, tokenizer, block_size):
+    """vocab.json/merges.txt and GPT2Tokenizer's small files for a `BPETokenizer`; another tokenizer
+    (one read from tokenizer.json) writes its own files with its ``save``."""
+    if tokenizer is None:
+        return
+    tokenizer.save(folder)
+    if not isinstance(tokenizer, BPETokenizer):
+        return
+    specials = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+                "pad_token": tokenizer.special_ids[tokenizer.pad_id]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "GPT2Tokenizer", "model_max_length": block_size,
+         "add_prefix_space": False, **specials}, indent=2) + "\n", encoding="utf-8")
+    (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n",
+                                                    encoding="utf-8")
+
+
+def _pad_token_id(tokenizer, fn):
+    """The padding id a reward model's config must carry (transformers reads the reward at the last
+    token that is not it, and refuses batches without it): the tokenizer's pad token, else EOS."""
+    if tokenizer is None:
+        raise HFError(f"{fn}: a reward model needs its tokenizer (pass tokenizer=) to write pad_token_id")
+    pad = getattr(tokenizer, "pad_id", None)
+    return pad if pad is not None else tokenizer.eot_id
+
+
+def _llama_hf_config(model, tokenizer):
+    c = model.config
+    reward = isinstance(model, RewardModel)
+    qwen = c.attention_bias
+    name = "Qwen2" if qwen else "Llama"
+    eot = getattr(tokenizer, "eot_id", None)
+    rope = {"rope_type": "default", "rope_theta": c.rope_theta, **(c.rope_scaling or {})}
+    config = {
+        "architectures": [name + ("ForSequenceClassification" if reward else "ForCausalLM")],
+        "model_type": name.lower(),
+        "vocab_size": c.vocab_size, "hidden_size": c.n_embd, "intermediate_size": c.n_inner,
+        "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
+        "num_key_value_heads": c.n_kv_head, "head_dim": c.head_size,
+        "max_position_embeddings": c.block_size, "hidden_act": "silu", "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_theta, "rope_scaling": c.rope_scaling, "rope_parameters": rope,
+        "tie_word_embeddings": c.tie_word_embeddings, "attention_dropout": 0.0,
+        "initializer_range": 0.02, "use_cache": True, "bos_token_id": eot, "eos_token_id": eot,
+        "torch_dtype": str(np.dtype(c.dtype)),
+    }
+    if qwen:
+        config.update(use_sliding_window=False, sliding_window=None, max_window_layers=c.n_layer)
+    else:
+        config.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+    if reward:
+        config.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, num_labels=1,
+                      pad_token_id=_pad_token_id(tokenizer, "save_hf"))
+    return config
 
 
 def save_gpt2(model, path, tokenizer=None):
@@ -234,28 +565,22 @@ def save_gpt2(model, path, tokenizer=None):
     reward model) loads it and computes the same logits. ``tokenizer`` (default: `ByteTokenizer` for
     a 258-token model) is written as vocab.json and merges.txt; a `ByteTokenizer` becomes a BPE with
     no merges whose ids are the bytes, 256 ``<|endoftext|>`` and 257 ``<|pad|>``, which encodes every
-    text exactly as it does. Returns the folder.
+    text exactly as it does. A reward model's config carries ``pad_token_id``. Returns the folder.
     """
-    if type(model) not in (GPT, RewardModel):   # a ValueModel would lose its head, silently
-        raise HFError(f"save_gpt2: a {type(model).__name__} has no GPT-2 form: export the policy "
-                      f"(ckpt.npz) or a reward model")
-    folder = Path(path)
+    _check_savable(model, "save_gpt2")
     config = model.config
-    if tokenizer is None and config.vocab_size == ByteTokenizer.vocab_size:
-        tokenizer = ByteTokenizer()
-    if isinstance(tokenizer, ByteTokenizer):
-        tokenizer = BPETokenizer.byte_level()
-    if tokenizer is not None and tokenizer.vocab_size != config.vocab_size:
-        raise HFError(f"save_gpt2: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
-                      f"vocab_size is {config.vocab_size}")
+    if not _is_gpt2(config):
+        raise HFError("save_gpt2: this model is not GPT-2 (norm, pos, mlp, heads or head differ): "
+                      "use save_hf")
+    tokenizer = _tokenizer_to_write(tokenizer, config, "save_gpt2")
     if not config.bias:
         raise HFError("save_gpt2: GPT-2 has biases; a model with bias=False has no Hugging Face form")
-    save_file = _safetensors().save_file
-    folder.mkdir(parents=True, exist_ok=True)
+    reward = isinstance(model, RewardModel)
+    pad = _pad_token_id(tokenizer, "save_gpt2") if reward else None
 
     state = model.state_dict()
     tensors = {name: array for name, array in state.items() if name.startswith("transformer.")}
-    if isinstance(model, RewardModel):
+    if reward:
         w, b = state["head.weight"][:, 0], state["head.bias"][0]            # (C,), ()
         if b != 0 and not w @ w > 0:
             raise HFError("save_gpt2: the reward head's weight is zero and its bias is not: "
@@ -263,25 +588,14 @@ def save_gpt2(model, path, tokenizer=None):
         if b != 0:   # fold the bias into ln_f's: w·(h + b·w/|w|²) = w·h + b
             tensors["transformer.ln_f.bias"] = tensors["transformer.ln_f.bias"] + b * w / (w @ w)
         tensors["score.weight"] = state["head.weight"].T                    # (1, C)
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
-
+    folder = _write_weights(tensors, path)
     eot = tokenizer.eot_id if tokenizer is not None else None
-    (folder / "config.json").write_text(json.dumps(_hf_config(model, eot, tokenizer), indent=2) + "\n",
-                                        encoding="utf-8")
-    if tokenizer is not None:
-        tokenizer.save(folder)
-        specials = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-                    "pad_token": tokenizer.special_ids[tokenizer.pad_id]}
-        (folder / "tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": "GPT2Tokenizer", "model_max_length": config.block_size,
-             "add_prefix_space": False, **specials}, indent=2) + "\n", encoding="utf-8")
-        (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n",
-                                                        encoding="utf-8")
+    _write_config(folder, _hf_config(model, eot, pad))
+    _write_tokenizer(folder, tokenizer, config.block_size)
     return folder
 
 
-def _hf_config(model, eot, tokenizer):
+def _hf_config(model, eot, pad):
     """config.json for ``model``: GPT-2's fields, the ones this GPT fixes written out explicitly."""
     c = model.config
     reward = isinstance(model, RewardModel)
@@ -300,5 +614,5 @@ def _hf_config(model, eot, tokenizer):
     }
     if reward:
         config.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, num_labels=1,
-                      pad_token_id=tokenizer.pad_id if tokenizer is not None else None)
+                      pad_token_id=pad)
     return config

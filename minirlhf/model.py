@@ -1,7 +1,7 @@
-"""GPT-2, a reward model and a value model on its trunk, and sampling with a KV cache — in one
-file, top to bottom.
+"""GPT-2 (and, with four switches of `GPTConfig`, a Llama), a reward model and a value model on
+its trunk, and sampling with a KV cache — in one file, top to bottom.
 
-The architecture is exactly GPT-2's (Radford et al., 2019), written as nanoGPT writes it:
+The architecture is GPT-2's (Radford et al., 2019), written as nanoGPT writes it:
 
     tokens (B, T) ─ wte + wpe ─┬─ Block ─ ... ─ Block ─ ln_f ─ @ wteᵀ ─ logits (B, T, vocab)
                                │  Block:  x = x + attn(ln_1(x));  x = x + mlp(ln_2(x))
@@ -18,6 +18,10 @@ Parameter names are GPT-2's (``transformer.wte.weight``, ``transformer.h.0.attn.
 and our `Linear` stores W as (in, out) like GPT-2's Conv1D, so a GPT-2 checkpoint maps one to one.
 One deviation: attention probabilities get no dropout (the attention is one fused op); residual
 and embedding dropout are as in GPT-2.
+
+The Llama family (Llama, SmolLM, Qwen2) changes four places (see `GPTConfig`): RMSNorm for
+LayerNorm, rotary embeddings of q and k for ``wpe``, a SwiGLU MLP, and fewer k/v heads than query
+heads. Everything else, names included, stays: hf.py maps transformers' names onto these.
 """
 
 import math
@@ -30,13 +34,30 @@ from . import backend
 from . import functional as F
 from . import kernels
 from . import ops
-from . import reference as R
-from .nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList
+from . import rotary
+from .nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList, RMSNorm, op_module
 from .tensor import Tensor, array_of, no_grad
+
+
+NORMS, POSITIONS, MLPS = ("layer", "rms"), ("learned", "rope"), ("gelu", "swiglu")
 
 
 @dataclass
 class GPTConfig:
+    """One config for GPT-2 and the Llama family: a Llama (SmolLM, Qwen2) block is a GPT-2 block
+    with four switches turned, so one model class with one config shows exactly where they differ:
+
+    - ``norm="rms"``: RMSNorm (eps ``rms_norm_eps``) instead of LayerNorm;
+    - ``pos="rope"``: rotary embeddings of q and k (``rope_theta``, ``rope_scaling``) instead of
+      learned position embeddings ``wpe``;
+    - ``mlp="swiglu"``: ``c_proj(silu(c_gate(x)) * c_fc(x))`` of width ``n_inner`` instead of
+      ``c_proj(gelu(c_fc(x)))``;
+    - ``n_kv_head`` < ``n_head``: grouped-query attention, each k/v head shared by a group of heads.
+
+    and three smaller ones: ``tie_word_embeddings=False`` gives an LM head of its own,
+    ``bias=False`` drops the biases of every Linear, ``attention_bias=True`` keeps q, k and v's
+    (Qwen2). The defaults are GPT-2's, so a GPT-2 config reads as it always did.
+    """
     block_size: int = 128      # longest context, in tokens
     vocab_size: int = 258      # 256 bytes + EOT + PAD (minirlhf.tokenizer)
     n_layer: int = 4
@@ -46,15 +67,43 @@ class GPTConfig:
     bias: bool = True          # biases in Linear and LayerNorm, as GPT-2
     dtype: str = "float32"     # "float64" for gradient checks
     fused: bool = True         # False: built from the plain ops of reference.py, same numbers
+    norm: str = "layer"        # "layer" (GPT-2) or "rms" (Llama)
+    pos: str = "learned"       # "learned" (GPT-2's wpe) or "rope" (rotary, Llama)
+    mlp: str = "gelu"          # "gelu" (GPT-2) or "swiglu" (Llama)
+    n_kv_head: int = None      # key/value heads; None: n_head (no grouping)
+    n_inner: int = None        # the MLP's hidden width; None: 4 * n_embd
+    rope_theta: float = 10000.0
+    rope_scaling: dict = None  # None, or config.json's {"rope_type": "linear"|"llama3", ...}
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True   # the LM head is wte itself (GPT-2, SmolLM) or its own
+    attention_bias: bool = False       # q, k, v biases even when bias=False (Qwen2)
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if np.dtype(self.dtype).kind != "f":
             raise ValueError(f"dtype must be a float type, got {self.dtype!r}")
-        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.n_inner is None:
+            self.n_inner = 4 * self.n_embd
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "n_kv_head", "n_inner"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
+        for name, allowed in (("norm", NORMS), ("pos", POSITIONS), ("mlp", MLPS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"pos='rope' needs an even head size, got n_embd/n_head="
+                             f"{self.n_embd // self.n_head}")
+        if self.rope_scaling is not None:
+            rotary.inverse_frequencies(2, 1.0, self.rope_scaling)   # refuses an unknown type
+
+    @property
+    def head_size(self):
+        return self.n_embd // self.n_head
 
 
 # ===================================================================================================
@@ -66,7 +115,11 @@ class KVCache:
 
     Decoding one token at a time, attention needs the keys and values of all earlier positions; the
     cache keeps them so each step computes only the new position's. Per layer, ``k[l]`` and ``v[l]``
-    are preallocated to (B, nh, block_size, hs) and the first ``length`` positions are filled.
+    are preallocated to (B, n_kv_head, capacity, hs) and the first ``length`` positions are filled;
+    ``capacity`` is ``block_size`` unless a shorter ``max_length`` is given (a Llama's block_size
+    may be 32k positions that one generation never reaches). With grouped-query attention the
+    cache holds the n_kv_head shared heads, before they are repeated for the queries; with rotary
+    embeddings the keys are stored rotated.
 
     ``pad_lengths`` (B,) gives the number of left-padding columns of each row (batched prompts of
     different lengths are left-padded to one length). Padding is then masked out of attention and
@@ -77,11 +130,11 @@ class KVCache:
     no gradient.
     """
 
-    def __init__(self, config, batch_size, device="cpu", pad_lengths=None):
-        nh, hs = config.n_head, config.n_embd // config.n_head
-        shape = (batch_size, nh, config.block_size, hs)
+    def __init__(self, config, batch_size, device="cpu", pad_lengths=None, max_length=None):
+        capacity = config.block_size if max_length is None else min(max_length, config.block_size)
+        shape = (batch_size, config.n_kv_head, capacity, config.head_size)
         xp = backend.get_array_module(backend.to_device(np.zeros(0), device))
-        self.xp, self.batch_size, self.block_size = xp, batch_size, config.block_size
+        self.xp, self.batch_size, self.block_size = xp, batch_size, capacity
         self.k = [xp.zeros(shape, dtype=config.dtype) for _ in range(config.n_layer)]
         self.v = [xp.zeros(shape, dtype=config.dtype) for _ in range(config.n_layer)]
         self.length = 0
@@ -113,7 +166,7 @@ class KVCache:
         return (causal[None] & ~into_padding)[:, None]               # (B, 1, Tq, Tk)
 
     def update(self, layer, k, v):
-        """Write the new keys/values (B, nh, T, hs) after the cached ones; return all of them."""
+        """Write the new keys/values (B, n_kv_head, T, hs) after the cached ones; return all of them."""
         end = self.length + k.shape[2]
         self.k[layer][:, :, self.length:end] = k.data
         self.v[layer][:, :, self.length:end] = v.data
@@ -125,68 +178,97 @@ class KVCache:
 
 
 class CausalSelfAttention(Module):
+    """Causal multi-head attention; q, k, v side by side from one Linear ``c_attn``.
+
+    ``c_attn`` maps C to C + 2·n_kv_head·hs: n_head query heads, then n_kv_head key heads and as
+    many value heads (GPT-2: n_kv_head = n_head, so (C, 3C)). With rotary embeddings q and k are
+    rotated at their ``positions``; with grouped-query attention each k/v head serves n_head/n_kv_head
+    query heads (`repeat_kv`, after the KV cache, which keeps the shared heads only).
+    """
+
     def __init__(self, config, rng, dropout_rng):
         super().__init__()
         C, dt, fused = config.n_embd, config.dtype, config.fused
-        self.n_head, self.fused = config.n_head, fused
-        self.c_attn = Linear(C, 3 * C, bias=config.bias, rng=rng, dtype=dt, fused=fused)
+        self.n_head, self.n_kv_head, self.fn = config.n_head, config.n_kv_head, op_module(fused)
+        self.rope = (config.rope_theta, config.rope_scaling) if config.pos == "rope" else None
+        kv = 2 * config.n_kv_head * config.head_size
+        self.c_attn = Linear(C, C + kv, bias=config.bias or config.attention_bias, rng=rng, dtype=dt,
+                             fused=fused)
         self.c_proj = Linear(C, C, bias=config.bias, rng=rng, dtype=dt, fused=fused,
                              init_std=0.02 / math.sqrt(2 * config.n_layer))
         self.resid_dropout = Dropout(config.dropout, rng=dropout_rng)
 
-    def forward(self, x, kv_cache=None, layer=0, mask=None):
-        qkv = self.c_attn(x)                                         # (B, T, 3C)
-        if self.fused and kv_cache is None and mask is None:         # the steps of _attend,
-            y = F.self_attention(qkv, self.n_head)                   # as one node: (B, T, C)
+    def forward(self, x, kv_cache=None, layer=0, mask=None, positions=None):
+        qkv = self.c_attn(x)                                         # (B, T, C + 2·kv)
+        if (kv_cache is None and mask is None and self.rope is None
+                and self.n_kv_head == self.n_head):                  # the steps of _attend,
+            y = self.fn.self_attention(qkv, self.n_head)             # as one node: (B, T, C)
         else:
-            y = self._attend(qkv, kv_cache, layer, mask)             # (B, T, C)
+            y = self._attend(qkv, kv_cache, layer, mask, positions)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
-    def _attend(self, qkv, kv_cache, layer, mask):
-        """Split q, k, v into heads, add k and v to the cache, attend, put the heads side by side."""
-        B, T, C3 = qkv.shape
-        nh, hs = self.n_head, C3 // 3 // self.n_head
-        qkv = qkv.reshape(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4)    # (3, B, nh, T, hs)
-        q, k, v = qkv[0], qkv[1], qkv[2]                             # (B, nh, T, hs)
-        if kv_cache is not None:
-            k, v = kv_cache.update(layer, k, v)                      # (B, nh, T_so_far, hs)
-        if self.fused:
-            y = F.causal_attention(q, k, v, mask)                    # (B, nh, T, hs)
+    def _attend(self, qkv, kv_cache, layer, mask, positions):
+        """Split q, k, v into heads, rotate q and k, add k and v to the cache, share k and v across
+        each group of heads, attend, put the heads side by side."""
+        B, T, _ = qkv.shape
+        nh, nkv = self.n_head, self.n_kv_head
+        hs = qkv.shape[-1] // (nh + 2 * nkv)
+        if nkv == nh:
+            qkv = qkv.reshape(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4)    # (3, B, nh, T, hs)
+            q, k, v = qkv[0], qkv[1], qkv[2]                         # (B, nh, T, hs)
         else:
-            y = R.causal_attention(q, k, v, mask)                    # (B, nh, T, hs)
-        return y.transpose(1, 2).reshape(B, T, C3 // 3)              # (B, T, C): heads side by side
+            q = qkv[:, :, :nh * hs].reshape(B, T, nh, hs).transpose(1, 2)                 # (B, nh, T, hs)
+            k = qkv[:, :, nh * hs:(nh + nkv) * hs].reshape(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+            v = qkv[:, :, (nh + nkv) * hs:].reshape(B, T, nkv, hs).transpose(1, 2)         # (B, nkv, T, hs)
+        if self.rope is not None:
+            q, k = self.fn.rope(q, k, positions, *self.rope)         # rotated at their positions
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)                      # (B, nkv, T_so_far, hs)
+        k, v = self.fn.repeat_kv(k, nh // nkv), self.fn.repeat_kv(v, nh // nkv)   # (B, nh, ., hs)
+        y = self.fn.causal_attention(q, k, v, mask)                  # (B, nh, T, hs)
+        return y.transpose(1, 2).reshape(B, T, nh * hs)              # (B, T, C): heads side by side
 
 
 class MLP(Module):
+    """GPT-2's ``c_proj(gelu(c_fc(x)))``, or Llama's SwiGLU ``c_proj(silu(c_gate(x)) * c_fc(x))``
+    (transformers' up_proj is our c_fc, gate_proj c_gate, down_proj c_proj)."""
+
     def __init__(self, config, rng, dropout_rng):
         super().__init__()
-        C, dt, fused = config.n_embd, config.dtype, config.fused
-        self.fused = fused
-        self.c_fc = Linear(C, 4 * C, bias=config.bias, rng=rng, dtype=dt, fused=fused)
-        self.c_proj = Linear(4 * C, C, bias=config.bias, rng=rng, dtype=dt, fused=fused,
+        C, H, dt, fused = config.n_embd, config.n_inner, config.dtype, config.fused
+        self.fn, self.swiglu = op_module(fused), config.mlp == "swiglu"
+        self.c_fc = Linear(C, H, bias=config.bias, rng=rng, dtype=dt, fused=fused)
+        if self.swiglu:
+            self.c_gate = Linear(C, H, bias=config.bias, rng=rng, dtype=dt, fused=fused)
+        self.c_proj = Linear(H, C, bias=config.bias, rng=rng, dtype=dt, fused=fused,
                              init_std=0.02 / math.sqrt(2 * config.n_layer))
         self.dropout = Dropout(config.dropout, rng=dropout_rng)
 
     def forward(self, x):
-        h = self.c_fc(x)                                             # (B, T, 4C)
-        if self.fused:
-            h = F.gelu(h)
+        if self.swiglu:
+            h = self.fn.silu(self.c_gate(x)) * self.c_fc(x)          # (B, T, H)
         else:
-            h = R.gelu(h)
+            h = self.fn.gelu(self.c_fc(x))                           # (B, T, H)
         return self.dropout(self.c_proj(h))                          # (B, T, C)
+
+
+def norm_layer(config):
+    """GPT-2's LayerNorm (eps 1e-5) or Llama's RMSNorm (eps ``rms_norm_eps``), as ``config.norm`` says."""
+    if config.norm == "rms":
+        return RMSNorm(config.n_embd, eps=config.rms_norm_eps, dtype=config.dtype, fused=config.fused)
+    return LayerNorm(config.n_embd, eps=1e-5, bias=config.bias, dtype=config.dtype, fused=config.fused)
 
 
 class Block(Module):
     def __init__(self, config, rng, dropout_rng):
         super().__init__()
-        dt, fused = config.dtype, config.fused
-        self.ln_1 = LayerNorm(config.n_embd, eps=1e-5, bias=config.bias, dtype=dt, fused=fused)
+        self.ln_1 = norm_layer(config)
         self.attn = CausalSelfAttention(config, rng, dropout_rng)
-        self.ln_2 = LayerNorm(config.n_embd, eps=1e-5, bias=config.bias, dtype=dt, fused=fused)
+        self.ln_2 = norm_layer(config)
         self.mlp = MLP(config, rng, dropout_rng)
 
-    def forward(self, x, kv_cache=None, layer=0, mask=None):
-        x = x + self.attn(self.ln_1(x), kv_cache, layer, mask)     # (B, T, C)
+    def forward(self, x, kv_cache=None, layer=0, mask=None, positions=None):
+        x = x + self.attn(self.ln_1(x), kv_cache, layer, mask, positions)   # (B, T, C)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -198,29 +280,35 @@ class Transformer(Module):
         dt, fused = config.dtype, config.fused
         self.config = config
         self.wte = Embedding(config.vocab_size, config.n_embd, rng=rng, dtype=dt, fused=fused)
-        self.wpe = Embedding(config.block_size, config.n_embd, rng=rng, dtype=dt, fused=fused)
+        if config.pos == "learned":
+            self.wpe = Embedding(config.block_size, config.n_embd, rng=rng, dtype=dt, fused=fused)
         self.drop = Dropout(config.dropout, rng=dropout_rng)
         self.h = ModuleList([Block(config, rng, dropout_rng) for _ in range(config.n_layer)])
-        self.ln_f = LayerNorm(config.n_embd, eps=1e-5, bias=config.bias, dtype=dt, fused=fused)
+        self.ln_f = norm_layer(config)
 
     def forward(self, idx, kv_cache=None):
         xp = backend.get_array_module(self.wte.weight.data)
         idx = _as_ids(idx, xp, self.config.vocab_size)               # (B, T)
         B, T = idx.shape
         start = kv_cache.length if kv_cache is not None else 0
-        if start + T > self.config.block_size:
+        limit = kv_cache.block_size if kv_cache is not None else self.config.block_size
+        if start + T > limit:
             where = f" after {start} cached positions" if start else ""
             raise ValueError(f"cannot forward {T} tokens{where}: block_size is "
-                             f"{self.config.block_size} (crop the context to its last tokens)")
+                             f"{limit} (crop the context to its last tokens)")
         if kv_cache is not None and kv_cache.batch_size != B:
             raise ValueError(f"KV cache made for batch size {kv_cache.batch_size}, got {B} rows")
 
         pos = kv_cache.positions(T) if kv_cache is not None else xp.arange(T)  # (T,) or (B, T)
         mask = kv_cache.attention_mask(T) if kv_cache is not None else None
         # token ids were checked by _as_ids and position ids are in range: no second check
-        x = self.drop(self.wte(idx, check=False) + self.wpe(pos, check=False))   # (B, T, C)
+        x = self.wte(idx, check=False)                               # (B, T, C)
+        if self.config.pos == "learned":
+            x = x + self.wpe(pos, check=False)                       # + position embeddings
+        x = self.drop(x)
+        rope_pos = pos if self.config.pos == "rope" else None        # rotary: given to attention
         for layer, block in enumerate(self.h):
-            x = block(x, kv_cache, layer, mask)
+            x = block(x, kv_cache, layer, mask, rope_pos)
         if kv_cache is not None:
             kv_cache.length += T
         return self.ln_f(x)                                          # (B, T, C)
@@ -274,14 +362,18 @@ class GPT(TransformerModel):
     def __init__(self, config, seed=0):
         super().__init__(config, seed)
         self.transformer = Transformer(config, self.init_rng, self.dropout_rng)
+        self.fn = op_module(config.fused)
+        if not config.tie_word_embeddings:                           # a head of its own (Qwen2, Llama)
+            self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False, rng=self.init_rng,
+                                  dtype=config.dtype, fused=config.fused)
 
     def forward(self, idx, kv_cache=None):
         """Logits (B, T, vocab). With ``kv_cache``, ``idx`` holds only the new tokens: they are
         placed after the cached positions and their keys/values are appended to the cache."""
         x = self.transformer(idx, kv_cache)                          # (B, T, C)
-        if self.config.fused:
-            return F.linear(x, self.transformer.wte.weight.T)        # (B, T, vocab): tied head
-        return R.linear(x, self.transformer.wte.weight.T)
+        if self.config.tie_word_embeddings:
+            return self.fn.linear(x, self.transformer.wte.weight.T)  # (B, T, vocab): tied head
+        return self.lm_head(x)                                       # (B, T, vocab)
 
     def hidden_states(self, idx, kv_cache=None):
         """The final hidden states (B, T, C), after ``ln_f`` and before the LM head."""
@@ -289,11 +381,14 @@ class GPT(TransformerModel):
 
     @property
     def lm_head_weight(self):
-        """The LM head's weight (vocab, C): the token embedding itself, not a copy."""
-        return self.transformer.wte.weight
+        """The LM head's weight (vocab, C): the token embedding itself (tied, not a copy), or the
+        head's own weight seen as (vocab, C)."""
+        if self.config.tie_word_embeddings:
+            return self.transformer.wte.weight
+        return self.lm_head.weight.T
 
-    def new_kv_cache(self, batch_size, pad_lengths=None):
-        return KVCache(self.config, batch_size, self.device, pad_lengths)
+    def new_kv_cache(self, batch_size, pad_lengths=None, max_length=None):
+        return KVCache(self.config, batch_size, self.device, pad_lengths, max_length)
 
 
 class ScalarHeadModel(TransformerModel):
@@ -426,11 +521,12 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
         with no_grad():
             cache, T = None, L                                       # T: columns filled so far
             for _ in range(max_new_tokens):
-                if use_cache and cache is not None and cache.length < cfg.block_size:
+                if use_cache and cache is not None and cache.length < cache.block_size:
                     logits = model(rows[:, T - 1:T], kv_cache=cache)  # (B, 1, V): one new column
                 else:                                                 # (re)run the last block_size columns
                     start = max(T - cfg.block_size, 0)
-                    cache = model.new_kv_cache(B, np.maximum(pad - start, 0))
+                    cache = model.new_kv_cache(B, np.maximum(pad - start, 0),
+                                               max_length=rows.shape[1] - start)
                     logits = model(rows[:, start:T], kv_cache=cache)  # (B, T - start, V)
                 last = backend.to_numpy(logits.data[:, -1, :]).astype(np.float64)   # (B, V)
                 if not np.isfinite(last).all():

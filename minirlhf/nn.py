@@ -18,16 +18,31 @@ listed once, under the first path.
 Initial weights are drawn on the host from a ``numpy.random.Generator`` (pass ``rng=``), then moved
 with ``model.to("cuda")``: one seed gives the same model on every device.
 
-``fused=False`` makes `Linear`, `Embedding` and `LayerNorm` compute with the plain functions of
-`reference.py` instead of the fused ones of `functional.py`: the same numbers, easier to follow.
+``fused=False`` makes `Linear`, `Embedding`, `LayerNorm` and `RMSNorm` compute with the plain
+functions of `reference.py` instead of the fused ones of `functional.py`: the same numbers, easier
+to follow. Each layer picks its op module once (`op_module`) and calls ``self.fn.<op>``.
 """
 
 import numpy as np
 
 from . import backend
-from . import functional as F
-from . import reference as R
+from . import functional
+from . import reference as plain
 from .tensor import Tensor
+
+
+def op_module(fused):
+    """The module whose functions a layer computes with: `functional` (fused, hand-written
+    backward) or `reference` (plain, autograd's backward). Both spell every op alike."""
+    return functional if fused else plain
+
+
+def non_finite(state):
+    """The names (comma-separated, or "") of the arrays of a state dict with a NaN or an infinity."""
+    bad = [name for name, a in state.items()
+           if hasattr(a, "dtype") and a.dtype.kind in "fc"
+           and not bool(backend.get_array_module(a).isfinite(a).all())]
+    return ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
 
 
 class Parameter(Tensor):
@@ -223,14 +238,12 @@ class Linear(Module):
     def __init__(self, in_features, out_features, bias=True, *, rng=None, init_std=0.02,
                  dtype="float32", fused=True):
         super().__init__()
-        self.in_features, self.out_features, self.fused = in_features, out_features, fused
+        self.in_features, self.out_features, self.fn = in_features, out_features, op_module(fused)
         self.weight = Parameter(_normal(rng, (in_features, out_features), init_std, dtype))
         self.bias = Parameter(np.zeros(out_features, dtype=dtype)) if bias else None
 
     def forward(self, x):
-        if self.fused:
-            return F.linear(x, self.weight, self.bias)      # (..., in) @ (in, out) + (out,)
-        return R.linear(x, self.weight, self.bias)
+        return self.fn.linear(x, self.weight, self.bias)    # (..., in) @ (in, out) + (out,)
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}"
@@ -250,9 +263,9 @@ class Embedding(Module):
         self.weight = Parameter(_normal(rng, (num_embeddings, embedding_dim), init_std, dtype))
 
     def forward(self, ids, *, check=True):
-        if self.fused:
-            return F.embedding(ids, self.weight, check=check)    # (...) -> (..., dim)
-        return R.embedding(ids, self.weight)
+        if self.fused:                                           # only the fused op checks ids
+            return functional.embedding(ids, self.weight, check=check)   # (...) -> (..., dim)
+        return plain.embedding(ids, self.weight)
 
     def extra_repr(self):
         return f"{self.num_embeddings}, {self.embedding_dim}"
@@ -266,7 +279,7 @@ class LayerNorm(Module):
 
     def __init__(self, dim, eps=1e-5, bias=True, *, dtype="float32", fused=True):
         super().__init__()
-        self.dim, self.eps, self.fused = dim, eps, fused
+        self.dim, self.eps, self.fn = dim, eps, op_module(fused)
         self.weight = Parameter(np.ones(dim, dtype=dtype))
         self.bias = Parameter(np.zeros(dim, dtype=dtype)) if bias else None
 
@@ -275,9 +288,23 @@ class LayerNorm(Module):
         if bias is None:
             xp = backend.get_array_module(self.weight.data)
             bias = Tensor.from_array(xp.zeros_like(self.weight.data))
-        if self.fused:
-            return F.layer_norm(x, self.weight, bias, self.eps)
-        return R.layer_norm(x, self.weight, bias, self.eps)
+        return self.fn.layer_norm(x, self.weight, bias, self.eps)
+
+    def extra_repr(self):
+        return f"{self.dim}, eps={self.eps}"
+
+
+class RMSNorm(Module):
+    """y = x / sqrt(mean(x²) + eps) * weight over the last axis (weight 1): Llama's norm, a
+    LayerNorm that subtracts no mean and adds no bias."""
+
+    def __init__(self, dim, eps=1e-6, *, dtype="float32", fused=True):
+        super().__init__()
+        self.dim, self.eps, self.fn = dim, eps, op_module(fused)
+        self.weight = Parameter(np.ones(dim, dtype=dtype))
+
+    def forward(self, x):
+        return self.fn.rms_norm(x, self.weight, self.eps)
 
     def extra_repr(self):
         return f"{self.dim}, eps={self.eps}"

@@ -196,7 +196,7 @@ def test_a_nan_weight_is_refused_by_name(tmp_path):
 
 def test_a_value_model_has_no_gpt2_form(tmp_path):
     value = ValueModel(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=8), seed=6)
-    with pytest.raises(HFError, match="a ValueModel has no GPT-2 form: export the policy"):
+    with pytest.raises(HFError, match="a ValueModel has no Hugging Face form: export the policy"):
         save_gpt2(value, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -332,5 +332,5 @@ def test_cli_refuses_to_export_a_value_model_in_one_line(tmp_path, capsys):
     npz = save_checkpoint(tmp_path / "value.npz", value, value.config)
     assert cli.main(["export", "--ckpt", str(npz), "--out", str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("minirlhf export: error:") and "ValueModel has no GPT-2 form" in err
+    assert err.startswith("minirlhf export: error:") and "ValueModel has no Hugging Face form" in err
     assert "\n" not in err and not (tmp_path / "hf").exists()
