@@ -316,7 +316,7 @@ def llama_config(config, folder, dtype="float32"):
     arch = architectures[0]
     if arch not in LLAMA_ARCHITECTURES or LLAMA_ARCHITECTURES[arch][0] != model_type:
         raise HFError(f"{path}: model_type {model_type!r}, architectures {architectures}: minirlhf reads "
-                      f"GPT-2, Llama and Qwen2 ({', '.join(['GPT2LMHeadModel', *LLAMA_ARCHITECTURES])})")
+                      f"GPT-2, Llama and Qwen2 only ({', '.join(['GPT2LMHeadModel', *LLAMA_ARCHITECTURES])})")
     for field, ours in LLAMA_UNSUPPORTED.items():
         if field == "attention_bias" and model_type == "qwen2":
             continue                                     # Qwen2's q, k, v biases: always there
@@ -354,9 +354,8 @@ def _rope(config, path):
     """(rope_theta, rope_scaling) of a config.json: the old fields (``rope_theta``, ``rope_scaling``)
     or transformers 5's ``rope_parameters``; scaling types other than linear/llama3 refused."""
     params = dict(config.get("rope_parameters") or {})
-    scaling = config.get("rope_scaling") or {}
-    scaling = {**scaling, **{k: v for k, v in params.items() if k != "rope_theta"}}
-    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
+    theta = params.pop("rope_theta", config.get("rope_theta", 10000.0))
+    scaling = config.get("rope_scaling") or params
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind in (None, "default"):
         return float(theta), None

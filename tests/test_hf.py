@@ -322,7 +322,7 @@ def test_cli_reports_a_bad_folder_in_one_line(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     assert cli.main(["import", "--hf", str(tmp_path), "--out", str(tmp_path / "x.npz")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("minirlhf import: error:") and "GPT-2 only" in err and "\n" not in err
+    assert err.startswith("minirlhf import: error:") and "GPT-2, Llama and Qwen2 only" in err and "\n" not in err
 
 
 def test_cli_refuses_to_export_a_value_model_in_one_line(tmp_path, capsys):
