@@ -7,7 +7,7 @@ import pytest
 
 import minirlhf as mr
 import minirlhf.functional as F
-from minirlhf.model import GPT, GPTConfig, KVCache, RewardModel
+from minirlhf.model import GPT, GPTConfig, KVCache, RewardModel, generate
 from minirlhf.optim import AdamW, param_groups
 
 TINY = dict(n_layer=2, n_embd=16, n_head=2, block_size=8, vocab_size=11)
@@ -326,3 +326,44 @@ def test_reward_model_refuses_bad_lengths(rng):
         rm(ids, [6, 5])
     with pytest.raises(ValueError, match="2 integers"):
         rm(ids, [1, 2, 3])
+
+
+# ----- the Llama-style switches ----------------------------------------------------------------------
+
+def llama_style(**changes):
+    return GPTConfig(**{**dict(block_size=16, vocab_size=30, n_layer=2, n_head=4, n_kv_head=2, n_embd=16,
+                               n_inner=24, norm="rms", pos="rope", mlp="swiglu", bias=False,
+                               tie_word_embeddings=False), **changes})
+
+
+def test_a_llama_style_row_computes_alone_what_it_computes_left_padded_in_a_batch(rng):
+    """Rotary positions count real tokens only, so padding changes nothing for the real tokens,
+    in the prompt and in the next step; and the cache holds n_kv_head heads."""
+    model = GPT(llama_style(), seed=0).eval()
+    a, b = rng.integers(0, 30, 7), rng.integers(0, 30, 4)
+    batch = np.zeros((2, 7), dtype=np.int64)
+    batch[0], batch[1, 3:] = a, b
+    cache = model.new_kv_cache(2, pad_lengths=[0, 3])
+    assert cache.k[0].shape == (2, 2, 16, 4)
+    with mr.no_grad():
+        out = model(batch, kv_cache=cache).data
+        step = model(np.array([[5], [6]]), kv_cache=cache).data
+        np.testing.assert_allclose(out[0], model(a[None]).data[0], atol=1e-5)
+        np.testing.assert_allclose(out[1, 3:], model(b[None]).data[0], atol=1e-5)
+        np.testing.assert_allclose(step[1, 0], model(np.concatenate([b, [6]])[None]).data[0, -1], atol=1e-5)
+
+
+def test_a_llama_style_model_samples_the_same_with_and_without_the_cache():
+    model = GPT(llama_style(dtype="float64"), seed=1)
+    runs = [generate(model, [[1, 2, 3], [4]], 20, seed=0, use_cache=c) for c in (True, False)]
+    assert runs[0].tokens == runs[1].tokens                   # 20 new tokens: past block_size too
+    np.testing.assert_allclose(sum(runs[0].logprobs, []), sum(runs[1].logprobs, []), atol=1e-10)
+
+
+def test_bad_llama_style_settings_are_one_line_each():
+    for changes, message in (({"n_kv_head": 3}, "n_head=4 is not divisible by n_kv_head=3"),
+                             ({"norm": "batch"}, "norm must be one of"),
+                             ({"n_embd": 12, "n_head": 4, "n_kv_head": 4}, "even head size"),
+                             ({"rope_scaling": {"rope_type": "yarn", "factor": 2}}, "'yarn' is not supported")):
+        with pytest.raises(ValueError, match=message):
+            llama_style(**changes)

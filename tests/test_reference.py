@@ -167,17 +167,23 @@ def test_plain_adamw_step_equals_the_optimizer(rng, weight_decay):
 # the whole model: GPT(GPTConfig(fused=False)) is built from the references
 
 
-def tiny_config(fused, dtype):
-    return GPTConfig(block_size=8, vocab_size=11, n_layer=2, n_head=2, n_embd=8, dtype=dtype,
-                     fused=fused)
+# a Llama-style block (RMSNorm, rotary, SwiGLU, 2 query heads per k/v head, untied head, q/k/v biases)
+LLAMA_STYLE = dict(norm="rms", pos="rope", mlp="swiglu", n_head=4, n_kv_head=2, n_inner=12,
+                   bias=False, attention_bias=True, tie_word_embeddings=False)
+STYLES = {"gpt2": {}, "llama": LLAMA_STYLE}
 
 
-def assert_models_agree(run, model_class, dtype, tol):
+def tiny_config(fused, dtype, style="gpt2"):
+    return GPTConfig(**{**dict(block_size=8, vocab_size=11, n_layer=2, n_head=2, n_embd=8, dtype=dtype,
+                               fused=fused), **STYLES[style]})
+
+
+def assert_models_agree(run, model_class, dtype, tol, style="gpt2"):
     """``run(model)`` gives the same value on the fused and the plain model (same seed, so the
     same weights), and backward through it gives every parameter the same gradient."""
     results = []
     for fused in (True, False):
-        model = model_class(tiny_config(fused, dtype), seed=0)
+        model = model_class(tiny_config(fused, dtype, style), seed=0)
         y = run(model)
         y.backward(np.random.default_rng(1).standard_normal(y.shape).astype(dtype))
         results.append((y.numpy(), {name: p.grad for name, p in model.named_parameters()}))
@@ -191,30 +197,34 @@ def assert_models_agree(run, model_class, dtype, tol):
 TOLERANCES = [("float64", 1e-10), ("float32", 1e-5)]
 
 
+@pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("dtype, tol", TOLERANCES)
-def test_plain_gpt_gives_the_fused_gpts_logits_and_gradients(dtype, tol):
+def test_plain_gpt_gives_the_fused_gpts_logits_and_gradients(dtype, tol, style):
     idx = np.random.default_rng(0).integers(0, 11, (2, 8))
-    assert_models_agree(lambda model: model(idx), GPT, dtype, tol)
+    assert_models_agree(lambda model: model(idx), GPT, dtype, tol, style)
 
 
+@pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("dtype, tol", TOLERANCES)
-def test_plain_reward_model_gives_the_fused_rewards_and_gradients(dtype, tol):
+def test_plain_reward_model_gives_the_fused_rewards_and_gradients(dtype, tol, style):
     ids, lengths = np.random.default_rng(0).integers(0, 11, (3, 6)), np.array([6, 2, 4])
-    assert_models_agree(lambda rm: rm(ids, lengths), RewardModel, dtype, tol)
+    assert_models_agree(lambda rm: rm(ids, lengths), RewardModel, dtype, tol, style)
 
 
+@pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("dtype, tol", TOLERANCES)
-def test_plain_value_model_gives_the_fused_values_and_gradients(dtype, tol):
+def test_plain_value_model_gives_the_fused_values_and_gradients(dtype, tol, style):
     ids = np.random.default_rng(0).integers(0, 11, (3, 6))
-    assert_models_agree(lambda vm: vm(ids), ValueModel, dtype, tol)
+    assert_models_agree(lambda vm: vm(ids), ValueModel, dtype, tol, style)
 
 
-def test_plain_gpt_with_a_kv_cache_and_left_padding_gives_the_fused_logits():
+@pytest.mark.parametrize("style", STYLES)
+def test_plain_gpt_with_a_kv_cache_and_left_padding_gives_the_fused_logits(style):
     """A prompt run into a padded cache, then one new token: the plain attention takes the cache
     and the padding mask as the fused one does."""
     logits = []
     for fused in (True, False):
-        model = GPT(tiny_config(fused, "float64"), seed=0)
+        model = GPT(tiny_config(fused, "float64", style), seed=0)
         with mr.no_grad():
             cache = model.new_kv_cache(2, pad_lengths=[0, 2])
             first = model(np.array([[1, 2, 3, 4], [0, 0, 5, 6]]), kv_cache=cache)   # (2, 4, V)
@@ -223,9 +233,10 @@ def test_plain_gpt_with_a_kv_cache_and_left_padding_gives_the_fused_logits():
     np.testing.assert_allclose(logits[1], logits[0], rtol=TOL, atol=TOL)
 
 
-def test_plain_gpt_samples_what_the_fused_gpt_samples():
+@pytest.mark.parametrize("style", STYLES)
+def test_plain_gpt_samples_what_the_fused_gpt_samples(style):
     prompts = [[1, 2, 3], [4]]
-    runs = [generate(GPT(tiny_config(fused, "float64"), seed=0), prompts, 6, seed=3)
+    runs = [generate(GPT(tiny_config(fused, "float64", style), seed=0), prompts, 6, seed=3)
             for fused in (True, False)]
     assert runs[1].tokens == runs[0].tokens
     np.testing.assert_allclose(sum(runs[1].logprobs, []), sum(runs[0].logprobs, []), atol=TOL)

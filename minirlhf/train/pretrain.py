@@ -21,6 +21,9 @@ from ..tokenizer import ByteTokenizer
 from .common import batch_tensor, check_common, config_summary, option, overwrite_option, require
 from .run import Run
 
+# what --arch turns on in GPTConfig (the Llama block as SmolLM has it: embeddings tied to the head)
+ARCHS = {"gpt2": {}, "llama": dict(norm="rms", pos="rope", mlp="swiglu", bias=False)}
+
 
 @dataclass
 class PretrainConfig:
@@ -29,6 +32,10 @@ class PretrainConfig:
     n_layer: int = option(4, "transformer blocks")
     n_head: int = option(4, "attention heads")
     n_embd: int = option(128, "width of the residual stream")
+    arch: str = option("gpt2", "gpt2, or llama: RMSNorm, rotary positions, SwiGLU MLP, no biases "
+                       "(minirlhf.model.GPTConfig)", choices=list(ARCHS))
+    n_kv_head: int | None = option(None, "key/value heads, shared by groups of query heads "
+                                   "(default: n_head, no grouping)")
     block_size: int = option(128, "context length in tokens (bytes)")
     dropout: float = option(0.0, "dropout probability")
     batch_size: int = option(16, "windows per step")
@@ -54,6 +61,12 @@ def check(cfg):
         require(getattr(cfg, name) >= 1, f"{name} must be at least 1, got {getattr(cfg, name)}")
     require(cfg.n_embd % cfg.n_head == 0,
             f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
+    require(cfg.n_kv_head is None or (cfg.n_kv_head >= 1 and cfg.n_head % cfg.n_kv_head == 0),
+            f"n_head ({cfg.n_head}) must be divisible by n_kv_head ({cfg.n_kv_head})")
+    require(cfg.arch == "llama" or cfg.n_kv_head in (None, cfg.n_head),
+            "n_kv_head differs from n_head only with --arch llama (GPT-2 has no grouped heads)")
+    require(cfg.arch != "llama" or (cfg.n_embd // cfg.n_head) % 2 == 0,
+            f"--arch llama needs an even head size n_embd/n_head, got {cfg.n_embd // cfg.n_head}")
     require(0 <= cfg.dropout < 1, f"dropout must be in [0, 1), got {cfg.dropout}")
     require(0 <= cfg.min_lr <= cfg.lr, f"min_lr must be in [0, lr], got {cfg.min_lr}")
     require(cfg.warmup_steps >= 0, f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
@@ -110,7 +123,7 @@ def _train(cfg, run):
 
     model_cfg = GPTConfig(block_size=cfg.block_size, vocab_size=tokenizer.vocab_size,
                           n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                          dropout=cfg.dropout)
+                          dropout=cfg.dropout, n_kv_head=cfg.n_kv_head, **ARCHS[cfg.arch])
     model = GPT(model_cfg, seed=cfg.seed).to(cfg.device)
     optimizer = AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     data_rng = np.random.default_rng(cfg.seed + 1)
