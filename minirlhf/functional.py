@@ -406,10 +406,16 @@ def rope(q, k, positions, theta=10000.0, scaling=None):
     (T,) or (B, T), in the rotate-half convention of transformers' Llama (`minirlhf.rotary` says
     why it is the paper's rotation up to a permutation). The cos/sin tables are cached. Returns
     (q, k) rotated. Plain version: `reference.rope`."""
-    q, k = as_tensor(q), as_tensor(k)
+    q = as_tensor(q)
     cos, sin = rotary.cos_sin(array_of(positions, backend.get_array_module(q.data)), q.shape[-1],
                               theta, q.dtype, scaling)
-    return Rope(cos, sin)(q), Rope(cos, sin)(k)
+    return apply_rope(q, k, cos, sin)
+
+
+def apply_rope(q, k, cos, sin):
+    """`rope` with its tables already looked up (`rotary.cos_sin`): what a model does once per
+    forward pass for all its layers."""
+    return Rope(cos, sin)(as_tensor(q)), Rope(cos, sin)(as_tensor(k))
 
 
 class RepeatKV(Function):

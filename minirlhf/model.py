@@ -190,7 +190,7 @@ class CausalSelfAttention(Module):
         super().__init__()
         C, dt, fused = config.n_embd, config.dtype, config.fused
         self.n_head, self.n_kv_head, self.fn = config.n_head, config.n_kv_head, op_module(fused)
-        self.rope = (config.rope_theta, config.rope_scaling) if config.pos == "rope" else None
+        self.rope = config.pos == "rope"
         kv = 2 * config.n_kv_head * config.head_size
         self.c_attn = Linear(C, C + kv, bias=config.bias or config.attention_bias, rng=rng, dtype=dt,
                              fused=fused)
@@ -198,16 +198,17 @@ class CausalSelfAttention(Module):
                              init_std=0.02 / math.sqrt(2 * config.n_layer))
         self.resid_dropout = Dropout(config.dropout, rng=dropout_rng)
 
-    def forward(self, x, kv_cache=None, layer=0, mask=None, positions=None):
+    def forward(self, x, kv_cache=None, layer=0, mask=None, rope=None):
+        """``rope``: the (cos, sin) tables of the positions, with rotary embeddings."""
         qkv = self.c_attn(x)                                         # (B, T, C + 2·kv)
-        if (kv_cache is None and mask is None and self.rope is None
+        if (kv_cache is None and mask is None and not self.rope
                 and self.n_kv_head == self.n_head):                  # the steps of _attend,
             y = self.fn.self_attention(qkv, self.n_head)             # as one node: (B, T, C)
         else:
-            y = self._attend(qkv, kv_cache, layer, mask, positions)  # (B, T, C)
+            y = self._attend(qkv, kv_cache, layer, mask, rope)       # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
-    def _attend(self, qkv, kv_cache, layer, mask, positions):
+    def _attend(self, qkv, kv_cache, layer, mask, rope):
         """Split q, k, v into heads, rotate q and k, add k and v to the cache, share k and v across
         each group of heads, attend, put the heads side by side."""
         B, T, _ = qkv.shape
@@ -220,8 +221,8 @@ class CausalSelfAttention(Module):
             q = qkv[:, :, :nh * hs].reshape(B, T, nh, hs).transpose(1, 2)                 # (B, nh, T, hs)
             k = qkv[:, :, nh * hs:(nh + nkv) * hs].reshape(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
             v = qkv[:, :, (nh + nkv) * hs:].reshape(B, T, nkv, hs).transpose(1, 2)         # (B, nkv, T, hs)
-        if self.rope is not None:
-            q, k = self.fn.rope(q, k, positions, *self.rope)         # rotated at their positions
+        if self.rope:
+            q, k = self.fn.apply_rope(q, k, *rope)                   # rotated at their positions
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)                      # (B, nkv, T_so_far, hs)
         k, v = self.fn.repeat_kv(k, nh // nkv), self.fn.repeat_kv(v, nh // nkv)   # (B, nh, ., hs)
@@ -267,8 +268,8 @@ class Block(Module):
         self.ln_2 = norm_layer(config)
         self.mlp = MLP(config, rng, dropout_rng)
 
-    def forward(self, x, kv_cache=None, layer=0, mask=None, positions=None):
-        x = x + self.attn(self.ln_1(x), kv_cache, layer, mask, positions)   # (B, T, C)
+    def forward(self, x, kv_cache=None, layer=0, mask=None, rope=None):
+        x = x + self.attn(self.ln_1(x), kv_cache, layer, mask, rope)   # (B, T, C)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -306,9 +307,12 @@ class Transformer(Module):
         if self.config.pos == "learned":
             x = x + self.wpe(pos, check=False)                       # + position embeddings
         x = self.drop(x)
-        rope_pos = pos if self.config.pos == "rope" else None        # rotary: given to attention
+        rope = None
+        if self.config.pos == "rope":                                # one lookup for every layer
+            c = self.config
+            rope = rotary.cos_sin(pos, c.head_size, c.rope_theta, c.dtype, c.rope_scaling)
         for layer, block in enumerate(self.h):
-            x = block(x, kv_cache, layer, mask, rope_pos)
+            x = block(x, kv_cache, layer, mask, rope)
         if kv_cache is not None:
             kv_cache.length += T
         return self.ln_f(x)                                          # (B, T, C)

@@ -5,7 +5,7 @@ with the primitive ops of `ops.py` (Tensor methods), so autograd derives the bac
 gradient is written by hand. The fused ops give the same numbers faster and in less memory;
 ``tests/test_reference.py`` checks that the two agree, value and gradient.
 
-    import minirlhf.reference as R
+    import minirlhf.reference as plain
     GPT(GPTConfig(fused=False))          # a GPT built from these functions
 
 `adamw_step` is the plain form of `minirlhf.optim.AdamW`'s update, on the arrays of one parameter.
@@ -101,6 +101,11 @@ def rope(q, k, positions, theta=10000.0, scaling=None):
     positions m (T,) or (B, T); see `minirlhf.rotary` for the tables and the convention."""
     cos, sin = rotary.cos_sin(array_of(positions, backend.get_array_module(q.data)), q.shape[-1],
                               theta, q.dtype, scaling)
+    return apply_rope(q, k, cos, sin)
+
+
+def apply_rope(q, k, cos, sin):
+    """`rope` with the tables cos, sin of its positions given."""
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
