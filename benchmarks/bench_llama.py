@@ -15,26 +15,16 @@ its imports.
 
 import argparse
 import json
-import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_gpt import cpu_peak_above as peak_above, rss_bytes  # noqa: E402  (benchmarks/ is on the path)
 
 SMOLLM = dict(n_layer=30, n_embd=576, n_head=9, n_kv_head=3, n_inner=1536, vocab_size=49152,
               block_size=2048, rope_theta=10000.0, rms_norm_eps=1e-5)
-
-
-def rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_above(base):
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
 
 
 def ours(batch, seq, steps):
