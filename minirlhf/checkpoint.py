@@ -32,7 +32,9 @@ from .nn import non_finite  # noqa: F401  (re-exported: the trainers' runs check
 FORMAT = "minirlhf-checkpoint"
 VERSION = 1
 # config fields that change the shapes or the meaning of the weights (dropout and dtype do not)
-ARCHITECTURE_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias")
+ARCHITECTURE_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "norm", "pos",
+                       "mlp", "n_kv_head", "n_inner", "rope_theta", "rope_scaling", "rms_norm_eps",
+                       "tie_word_embeddings", "attention_bias")
 
 
 class CheckpointError(Exception):
@@ -259,6 +261,11 @@ def _check_architecture(path, ckpt, model):
     if config is None or ckpt["config"] is None:
         return
     ours, theirs = _config_dict(config), ckpt["config"]
+    if dataclasses.is_dataclass(config):   # fields an older checkpoint lacks take their defaults
+        try:
+            theirs = dataclasses.asdict(type(config)(**theirs))
+        except (TypeError, ValueError):
+            pass
     diff = [f"{k}: checkpoint {theirs.get(k)!r} vs model {ours.get(k)!r}"
             for k in ARCHITECTURE_FIELDS if k in ours and theirs.get(k) != ours.get(k)]
     if diff:

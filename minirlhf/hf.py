@@ -367,13 +367,14 @@ def _rope(config, path):
 
 def _llama_to_minirlhf(weights, config, folder, cls):
     """transformers' Llama/Qwen2 tensors -> our state dict: q, k, v packed, Linears transposed."""
-    w = {name[len("model."):] if name.startswith("model.") else name: a for name, a in weights.items()}
+    original = {name[len("model."):] if name.startswith("model.") else name: name for name in weights}
+    w = {short: weights[name] for short, name in original.items()}
     used = set()
 
     def take(name):
         if name not in w:
-            raise HFError(f"{folder}: missing tensor model.{name}" if not name.startswith(("lm_head", "score"))
-                          else f"{folder}: missing tensor {name}")
+            full = name if name.startswith(("lm_head", "score")) else "model." + name
+            raise HFError(f"{folder}: missing tensor {full} (does config.json describe these weights?)")
         used.add(name)
         return w[name]
 
@@ -405,7 +406,7 @@ def _llama_to_minirlhf(weights, config, folder, cls):
                           "embed_tokens.weight")
     extra = sorted(set(w) - used - {n for n in w if n.endswith("rotary_emb.inv_freq")})
     if extra:
-        raise HFError(f"{folder}: unexpected tensor {extra[0]} {tuple(w[extra[0]].shape)} "
+        raise HFError(f"{folder}: unexpected tensor {original[extra[0]]} {tuple(w[extra[0]].shape)} "
                       "(does config.json describe these weights?)")
     return state
 
@@ -482,8 +483,10 @@ def _tokenizer_to_write(tokenizer, config, fn):
         tokenizer = ByteTokenizer()
     if isinstance(tokenizer, ByteTokenizer):
         tokenizer = BPETokenizer.byte_level()
-    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size or (
-            isinstance(tokenizer, BPETokenizer) and tokenizer.vocab_size != config.vocab_size):
+    # a BPETokenizer's ids are exactly the model's; a tokenizer.json one may have fewer (a padded embedding)
+    exact = isinstance(tokenizer, BPETokenizer)
+    if tokenizer is not None and (tokenizer.vocab_size > config.vocab_size
+                                  or exact and tokenizer.vocab_size != config.vocab_size):
         raise HFError(f"{fn}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                       f"vocab_size is {config.vocab_size}")
     return tokenizer

@@ -161,6 +161,17 @@ def test_a_checkpoint_of_another_architecture_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="no optimizer state"):
         model = GPT(CFG)
         load_checkpoint(path, model=model, optimizer=AdamW(model.parameters(), lr=1.0))
+    llama = GPTConfig(**{**vars(CFG), "norm": "rms", "pos": "rope", "mlp": "swiglu"})
+    with pytest.raises(CheckpointError, match="norm: checkpoint 'layer' vs model 'rms'"):
+        load_checkpoint(path, model=GPT(llama))
+
+
+def test_a_checkpoint_written_before_the_llama_switches_restores_into_a_gpt2(tmp_path):
+    """Its config lacks norm, pos, mlp, n_kv_head, ...: they are GPT-2's defaults."""
+    old = {k: v for k, v in vars(CFG).items() if k in ("block_size", "vocab_size", "n_layer", "n_head",
+                                                        "n_embd", "dropout", "bias", "dtype")}
+    save_checkpoint(tmp_path / "old.npz", GPT(CFG), old)
+    load_checkpoint(tmp_path / "old.npz", model=GPT(CFG))
 
 
 def test_values_that_json_cannot_hold_are_refused_before_writing(tmp_path):
