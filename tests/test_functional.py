@@ -128,6 +128,28 @@ def test_rope_scores_depend_on_the_distance_between_positions_only(device):
     np.testing.assert_allclose(scores[0], scores[1], rtol=1e-10, atol=1e-10)
 
 
+def test_rope_is_the_papers_interleaved_rotation_up_to_a_permutation_of_the_head(device):
+    """The paper rotates neighbours (x_2i, x_2i+1) by m·θ_i; permuting the head's columns so that
+    2i -> i and 2i+1 -> i + hs/2 turns that into our rotate-half form, and every score q·k is the same."""
+    rng = np.random.default_rng(2)
+    hs, pos = 6, np.array([0, 2, 5])
+    q, k = rng.standard_normal((3, hs)), rng.standard_normal((3, hs))
+
+    def interleaved(x):
+        y = x.copy()
+        for i in range(hs // 2):
+            angle = pos * 10000.0 ** (-2 * i / hs)
+            a, b = x[:, 2 * i], x[:, 2 * i + 1]
+            y[:, 2 * i], y[:, 2 * i + 1] = a * np.cos(angle) - b * np.sin(angle), a * np.sin(angle) + b * np.cos(angle)
+        return y
+
+    perm = np.concatenate([np.arange(0, hs, 2), np.arange(1, hs, 2)])   # column j of ours: x[perm[j]]
+    ours_q, ours_k = F.rope(on(device, q[:, perm]), on(device, k[:, perm]), pos)
+    np.testing.assert_allclose(ours_q.numpy(), interleaved(q)[:, perm], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(ours_q.numpy() @ ours_k.numpy().T, interleaved(q) @ interleaved(k).T,
+                               rtol=1e-12, atol=1e-12)
+
+
 def test_rope_at_position_0_is_the_identity_and_keeps_norms(device):
     rng = np.random.default_rng(1)
     x = on(device, rng.standard_normal((1, 1, 3, 4)))
