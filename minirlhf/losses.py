@@ -338,10 +338,8 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     chosen = pc - ops.as_tensor(rc, like=pc)                             # log p_θ(y_w) / p_ref(y_w)
     rejected = pr - ops.as_tensor(rr, like=pc)                           # log p_θ(y_l) / p_ref(y_l)
     h = chosen - rejected                                                # (B,)
-    lengths = [None if n is None else preference._lengths("dpo_loss", name, n, pc)
-               for name, n in (("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths))]
-    pairs = preference.Pairs(beta, eps, chosen, rejected, h, pc, pr, rc, rr, *lengths,
-                             tau=float(discopop_tau))
+    pairs = preference.dpo_pairs(beta, eps, chosen, rejected, h, pc, pr, rc, rr, chosen_lengths,
+                                 rejected_lengths, discopop_tau)
     loss = preference.dpo_combined_loss(types, pairs)
 
     r_w, r_l = beta * chosen.data, beta * rejected.data

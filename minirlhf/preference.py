@@ -469,6 +469,18 @@ def dpo_loss_types(loss_type, loss_weights, label_smoothing, lengths):
     return list(zip(names, weights))
 
 
+def dpo_pairs(beta, eps, chosen, rejected, h, policy_chosen, policy_rejected, ref_chosen,
+              ref_rejected, chosen_lengths, rejected_lengths, tau):
+    """`Pairs` for `dpo_loss`, the lengths (if given) checked: >= 1 and one per pair."""
+    lengths = {}
+    for name, n in (("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths)):
+        if n is not None:
+            lengths[name] = _lengths("dpo_loss", name, n, policy_chosen)
+            _check_same_shape("dpo_loss", policy_chosen_logps=policy_chosen.data, **{name: lengths[name]})
+    return Pairs(beta, eps, chosen, rejected, h, policy_chosen, policy_rejected, ref_chosen,
+                 ref_rejected, tau=float(tau), **lengths)
+
+
 def dpo_combined_loss(types, pairs):
     """Σ_k w_k · mean_pairs ℓ_k as TRL sums MPO's terms; one type with no weight is its mean alone."""
     if len(types) == 1 and types[0][1] is None:
