@@ -315,7 +315,7 @@ class Pairs:
 
 
 def _smoothed_sigmoid(beta, d, eps):
-    """-(1-ε)·log σ(β·d) - ε·log σ(-β·d): the logistic loss on labels flipped with probability ε."""
+    """-(1-ε)·log σ(β·d) - ε·log σ(-β·d): the logistic loss, labels flipped with probability ε."""
     if eps == 0:
         return -F.logsigmoid(beta * d)
     return -((1 - eps) * F.logsigmoid(beta * d) + eps * F.logsigmoid(-beta * d))
@@ -371,7 +371,8 @@ def _bco_pair(p):
 
 
 def _sppo_hard(p):
-    """SPPO with hard labels (Wu et al., 2024, eq. 4.7, P = 1 for y_w): (r_w - 1/(2β))² + (r_l + 1/(2β))²."""
+    """SPPO with hard labels (Wu et al., 2024, eq. 4.7 with P = 1 for y_w):
+    (r_w - 1/(2β))² + (r_l + 1/(2β))²."""
     return (p.chosen - 0.5 / p.beta) ** 2 + (p.rejected + 0.5 / p.beta) ** 2
 
 
@@ -396,7 +397,8 @@ def _aot_unpaired(p):
 
 
 def _apo_zero(p):
-    """APO-zero (D'Oosterlinck et al., 2024, eq. 7): (1 - σ(β·r_w)) + σ(β·r_l): chosen up, rejected down."""
+    """APO-zero (D'Oosterlinck et al., 2024, eq. 7): (1 - σ(β·r_w)) + σ(β·r_l): chosen up,
+    rejected down."""
     return (1 - (p.beta * p.chosen).sigmoid()) + (p.beta * p.rejected).sigmoid()
 
 

@@ -98,8 +98,8 @@ def test_dpo_loss_types_equal_trls_compute_loss(types, weights, eps, seed):
                    loss_types=types, loss_weights=weights or [1.0] * len(types), beta=beta,
                    label_smoothing=eps, use_weighting=False,
                    args=SimpleNamespace(discopop_tau=tau, gradient_checkpointing_kwargs=None))
-    inputs = {"input_ids": torch.zeros(mask.shape, dtype=torch.long), "attention_mask": torch.ones(mask.shape),
-              "completion_mask": torch.tensor(mask), "ref_chosen_logps": torch.tensor(ref[:B]),
+    inputs = {"input_ids": torch.zeros(mask.shape, dtype=torch.long),
+              "attention_mask": torch.ones(mask.shape), "completion_mask": torch.tensor(mask), "ref_chosen_logps": torch.tensor(ref[:B]),
               "ref_rejected_logps": torch.tensor(ref[B:])}
     trl_loss = trl._compute_loss(model, inputs, return_outputs=False)
     trl_loss.backward()
