@@ -106,10 +106,11 @@ def kto_loss(policy_logps, ref_logps, desirable, kl, beta=0.1, desirable_weight=
         undesirable:  λ_U · (1 - σ(β·(z0 - r)))
         L = mean over the batch of both kinds together
 
-    TRL, not the paper: the mean runs over the concatenation of the two kinds (a batch of 3 good and
-    1 bad example weighs the bad one 1/4, not 1/2), and the KL estimate is the batch's, not a
-    running one. A batch with only one kind works. ``loss_type="apo_zero_unpaired"`` pins z0 at 0
-    (see `apo_zero_unpaired`); ``kl`` is then ignored (TRL logs ``kl`` = 0).
+    The mean runs over the examples of both kinds together, not per kind (a batch of 3 good and 1
+    bad example weighs the bad one 1/4, not 1/2; λ_D, λ_U rebalance), and z0 is this batch's
+    estimate (TRL averages it over processes). A batch with only one kind works.
+    ``loss_type="apo_zero_unpaired"`` pins z0 at 0 (see `apo_zero_unpaired`); ``kl`` is then
+    ignored (TRL logs ``kl`` = 0).
 
     Metrics as TRL 1.16 logs them: ``kl`` (z0), ``rewards/chosen`` and ``logps/chosen`` (means of β·r
     and of log p_θ over the desirable examples), ``rewards/rejected`` and ``logps/rejected`` (over the

@@ -463,3 +463,12 @@ def test_log1mexp_keeps_its_digits_and_passes_gradcheck(a):
     other = mr.tensor(a_l)                             # a constant: eps fits only the input near 0
     assert mr.gradcheck(lambda w: F.logsigmoid_odds_ratio(w, other), [x], eps=eps, rtol=1e-5)
     assert mr.gradcheck(lambda l: F.logsigmoid_odds_ratio(other, l), [x], eps=eps, rtol=1e-5)
+
+
+@pytest.mark.parametrize("first", ["minirlhf.preference", "minirlhf.losses"])
+def test_the_losses_import_from_losses_whichever_module_comes_first(first):
+    import subprocess
+    import sys
+    code = (f"import {first}; from minirlhf.losses import kto_loss, simpo_loss, orpo_loss, cpo_loss; "
+            "from minirlhf.preference import kto_loss as k; assert k is kto_loss")
+    subprocess.run([sys.executable, "-c", code], check=True)
