@@ -7,6 +7,8 @@ value, in every metric, and in gradient (ours by backward, NumPy's by central di
 `mr.gradcheck` accepts each backward. tests/test_preference_trl.py runs TRL's own code beside them.
 """
 
+import subprocess
+import sys
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -467,8 +469,6 @@ def test_log1mexp_keeps_its_digits_and_passes_gradcheck(a):
 
 @pytest.mark.parametrize("first", ["minirlhf.preference", "minirlhf.losses"])
 def test_the_losses_import_from_losses_whichever_module_comes_first(first):
-    import subprocess
-    import sys
     code = (f"import {first}; from minirlhf.losses import kto_loss, simpo_loss, orpo_loss, cpo_loss; "
             "from minirlhf.preference import kto_loss as k; assert k is kto_loss")
     subprocess.run([sys.executable, "-c", code], check=True)
