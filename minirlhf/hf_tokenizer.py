@@ -150,7 +150,9 @@ class HFTokenizer(BPETokenizer):
         return self.source
 
     def __eq__(self, other):
-        return isinstance(other, HFTokenizer) and self.source == other.source and self.config == other.config
+        return (isinstance(other, HFTokenizer) and self.source == other.source
+                and (self.eot_id, self.bos_id, self.pad_id, self.chat_template)
+                == (other.eot_id, other.bos_id, other.pad_id, other.chat_template))
 
     def __repr__(self):
         return (f"HFTokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, "
