@@ -49,6 +49,9 @@ LLAMA3_TEMPLATE = (
     "    {{- message['content'] | trim + '<|eot_id|>' }}\n"
     "{%- endfor %}\n"
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}\n")
+CHATML_TEMPLATE = ("{% for message in messages %}"
+                  "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+                  "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 CHATML_GENERATION_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
@@ -117,6 +120,11 @@ def write_folder(name, tok, config, jinja=None):
     return folder
 
 
+def ids_of(output):
+    """apply_chat_template's ids: a list, or a BatchEncoding holding one."""
+    return list(output["input_ids"] if hasattr(output, "keys") else output)
+
+
 def strings():
     rng = random.Random(0)
     made = ["".join(rng.choice(PIECES) for _ in range(rng.randint(1, 8))) for _ in range(300)]
@@ -163,14 +171,25 @@ def main():
     chats = {"conversations": CONVERSATIONS, "folders": {}}
     for name in ("tok_qwen2", "tok_llama3", "tok_smollm"):
         tok = AutoTokenizer.from_pretrained(str(folders[name]))
-        rendered = {"full": [], "prompt": [], "full_ids": []}
+        rendered = {"full": [], "prompt": [], "full_ids": [], "prompt_len": []}
         for messages in CONVERSATIONS:
             rendered["full"].append(tok.apply_chat_template(messages, tokenize=False))
             rendered["prompt"].append(tok.apply_chat_template(messages[:-1], tokenize=False,
                                                               add_generation_prompt=True))
-            ids = tok.apply_chat_template(messages, tokenize=True)
-            rendered["full_ids"].append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+            full, prompt = (ids_of(tok.apply_chat_template(m, tokenize=True, add_generation_prompt=g))
+                            for m, g in ((messages, False), (messages[:-1], True)))
+            rendered["full_ids"].append(full)
+            # TRL's split: the completion starts where the prompt's ids and the whole's part
+            rendered["prompt_len"].append(next((n for n, (a, b) in enumerate(zip(prompt, full)) if a != b),
+                                               min(len(prompt), len(full))))
         chats["folders"][name] = rendered
+    # the plain ChatML that minirlhf writes in Python, rendered by transformers from its Jinja form
+    tok = AutoTokenizer.from_pretrained(str(folders["tok_gpt2"]))
+    chats["chatml"] = {"full": [tok.apply_chat_template(m, tokenize=False, chat_template=CHATML_TEMPLATE)
+                                for m in CONVERSATIONS],
+                       "prompt": [tok.apply_chat_template(m[:-1], tokenize=False, add_generation_prompt=True,
+                                                          chat_template=CHATML_TEMPLATE)
+                                  for m in CONVERSATIONS]}
     (OUT / "chat_cases.json").write_text(json.dumps(chats, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
 
 
