@@ -26,7 +26,9 @@ assistant turn) and a completion (that turn). The prompt is rendered with ``add_
 (so it ends with the assistant's header), prompt + completion without, both are tokenized with
 special tokens matched, and the completion is what follows their common prefix: TRL's
 ``common_prefix_length`` rule, which is what its SFT trainer does for conversational prompt-completion
-records and its DPO trainer for preference records. Only the completion is learned or scored; for a
+records and its DPO trainer for preference records (TRL's DPO cuts both rows of a pair at the shorter
+of their two prefixes; here each row is cut at its own, which differs only where a token spans the
+end of the prompt). Only the completion is learned or scored; for a
 ``{"messages"}`` record that is the last assistant turn, and earlier assistant turns are context.
 (TRL trains on the whole conversation by default, and on every assistant turn with
 ``assistant_only_loss=True``, which needs ``{% generation %}`` marks most templates lack; minirlhf's
@@ -113,7 +115,9 @@ def render_chat(messages, tokenizer=None, add_generation_prompt=False) -> str:
               "eos_token": names.get(getattr(tokenizer, "eot_id", None)),
               "pad_token": names.get(getattr(tokenizer, "pad_id", None))}
     try:
+        # tools and documents are None, as transformers passes them when there are none
         return _compiled(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                          tools=None, documents=None,
                                           **{k: v for k, v in tokens.items() if v is not None})
     except ChatTemplateError:
         raise
