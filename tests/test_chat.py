@@ -176,3 +176,24 @@ def test_a_saved_folder_reads_in_transformers_with_the_same_template_and_ids(nam
         text = theirs.apply_chat_template(messages, tokenize=False)
         assert render_chat(messages, ours) == text
         assert theirs.encode(text, add_special_tokens=False) == ours.encode(text, special=True)
+
+
+RICH_TEMPLATE = (  # what Llama-3.1-style templates use: tools, a date, loop controls, tojson
+    "{{- bos_token }}\n"
+    "{%- if not date_string is defined %}{%- set date_string = strftime_now('%d %b %Y') %}{%- endif %}\n"
+    "{%- if tools is not none %}{{- raise_exception('tools are not expected here') }}{%- endif %}\n"
+    "{%- for message in messages %}\n"
+    "    {%- if loop.index0 > 2 %}{% break %}{% endif %}\n"
+    "    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}\n"
+    "    {{- message['content'] | trim + '<|eot_id|>' }}\n"
+    "{%- endfor %}\n"
+    "{{- {'date': date_string, 'n': messages | length} | tojson }}\n")
+
+
+def test_a_template_with_tools_dates_and_loop_controls_renders_as_in_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    ours = load_hf_tokenizer(FIXTURES / "tok_llama3")
+    ours.chat_template = RICH_TEMPLATE
+    theirs = transformers.AutoTokenizer.from_pretrained(str(save_hf_tokenizer(ours, tmp_path)))
+    for messages in CHATS["conversations"]:
+        assert render_chat(messages, ours) == theirs.apply_chat_template(messages, tokenize=False)
