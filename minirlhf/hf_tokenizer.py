@@ -100,6 +100,8 @@ class HFTokenizer(BPETokenizer):
         if kind != "BPE":
             raise TokenizerFileError(f"{where}: the model type is {kind!r}; minirlhf reads byte-level "
                                      "BPE only (not Unigram, WordPiece or WordLevel)")
+        if not isinstance(model.get("vocab"), dict):
+            raise TokenizerFileError(f"{where}: the BPE model has no vocab object")
         for field in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback"):
             if model.get(field):
                 raise TokenizerFileError(f"{where}: BPE with {field}={model[field]!r} is not supported")
@@ -246,7 +248,11 @@ def load_hf_tokenizer(folder) -> HFTokenizer:
     jinja_file = file.with_name("chat_template.jinja")
     if jinja_file.is_file():
         template = jinja_file.read_text(encoding="utf-8")
-    return HFTokenizer.from_json(data, config, template, where=str(file))
+    try:
+        return HFTokenizer.from_json(data, config, template, where=str(file))
+    except (KeyError, TypeError, AttributeError) as e:   # a field missing or of the wrong kind
+        raise TokenizerFileError(f"{file}: not a tokenizer.json as Hugging Face writes it "
+                                 f"({type(e).__name__}: {e})") from None
 
 
 def _read_json(file):

@@ -143,6 +143,10 @@ def _write(tmp_path, data):
     ({"normalizer": {"type": "NFKC"}}, "normalizer \\['NFKC'\\] is not supported"),
     ({"added_tokens": [{"id": 256, "content": "<|endoftext|>", "special": True, "lstrip": True}]}, "lstrip"),
     ({"added_tokens": []}, "no end-of-sequence token"),
+    ({"added_tokens": [{"content": "<|endoftext|>"}]}, "not a tokenizer.json as Hugging Face writes it"),
+    ({"model": {"type": "BPE", "merges": []}}, "the BPE model has no vocab"),
+    ({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}}, "lacks 255 of the 256 single bytes"),
+    ({"model": {"type": "BPE", "vocab": {"a": 0, "b": 1}, "merges": ["a b"]}}, "makes a token not in"),
 ])
 def test_unsupported_files_are_refused_in_one_line(tmp_path, change, message):
     folder = _write(tmp_path, _tokenizer_json(_byte_vocab(), [], **change))
