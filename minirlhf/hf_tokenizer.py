@@ -57,7 +57,7 @@ class HFTokenizer(BPETokenizer):
         self.id_to_bytes.update({i: name.encode("utf-8") for name, i in self.added_tokens.items()})
         self.vocab_size = max([self.vocab_size, *[i + 1 for i in self.added_tokens.values()]])
         self.bos_id = specials.get(bos_token)
-        self.pre_tokenizer = pre_tokenizer      # [(kind, compiled pattern)], applied in order
+        self.pre_tokenizer = pre_tokenizer      # compiled patterns, each an isolated split, in order
         self.normalizer = normalizer            # None or "NFC"
         self.ignore_merges = ignore_merges
         self.chat_template = chat_template
