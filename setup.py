@@ -11,8 +11,8 @@ setup(
     package_data={"minirlhf": ["data/shakespeare/*.txt", "data/shakespeare/NOTICE.md"]},
     install_requires=["numpy>=1.24", "tqdm>=4.60"],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6.70", "safetensors>=0.4"],
-        "hf": ["safetensors>=0.4"],
+        "test": ["pytest>=7", "hypothesis>=6.70", "safetensors>=0.4", "jinja2>=3.1"],
+        "hf": ["safetensors>=0.4", "jinja2>=3.1"],   # jinja2: a folder's chat template (minirlhf.chat)
         "gpu": ["cupy-cuda12x>=13"],
         "plot": ["matplotlib>=3.5"],
     },

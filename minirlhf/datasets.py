@@ -8,7 +8,9 @@ NumPy int64 arrays (the trainers move them to the device):
    tokens, and samples random windows from it (``get_batch``).
 2. SFT, reward modelling, DPO and RL read JSONL files with the field names
    TRL uses: ``{"prompt", "completion"}``, ``{"prompt", "chosen",
-   "rejected"}`` and ``{"prompt"}``.
+   "rejected"}`` and ``{"prompt"}``; SFT and preferences also take TRL's
+   conversational format, lists of messages (``{"messages": [...]}``), which
+   the chat template renders (`minirlhf.chat`).
 3. Those records become rows of ``[EOT] + prompt + completion + [EOT]``,
    padded on the right and described by masks (``collate``).
 
@@ -39,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from minirlhf import chat
 from minirlhf.tokenizer import PAD, ByteTokenizer
 
 SFT_FIELDS = ("prompt", "completion")
@@ -211,7 +214,7 @@ class TextDataset:
 
 # --- JSONL records --------------------------------------------------------------
 
-def load_jsonl(path, fields) -> list[dict]:
+def load_jsonl(path, fields, check_fields=True) -> list[dict]:
     """The records of a JSONL file, each checked to have ``fields`` as strings.
 
     One JSON object per line; blank lines are skipped. Records are returned
@@ -249,7 +252,7 @@ def load_jsonl(path, fields) -> list[dict]:
                     f"{where}: expected a JSON object with fields {', '.join(fields)}, "
                     f"got {_json_type(record)}"
                 )
-            for field in fields:
+            for field in fields if check_fields else ():
                 _check_field(record, field, where)
             records.append(Record(record, line=line_no))
 
@@ -266,8 +269,8 @@ def _check_field(record: dict, field: str, where: str):
     if not isinstance(value, str):
         hint = ""
         if isinstance(value, list):
-            hint = (" (the conversational format, a list of messages, "
-                    "is not supported; use plain text)")
+            hint = (" (a list of messages: the conversational format needs every field as "
+                    "messages, and RL prompts are text only)")
         raise DataError(
             f"{where}: field '{field}' must be a string, got {_json_type(value)}{hint}")
 
@@ -280,13 +283,59 @@ def _json_type(value) -> str:
 
 
 def load_sft(path) -> list[dict]:
-    """SFT records: ``{"prompt": str, "completion": str}`` per line."""
-    return load_jsonl(path, SFT_FIELDS)
+    """SFT records: ``{"prompt": str, "completion": str}`` per line, or TRL's conversational forms
+    ``{"messages": [...]}`` and ``{"prompt": [...], "completion": [...]}`` (`minirlhf.chat`).
+
+    A ``messages`` record becomes ``prompt`` (the messages before the last, the assistant's) and
+    ``completion`` (that last message), so every record has the same two fields afterwards.
+    """
+    records = load_jsonl(path, SFT_FIELDS, check_fields=False)
+    for r in records:
+        where = f"{path}, line {r.line}"
+        if "messages" in r and "prompt" not in r:
+            r["prompt"], r["completion"] = _conversational(where, chat.split_last_turn, r["messages"])
+        else:
+            _check_record(r, SFT_FIELDS, where)
+    return records
 
 
 def load_preferences(path) -> list[dict]:
-    """Preference records: ``{"prompt": str, "chosen": str, "rejected": str}`` per line."""
-    return load_jsonl(path, PREFERENCE_FIELDS)
+    """Preference records: ``{"prompt": str, "chosen": str, "rejected": str}`` per line, or TRL's
+    conversational ``{"prompt": [...], "chosen": [...], "rejected": [...]}`` (lists of messages), or
+    ``{"chosen": [...], "rejected": [...]}``, whose shared leading messages are the prompt."""
+    records = load_jsonl(path, PREFERENCE_FIELDS, check_fields=False)
+    for r in records:
+        where = f"{path}, line {r.line}"
+        if "prompt" not in r and all(chat.is_conversational(r.get(f)) for f in ("chosen", "rejected")):
+            for f in ("chosen", "rejected"):
+                _conversational(where, chat.check_messages, r[f], f)
+            r["prompt"], r["chosen"], r["rejected"] = chat.shared_prompt(r["chosen"], r["rejected"])
+        else:
+            _check_record(r, PREFERENCE_FIELDS, where)
+    return records
+
+
+def _check_record(record, fields, where):
+    """Every field a string, or (TRL's conversational format) every field a list of messages."""
+    if not chat.is_conversational(record.get(fields[0])):
+        for field in fields:
+            _check_field(record, field, where)
+        return
+    for field in fields:
+        if field not in record:
+            _check_field(record, field, where)
+        if not chat.is_conversational(record[field]):
+            raise DataError(f"{where}: field '{field}' is {_json_type(record[field])} but '{fields[0]}' is "
+                            f"a list of messages; give every field as text or every one as messages")
+        _conversational(where, chat.check_messages, record[field], field, field == fields[0])
+
+
+def _conversational(where, check, *args):
+    """``check(*args)`` (a `minirlhf.chat` check), its ValueError as a DataError at ``where``."""
+    try:
+        return check(*args)
+    except ValueError as e:
+        raise DataError(f"{where}: {e}") from None
 
 
 def load_prompts(path) -> list[dict]:
@@ -296,9 +345,12 @@ def load_prompts(path) -> list[dict]:
 
 # --- rows, padding and masks ----------------------------------------------------------
 
-def encode_prompt_completion(tokenizer, prompt: str, completion: str, block_size: int,
-                             add_eot: bool = True):
+def encode_prompt_completion(tokenizer, prompt, completion, block_size: int, add_eot: bool = True):
     """One training row ``[EOT] + prompt + completion (+ [EOT])`` and its prompt length.
+
+    ``[EOT]`` at the start is `start_id` (BOS where the tokenizer has one). A conversational
+    ``prompt`` and ``completion`` (lists of messages) become the rendered conversation instead, split
+    as TRL splits it (`minirlhf.chat.encode_chat`).
 
     Returns ``(ids, n_prompt)``: ``ids[:n_prompt]`` is the prompt part
     (leading start token included, so ``n_prompt >= 1``) and
@@ -312,11 +364,21 @@ def encode_prompt_completion(tokenizer, prompt: str, completion: str, block_size
             f"block_size must be >= 2 (one prompt token and one completion token), "
             f"got {block_size}")
 
-    prompt_ids = [tokenizer.eot_id] + tokenizer.encode(prompt)
-    completion_ids = tokenizer.encode(completion) + ([tokenizer.eot_id] if add_eot else [])
+    if chat.is_conversational(prompt):
+        try:
+            prompt_ids, completion_ids = chat.encode_chat(tokenizer, prompt, completion, start_id(tokenizer))
+        except chat.ChatTemplateError as e:
+            raise DataError(str(e)) from None
+    else:
+        prompt_ids = [start_id(tokenizer)] + tokenizer.encode(prompt)
+        completion_ids = tokenizer.encode(completion) + ([tokenizer.eot_id] if add_eot else [])
+    if not prompt_ids:
+        raise DataError("the chat template renders the prompt and the whole conversation with "
+                        "different first tokens: no prompt token comes before the completion")
     if not completion_ids:
         raise DataError(
-            "empty completion with add_eot=False: the row has no token to learn or score")
+            "empty completion (with add_eot=False, or a template that renders the answer as "
+            "nothing): the row has no token to learn or score")
     if len(completion_ids) > block_size - 1:
         raise DataError(
             f"completion is {len(completion_ids)} tokens"
@@ -344,7 +406,14 @@ def encode_prompt(tokenizer, prompt: str, block_size: int, max_new_tokens: int) 
             f"max_new_tokens={max_new_tokens} leaves no room for the prompt in a context of "
             f"{block_size} tokens; it must be between 0 and {block_size - 1}"
         )
-    return ([tokenizer.eot_id] + tokenizer.encode(prompt))[-room:]
+    return ([start_id(tokenizer)] + tokenizer.encode(prompt))[-room:]
+
+
+def start_id(tokenizer) -> int:
+    """The start token put before every prompt: the tokenizer's BOS where it has one (Llama-3's
+    ``<|begin_of_text|>``, as Hugging Face's tokenizer puts it first), else EOT."""
+    bos = getattr(tokenizer, "bos_id", None)
+    return tokenizer.eot_id if bos is None else bos
 
 
 def collate(batch, pad_id: int = PAD, pad_to: int | None = None) -> dict:

@@ -15,7 +15,7 @@ import math
 
 from . import backend, kernels, rotary
 from .ops import as_tensor, stable_sigmoid
-from .tensor import Function, array_of
+from .tensor import Function, Tensor, array_of
 
 # ===================================================================================================
 # softmax family
@@ -237,6 +237,78 @@ def logsigmoid(x):
 
 def sigmoid(x):
     return x.sigmoid()
+
+
+# ===================================================================================================
+# log(1 - e^a) and ORPO's odds ratio
+
+
+_LN2 = math.log(2.0)
+
+
+def _log1mexp(a):
+    """log(1 - e^a) for a <= 0 on raw arrays, -inf at a = 0: log1p(-e^a) below -ln 2 and
+    log(-expm1(a)) above, each where it keeps its digits (Mächler, 2012)."""
+    xp = backend.get_array_module(a)
+    m = -xp.expm1(a)                                                     # 1 - e^a, exact near 0
+    near = xp.where(m > 0, xp.log(xp.where(m > 0, m, 1.0)), -xp.inf)     # log(0) = -inf, no warning
+    far = xp.log1p(-xp.exp(xp.minimum(a, -_LN2)))
+    return xp.where(a < -_LN2, far, near)
+
+
+class Log1mExp(Function):
+    """log(1 - e^a) for a <= 0 (a log-prob): the log-probability of *not* drawing a completion."""
+
+    def forward(self, a):
+        self.a = a
+        return _log1mexp(a)
+
+    def backward(self, gy):
+        """y = log(1 - e^a)  ->  gx = gy · (-e^a / (1 - e^a))  (-inf at a = 0)."""
+        xp = backend.get_array_module(gy)
+        return (-gy * xp.exp(self.a) / xp.abs(xp.expm1(self.a)),)      # |expm1(a)| = 1 - e^a, exact
+
+
+def log1mexp(a):
+    return Log1mExp()(a)
+
+
+class LogSigmoidOddsRatio(Function):
+    """log σ(log odds(a_w) - log odds(a_l)), odds(a) = e^a / (1 - e^a), for log-probs a <= 0:
+    ORPO's term, one node so that a certain chosen completion (a_w = 0) has a finite gradient."""
+
+    def forward(self, a_w, a_l):
+        xp = backend.get_array_module(a_w, a_l)
+        self.a_w, self.a_l = a_w, a_l
+        # log odds ratio: +inf at a_w = 0 (the loss term is then 0), -inf at a_l = 0
+        self.log_odds = (a_w - a_l) - (_log1mexp(a_w) - _log1mexp(a_l))
+        x = self.log_odds
+        return xp.minimum(x, 0) - xp.log1p(xp.exp(-xp.abs(x)))          # log σ(x), as LogSigmoid
+
+    def backward(self, gy):
+        """y = log σ(z), z = a_w - log(1 - e^a_w) - a_l + log(1 - e^a_l), so with
+        D = e^a_w·(1 - e^a_l) + e^a_l·(1 - e^a_w) (a sum of two terms >= 0, no cancellation):
+
+            ∂y/∂a_w = σ(-z) / (1 - e^a_w) =  e^a_l / D               (e^a_l / (1 - e^a_l) at a_w = 0)
+            ∂y/∂a_l = -σ(-z) / (1 - e^a_l) = -e^a_l·(1 - e^a_w) / ((1 - e^a_l)·D)
+
+        from σ(-z) = odds_l / (odds_w + odds_l) = e^a_l·(1 - e^a_w) / D. Written this way the
+        gradient stays finite at a_w = 0, where the chain rule through log(1 - e^a_w) meets 0·inf;
+        at a_l = 0 the loss is infinite and so is ∂y/∂a_l.
+        """
+        xp = backend.get_array_module(gy)
+        top = xp.maximum(self.a_w, self.a_l)                            # e^a / e^top: D cannot underflow
+        e_w, e_l = xp.exp(self.a_w - top), xp.exp(self.a_l - top)
+        m_w, m_l = -xp.expm1(self.a_w), -xp.expm1(self.a_l)             # 1 - e^a, exact near 0
+        D = e_w * m_l + e_l * m_w                                        # D / e^top
+        return gy * e_l / D, -gy * e_l * m_w / (m_l * D)
+
+
+def logsigmoid_odds_ratio(chosen_logps, rejected_logps):
+    """log σ(log(odds(a_w) / odds(a_l))) elementwise, for log-probs a_w, a_l <= 0 (ORPO)."""
+    like = chosen_logps if isinstance(chosen_logps, Tensor) else rejected_logps
+    return LogSigmoidOddsRatio()(as_tensor(chosen_logps, like=like),
+                                 as_tensor(rejected_logps, like=like))
 
 
 # ===================================================================================================

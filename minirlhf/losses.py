@@ -10,7 +10,9 @@ whole completions come from `minirlhf.logprobs.sequence_logprobs` (sums over com
     kl_k1, kl_k2, kl_k3, kl_per_sequence
                        Schulman's estimators of KL(p_θ ‖ p_ref) from samples of p_θ
     reinforce_kl_loss  REINFORCE on the KL-regularised reward R - β·(log p_θ - log p_ref)
-    dpo_loss           direct preference optimisation (and its cDPO and IPO variants)
+    dpo_loss           direct preference optimisation (cDPO, IPO and TRL's other loss types)
+    kto_loss, apo_zero_unpaired, cpo_loss, simpo_loss, orpo_loss
+                       the rest of the preference family, defined in `minirlhf.preference`
     masked_mean, masked_var, masked_whiten, clipped_surrogate, kl_penalty_rewards, gae, value_loss
                        PPO as InstructGPT ran it: per-token KL reward, GAE, clipped policy and value
     group_advantages, aggregate_tokens, grpo_loss
@@ -279,7 +281,8 @@ def _baseline(shaped, kind, group, xp):
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-             beta=0.1, label_smoothing=0.0, loss_type="sigmoid"):
+             beta=0.1, label_smoothing=0.0, loss_type="sigmoid", loss_weights=None,
+             chosen_lengths=None, rejected_lengths=None, discopop_tau=0.05):
     """Direct Preference Optimisation (Rafailov et al., 2023) on pairs (chosen y_w, rejected y_l).
 
     Where it comes from. The KL-regularised objective E_p[R] - β·KL(p ‖ p_ref) is maximised by
@@ -300,8 +303,13 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     ``label_smoothing`` ε (cDPO: labels flipped with probability ε, 0 <= ε <= 0.5):
         L = -mean[(1-ε)·log σ(β·h) + ε·log σ(-β·h)]
     ``loss_type="ipo"`` (Azar et al., 2023): L = mean (h - 1/(2β))², regressing h on a fixed target
-    instead of pushing it to infinity. (TRL feeds IPO length-averaged log-probs; here the caller
-    chooses what to pass.)
+    instead of pushing it to infinity. (TRL divides IPO's log-ratios by the completions' lengths:
+    pass ``chosen_lengths`` and ``rejected_lengths`` for that; without them h is as passed.)
+    TRL 1.16's other loss types (``hinge``, ``robust``, ``bco_pair``, ``exo_pair``, ``nca_pair``,
+    ``sppo_hard``, ``aot``, ``aot_unpaired``, ``apo_zero``, ``apo_down``, ``discopop`` with τ =
+    ``discopop_tau``, ``sigmoid_norm`` and ``sft``, these two needing the lengths), each beside its
+    equation, are in `minirlhf.preference.DPO_LOSS_TYPES`. Several types at once (MPO): a list or
+    "a,b", with ``loss_weights``, give L = Σ_k w_k·mean ℓ_k.
 
     The reference log-probs are constants (computed once, without gradient). Metrics, named and
     defined as TRL logs them: ``rewards/chosen`` = mean β(log p_θ(y_w) - log p_ref(y_w)),
@@ -309,14 +317,15 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     ``rewards/accuracies`` = fraction of pairs whose chosen reward exceeds the rejected one,
     ``logps/chosen`` and ``logps/rejected`` = means of the policy log-probs.
     """
+    from . import preference                                            # it builds on this module
+
     beta = check_beta(beta, "dpo_loss")
-    if loss_type not in ("sigmoid", "ipo"):
-        raise ValueError(f"dpo_loss: loss_type must be 'sigmoid' or 'ipo', got {loss_type!r}")
     eps = float(label_smoothing)
     if not 0.0 <= eps <= 0.5:
         raise ValueError(f"dpo_loss: label_smoothing must lie in [0, 0.5], got {eps}")
-    if loss_type == "ipo" and eps != 0:
-        raise ValueError("dpo_loss: label_smoothing applies to loss_type='sigmoid' only")
+    types = preference.dpo_loss_types(loss_type, loss_weights, eps,
+                                      {"chosen_lengths": chosen_lengths,
+                                       "rejected_lengths": rejected_lengths})
     if not isinstance(policy_chosen_logps, Tensor) or not isinstance(policy_rejected_logps, Tensor):
         raise TypeError("dpo_loss: the policy log-probs must be Tensors")
     pc, pr = policy_chosen_logps, policy_rejected_logps
@@ -329,12 +338,9 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     chosen = pc - ops.as_tensor(rc, like=pc)                             # log p_θ(y_w) / p_ref(y_w)
     rejected = pr - ops.as_tensor(rr, like=pc)                           # log p_θ(y_l) / p_ref(y_l)
     h = chosen - rejected                                                # (B,)
-    if loss_type == "ipo":
-        loss = ((h - 1.0 / (2.0 * beta)) ** 2).mean()
-    elif eps == 0:
-        loss = -F.logsigmoid(beta * h).mean()
-    else:
-        loss = -((1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)).mean()
+    pairs = preference.dpo_pairs(beta, eps, chosen, rejected, h, pc, pr, rc, rr, chosen_lengths,
+                                 rejected_lengths, discopop_tau)
+    loss = preference.dpo_combined_loss(types, pairs)
 
     r_w, r_l = beta * chosen.data, beta * rejected.data
     metrics = {
@@ -716,3 +722,18 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.0, epsilon_low=
         metrics = {"kl": _token_mean(k3.data, keep), **metrics}
     loss = aggregate_tokens(per_token, keep, loss_type, max_completion_length)
     return loss, metrics
+
+
+# ===================================================================================================
+# the preference family beside DPO lives in minirlhf/preference.py (which builds on this module);
+# ``from minirlhf.losses import kto_loss`` finds it there on first use
+
+_PREFERENCE = ("kto_loss", "apo_zero_unpaired", "kto_mismatched_pairs", "cpo_loss", "simpo_loss",
+               "orpo_loss")
+
+
+def __getattr__(name):
+    if name in _PREFERENCE:
+        from . import preference
+        return getattr(preference, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

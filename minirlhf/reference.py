@@ -115,6 +115,18 @@ def repeat_kv(x, n_rep):
     return x[:, xp.arange(x.shape[1] * n_rep) // n_rep]        # (B, nh, T, hs)
 
 
+def log1mexp(a):
+    """log(1 - e^a) for a log-prob a < 0: the log-probability of *not* drawing the completion.
+    (Written plainly it loses digits as a -> 0, where 1 - e^a cancels; the fused one keeps them.)"""
+    return (1 - a.exp()).log()                                 # (...)
+
+
+def logsigmoid_odds_ratio(chosen_logps, rejected_logps):
+    """ORPO's log σ(z) with z = log(odds(a_w) / odds(a_l)), odds(a) = e^a / (1 - e^a)."""
+    z = (chosen_logps - log1mexp(chosen_logps)) - (rejected_logps - log1mexp(rejected_logps))
+    return -(1 + (-z).exp()).log()                             # log σ(z) = -log(1 + e^-z)
+
+
 def causal_attention(q, k, v, mask=None):
     """softmax(q kᵀ / √hs + causal mask) v for q (..., Tq, hs), k and v (..., Tk, hs).
 

@@ -31,6 +31,7 @@ the right trade.
 """
 
 import collections
+import functools
 import json
 import math
 import pathlib
@@ -177,17 +178,19 @@ CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
 
 # GPT-2's pre-tokenisation pattern, as OpenAI wrote it for the `regex` package:
 #     's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
-# Python's `re` has no \p{L} (letters) or \p{N} (numbers), so _pretokenizer() spells them out as
+# Python's `re` has no \p{L} (letters) or \p{N} (numbers), so `translate_pattern` spells them out as
 # character ranges read from `unicodedata`, and \s as Unicode's White_Space list (what \s means in
-# `regex`; `re`'s own \s would add U+001C..U+001F).
+# `regex` and in Oniguruma, which Hugging Face's tokenizers use; `re`'s own \s would add
+# U+001C..U+001F).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 _WHITE_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 _PRETOKENIZER = None
 
 
+@functools.lru_cache(maxsize=None)
 def _category_ranges(prefix):
     """A character-class body (``\\U0000-\\U0001...``) of every code point whose Unicode general
-    category starts with ``prefix`` ("L": Lu Ll Lt Lm Lo; "N": Nd Nl No)."""
+    category starts with ``prefix`` ("L": Lu Ll Lt Lm Lo; "N": Nd Nl No; "Lu": upper-case letters)."""
     ranges, start = [], None
     for cp in range(sys.maxunicode + 2):
         inside = cp <= sys.maxunicode and unicodedata.category(chr(cp)).startswith(prefix)
@@ -199,23 +202,74 @@ def _category_ranges(prefix):
     return "".join(ranges)
 
 
+_CATEGORIES = {"L", "Lu", "Ll", "Lt", "Lm", "Lo", "M", "Mn", "Mc", "Me", "N", "Nd", "Nl", "No",
+               "P", "Pc", "Pd", "Ps", "Pe", "Pi", "Pf", "Po", "S", "Sm", "Sc", "Sk", "So",
+               "Z", "Zs", "Zl", "Zp", "C", "Cc", "Cf", "Co"}
+
+
+def translate_pattern(pattern: str) -> str:
+    """A pre-tokenizer regex written for `regex`/Oniguruma (\\p{L}, \\p{N}, \\s) as a pattern for
+    Python's `re` that matches the same strings.
+
+    Outside a character class, \\p{X} becomes ``[ranges of category X]``, \\P{X} ``[^...]``, \\s the
+    White_Space class and \\S its complement; inside a class, \\p{X} and \\s contribute their ranges
+    to the class. Everything else is left as it is: `re` (Python 3.11+) has the rest of these
+    patterns' syntax, scoped flags ``(?i:...)``, look-ahead, and the possessive ``?+``, ``++`` and
+    atomic ``(?>...)`` forms. Each \\p{..} becomes the list of characters it names, so both engines
+    run the same alternation with the same backtracking; the one difference is the Unicode version
+    (`unicodedata` is the Python's), which only matters for characters assigned since.
+    """
+    out, i, in_class = [], 0, False
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\" and i + 1 < len(pattern):
+            e = pattern[i + 1]
+            if e in "pP":
+                match = re.match(r"\{(\w+)\}", pattern[i + 2:])
+                if not match or match.group(1) not in _CATEGORIES:
+                    raise ValueError(f"the pattern {pattern!r}: \\{e} at character {i} is not a "
+                                     f"Unicode general category such as \\p{{L}}")
+                body = _category_ranges(match.group(1))
+                if in_class and e == "P":
+                    raise ValueError(f"the pattern {pattern!r}: \\P{{..}} inside [...] is not supported")
+                out.append(body if in_class else f"[{'^' if e == 'P' else ''}{body}]")
+                i += 2 + match.end()
+                continue
+            if e in "sS":
+                if in_class and e == "S":
+                    raise ValueError(f"the pattern {pattern!r}: \\S inside [...] is not supported")
+                out.append(_WHITE_SPACE if in_class else f"[{'^' if e == 'S' else ''}{_WHITE_SPACE}]")
+                i += 2
+                continue
+            out.append(pattern[i:i + 2])
+            i += 2
+            continue
+        if c == "[" and not in_class:
+            in_class = True
+            out.append(c)
+            i += 1
+            for lead in ("^", "]"):        # a ']' right after '[' or '[^' is a member, not the end
+                if pattern.startswith(lead, i):
+                    out.append(lead)
+                    i += 1
+            continue
+        if c == "]" and in_class:
+            in_class = False
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
 def _pretokenizer():
     """GPT2_PATTERN compiled with Python's `re` (built once, on first use: it takes a moment).
 
     Why not the `regex` package? It would be one more dependency for one pattern, and this is the
-    same pattern, not an imitation: each \\p{..} becomes the list of characters it names, so both
-    engines run the same alternation with the same backtracking. The one difference is the Unicode
-    version: `unicodedata` is the Python's, `regex` ships its own, so a character assigned after
-    Python's version is "no letter" here (tests/test_bpe.py compares the two on assigned characters).
+    same pattern, not an imitation (`translate_pattern`; tests/test_bpe.py compares the two engines
+    on assigned characters).
     """
     global _PRETOKENIZER
     if _PRETOKENIZER is None:
-        letters, numbers = _category_ranges("L"), _category_ranges("N")
-        L, N, S = f"[{letters}]", f"[{numbers}]", f"[{_WHITE_SPACE}]"
-        other = f"[^{_WHITE_SPACE}{letters}{numbers}]"          # [^\s\p{L}\p{N}]
-        non_space = f"[^{_WHITE_SPACE}]"                         # \S
-        _PRETOKENIZER = re.compile(rf"'s|'t|'re|'ve|'m|'ll|'d| ?{L}+| ?{N}+| ?{other}+"
-                                   rf"|{S}+(?!{non_space})|{S}+")
+        _PRETOKENIZER = re.compile(translate_pattern(GPT2_PATTERN))
     return _PRETOKENIZER
 
 
@@ -240,14 +294,15 @@ class BPETokenizer:
     """
 
     def __init__(self, vocab: dict[bytes, int], merges: list[tuple[bytes, bytes]],
-                 special_tokens: dict[str, int] | None = None):
+                 special_tokens: dict[str, int] | None = None, eos_token: str = EOT_TEXT,
+                 pad_token: str | None = PAD_TEXT):
         self.vocab = dict(vocab)
         self.merges = list(merges)
         self.special_tokens = dict(special_tokens or {EOT_TEXT: len(self.vocab)})
-        if EOT_TEXT not in self.special_tokens:
-            raise ValueError(f"the vocabulary has no {EOT_TEXT} token")
-        self.eot_id = self.special_tokens[EOT_TEXT]
-        self.pad_id = self.special_tokens.get(PAD_TEXT, self.eot_id)
+        if eos_token not in self.special_tokens:
+            raise ValueError(f"the vocabulary has no {eos_token} token")
+        self.eot_id = self.special_tokens[eos_token]
+        self.pad_id = self.special_tokens.get(pad_token, self.eot_id)
         self.vocab_size = max([*self.vocab.values(), *self.special_tokens.values()]) + 1
         self.id_to_bytes = {i: b for b, i in self.vocab.items()}
         self.special_ids = {i: name for name, i in self.special_tokens.items()}
@@ -269,18 +324,32 @@ class BPETokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
-        if special:
-            names = "|".join(re.escape(name) for name in self.special_tokens)
-            ids = []
-            for n, part in enumerate(re.split(f"({names})", text)):
-                ids += [self.special_tokens[part]] if n % 2 else self.encode(part)
-            return ids
+        names = self._matched_tokens(special)
+        if not names:
+            return self._encode_ordinary(text)
+        # the longest name first, so that of two names starting at one place the longer wins
+        alternatives = "|".join(re.escape(name) for name in sorted(names, key=len, reverse=True))
         ids = []
-        for piece in pretokenize(text):
+        for n, part in enumerate(re.split(f"({alternatives})", text)):
+            ids += [names[part]] if n % 2 else self._encode_ordinary(part)
+        return ids
+
+    def _matched_tokens(self, special: bool) -> dict[str, int]:
+        """The token names that ``encode`` finds in a text before BPE, {name: id}."""
+        return self.special_tokens if special else {}
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        """The ids of a text that holds no token name: BPE on each pre-token, cached."""
+        ids = []
+        for piece in self.pretokenize(text):
             if piece not in self._cache:
                 self._cache[piece] = self._bpe(_utf8(piece))
             ids += self._cache[piece]
         return ids
+
+    def pretokenize(self, text: str) -> list[str]:
+        """The pre-tokens of ``text``: GPT-2's pattern (`pretokenize`)."""
+        return pretokenize(text)
 
     def _bpe(self, data: bytes) -> list[int]:
         """Merge the bytes of one pre-token: while some adjacent pair is a merge, join every

@@ -246,7 +246,12 @@ GOOD = json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"})
      "field 'chosen' must be a string, got number"),
     ('{"prompt": null, "chosen": "a", "rejected": "b"}',
      "field 'prompt' must be a string, got null"),
-    ('{"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"}', "got array"),
+    ('{"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"}',
+     "field 'prompt', message 0: 'content' must be a string, got nothing"),
+    ('{"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b"}',
+     "field 'chosen' is string but 'prompt' is a list of messages"),
+    ('{"prompt": "p", "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"}',
+     "field 'chosen' must be a string, got array (a list of messages"),
 ])
 def test_bad_line_names_the_file_the_line_and_the_problem(tmp_path, bad_line, expected):
     # Line 3 is bad; a blank line 2 still counts in the numbering.

@@ -325,7 +325,7 @@ def test_dpo_refuses_bad_options():
     with pytest.raises(ValueError, match="label_smoothing"):
         dpo_loss(x, x, z, z, loss_type="ipo", label_smoothing=0.1)
     with pytest.raises(ValueError, match="loss_type"):
-        dpo_loss(x, x, z, z, loss_type="hinge")
+        dpo_loss(x, x, z, z, loss_type="hinged")
     with pytest.raises(ValueError, match="one shape"):
         dpo_loss(x, x, np.zeros(3), z)
 

@@ -314,6 +314,12 @@ def np_repeat_kv(x, n_rep):
     return np.repeat(x, n_rep, axis=1)
 
 
+def np_logsigmoid_odds_ratio(a_w, a_l):
+    """log σ of ORPO's log odds ratio, odds(a) = e^a / (1 - e^a)."""
+    z = (a_w - np.log(-np.expm1(a_w))) - (a_l - np.log(-np.expm1(a_l)))
+    return -np.logaddexp(0, -z)
+
+
 def np_causal_attention(q, k, v):
     """Query i (of Tq, the last Tq of Tk positions) attends to keys 0 .. Tk - Tq + i."""
     Tq, Tk, hs = q.shape[-2], k.shape[-2], q.shape[-1]
@@ -401,6 +407,9 @@ CASES = [
          np_cross_entropy, cross_entropy_inputs()),
     Case("logsigmoid", F.logsigmoid, lambda x: -np.logaddexp(0, -x),
          unary(min_value=-10.0, max_value=10.0)),
+    Case("log1mexp", F.log1mexp, lambda a: np.log(-np.expm1(a)), unary(min_value=-8.0, max_value=-0.05)),
+    Case("logsigmoid_odds_ratio", F.logsigmoid_odds_ratio, np_logsigmoid_odds_ratio,
+         no_params(*[mrt.arrays((3,), min_value=-6.0, max_value=-0.05)] * 2)),
     Case("layer_norm", F.layer_norm, np_layer_norm, layer_norm_inputs()),
     Case("gelu", F.gelu, np_gelu, unary(min_value=-4.0, max_value=4.0)),
     Case("embedding", lambda w, ids: F.embedding(ids, w), lambda w, ids: w[ids], embedding_inputs()),

@@ -115,6 +115,17 @@ def test_repeat_kv_equals_its_reference(data, n_rep):
     assert_same_value_and_gradients(lambda x: F.repeat_kv(x, n_rep), lambda x: R.repeat_kv(x, n_rep), [x])
 
 
+@given(mrt.arrays(min_value=-6.0, max_value=-0.05))
+def test_log1mexp_equals_its_reference(a):
+    assert_same_value_and_gradients(F.log1mexp, R.log1mexp, [a])
+
+
+@given(st.data(), mrt.shapes(min_dims=1, max_dims=1))
+def test_logsigmoid_odds_ratio_equals_its_reference(data, shape):
+    arrays = [data.draw(mrt.arrays(shape, min_value=-4.0, max_value=-0.05)) for _ in range(2)]
+    assert_same_value_and_gradients(F.logsigmoid_odds_ratio, R.logsigmoid_odds_ratio, arrays)
+
+
 @given(st.data(), st.booleans())
 def test_causal_attention_equals_its_reference(data, kv_cache):
     """Tq == Tk, or Tq < Tk as when new queries meet a KV cache."""
