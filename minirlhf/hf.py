@@ -55,6 +55,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .hf_tokenizer import HFTokenizer, TokenizerFileError, load_hf_tokenizer, save_hf_tokenizer
 from .model import GPT, GPTConfig, RewardModel
 from .nn import non_finite
 from .rotary import ROPE_SCALINGS
@@ -259,9 +260,7 @@ def load_hf(path, dtype="float32", device="cpu"):
     """(model, tokenizer) from a local Hugging Face folder: GPT-2 (`load_gpt2`), Llama or Qwen2.
 
     The model is a `GPT` (``*ForCausalLM``) or a `RewardModel` (``*ForSequenceClassification``) in
-    ``dtype`` on ``device``. The tokenizer: `minirlhf.hf_tokenizer.load_hf_tokenizer` of the
-    folder's tokenizer.json where that module exists, else vocab.json/merges.txt as for GPT-2
-    (None if the folder has neither). Every problem is one `HFError` line.
+    ``dtype`` on ``device``. The tokenizer: `load_folder_tokenizer`. Every problem is one `HFError` line.
     """
     folder = Path(path)
     config = _config_json(folder)
@@ -284,17 +283,16 @@ def load_hf(path, dtype="float32", device="cpu"):
 
 
 def load_folder_tokenizer(folder):
-    """The tokenizer of a Hugging Face folder: vocab.json/merges.txt (GPT-2's files, and what
-    minirlhf writes) if present, else tokenizer.json through `minirlhf.hf_tokenizer` where that
-    module exists; None if neither can be read."""
+    """The tokenizer of a Hugging Face folder: vocab.json/merges.txt (GPT-2's files) if present, else
+    tokenizer.json (`minirlhf.hf_tokenizer.load_hf_tokenizer`, with its chat template); None if the
+    folder has neither."""
     folder = Path(folder)
     if (folder / "vocab.json").is_file() or not (folder / "tokenizer.json").is_file():
         return load_tokenizer(folder)
     try:
-        from .hf_tokenizer import load_hf_tokenizer
-    except ImportError:
-        return load_tokenizer(folder)
-    return load_hf_tokenizer(folder)
+        return load_hf_tokenizer(folder)
+    except TokenizerFileError as e:
+        raise HFError(str(e)) from None
 
 
 LLAMA_ARCHITECTURES = {
@@ -483,8 +481,8 @@ def _tokenizer_to_write(tokenizer, config, fn):
         tokenizer = ByteTokenizer()
     if isinstance(tokenizer, ByteTokenizer):
         tokenizer = BPETokenizer.byte_level()
-    # a BPETokenizer's ids are exactly the model's; a tokenizer.json one may have fewer (a padded embedding)
-    exact = isinstance(tokenizer, BPETokenizer)
+    # a GPT-2 BPE's ids are exactly the model's; a tokenizer.json one may have fewer (a padded embedding)
+    exact = isinstance(tokenizer, BPETokenizer) and not isinstance(tokenizer, HFTokenizer)
     if tokenizer is not None and (tokenizer.vocab_size > config.vocab_size
                                   or exact and tokenizer.vocab_size != config.vocab_size):
         raise HFError(f"{fn}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
@@ -506,13 +504,14 @@ def _write_config(folder, config):
 
 
 def _write_tokenizer(folder, tokenizer, block_size):
-    """vocab.json/merges.txt and GPT2Tokenizer's small files for a `BPETokenizer`; another tokenizer
-    (one read from tokenizer.json) writes its own files with its ``save``."""
+    """vocab.json/merges.txt and GPT2Tokenizer's small files for a `BPETokenizer`; tokenizer.json and
+    its config (chat template included) for one read from a tokenizer.json."""
     if tokenizer is None:
         return
-    tokenizer.save(folder)
-    if not isinstance(tokenizer, BPETokenizer):
+    if isinstance(tokenizer, HFTokenizer):
+        save_hf_tokenizer(tokenizer, folder, model_max_length=block_size)
         return
+    tokenizer.save(folder)
     specials = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
                 "pad_token": tokenizer.special_ids[tokenizer.pad_id]}
     (folder / "tokenizer_config.json").write_text(json.dumps(

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from ..checkpoint import load_model, save_checkpoint, tokenizer_for
 from ..hf import load_hf, save_hf
+from ..hf_tokenizer import HFTokenizer
 from ..tokenizer import BPETokenizer
 from .common import option
 
@@ -44,7 +45,7 @@ def import_hf(cfg):
     """Write the model of a Hugging Face folder (with its tokenizer) as one ``.npz``; returns the path."""
     model, tokenizer = load_hf(cfg.hf)
     extra = {"stage": "import", "source": cfg.hf}
-    if isinstance(tokenizer, BPETokenizer):
+    if isinstance(tokenizer, BPETokenizer) and not isinstance(tokenizer, HFTokenizer):
         vocab, merges = tokenizer.to_texts()
         extra["tokenizer"] = {"vocab.json": vocab, "merges.txt": merges}
     else:   # a tokenizer.json one: found again in the folder, as a stage's --init is followed back
