@@ -213,10 +213,41 @@ def _read_weights(folder, architecture):
         if not (folder / name).is_file():
             raise HFError(f"{folder}: the shard {name} that {index.name} lists is missing")
         try:
-            weights.update(_safetensors().load_file(str(folder / name)))
-        except (OSError, ValueError, TypeError) as e:   # a damaged file, or bf16 that NumPy lacks
+            try:
+                weights.update(_safetensors().load_file(str(folder / name)))
+            except TypeError as e:                       # bfloat16, which NumPy lacks
+                if "bfloat16" not in str(e):
+                    raise
+                weights.update(read_bfloat16_safetensors(folder / name))
+        except (OSError, ValueError, TypeError, KeyError) as e:   # a damaged file
             raise HFError(f"{folder / name} cannot be read: {e}") from None
     return weights
+
+
+SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4",
+                      "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
+
+
+def read_bfloat16_safetensors(path):
+    """{name: array} of a safetensors file holding bfloat16 tensors (SmolLM's and Qwen's uploads),
+    read as float32. The format is 8 bytes of header length, a JSON header {name: {dtype, shape,
+    data_offsets}}, then the bytes; a bfloat16 is the upper half of a float32, so it becomes one
+    by a 16-bit shift, exactly."""
+    raw = np.fromfile(path, dtype=np.uint8)
+    n = int(raw[:8].view("<u8")[0])
+    header = json.loads(raw[8:8 + n].tobytes().decode("utf-8"))
+    data, out = raw[8 + n:], {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        chunk = data[start:end]
+        if info["dtype"] == "BF16":
+            array = (chunk.view("<u2").astype(np.uint32) << 16).view(np.float32)
+        else:
+            array = chunk.view(SAFETENSORS_DTYPES[info["dtype"]])
+        out[name] = array.reshape(info["shape"])
+    return out
 
 
 def _to_minirlhf_names(weights, folder, cls):

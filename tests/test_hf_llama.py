@@ -238,3 +238,29 @@ def test_transformers_scores_a_batch_of_4_of_different_lengths_with_an_exported_
                                ).logits[:, 0].numpy()
     with no_grad():
         np.testing.assert_allclose(rm(ids, lengths).numpy(), their_rewards, atol=1e-5, rtol=1e-5)
+
+
+def test_a_bfloat16_folder_is_read_as_float32_exactly(tmp_path):
+    """SmolLM's upload is bfloat16: each value is a float32's upper 16 bits, written here by hand in
+    the safetensors layout (header length, JSON header, bytes), and read back bit for bit."""
+    from safetensors.numpy import load_file
+
+    folder = edited_copy(LLAMA, tmp_path / "bf16")
+    weights = load_file(str(folder / "model.safetensors"))
+    halves = {k: (v.astype(np.float32).view(np.uint32) >> 16).astype("<u2") for k, v in weights.items()}
+    header, offset = {}, 0
+    for name, h in halves.items():
+        header[name] = {"dtype": "BF16", "shape": list(h.shape), "data_offsets": [offset, offset + h.nbytes]}
+        offset += h.nbytes
+    text = json.dumps(header).encode()
+    with open(folder / "model.safetensors", "wb") as f:
+        f.write(np.array([len(text)], dtype="<u8").tobytes() + text)
+        for h in halves.values():
+            f.write(h.tobytes())
+    model, _ = load_hf(folder)
+    for name, h in halves.items():
+        ours = {"model.embed_tokens.weight": "transformer.wte.weight", "lm_head.weight": "lm_head.weight"}.get(name)
+        if ours:
+            got = model.state_dict()[ours]
+            expected = (h.astype(np.uint32) << 16).view(np.float32)
+            np.testing.assert_array_equal(got, expected.T if ours == "lm_head.weight" else expected)
