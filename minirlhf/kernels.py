@@ -91,9 +91,10 @@ def for_rows(fn, n_rows, row_size, blas=False, shared_weight=False, xp=None):
     ``xp``: the array module; on CuPy ``fn(0, n_rows)`` runs once, the GPU being parallel already.
     """
     total = n_rows * row_size
-    if (xp is not None and xp.__name__ != "numpy") or total < (
-            MIN_PARALLEL_PRODUCTS if blas else MIN_PARALLEL_NUMBERS):
-        return [fn(0, n_rows)]                                # GPU, or too little work to split
+    if xp is not None and xp.__name__ != "numpy":
+        return [fn(0, n_rows)]                                # GPU: parallel already
+    if total < (MIN_PARALLEL_PRODUCTS if blas else MIN_PARALLEL_NUMBERS):
+        return _whole(fn, n_rows, blas)                       # too little work to split
     threads = get_num_threads()
     if threads > 1 and _state["pool_pid"] != os.getpid():
         set_num_threads(threads)        # a forked child: the parent's pool threads did not come along
@@ -104,7 +105,7 @@ def for_rows(fn, n_rows, row_size, blas=False, shared_weight=False, xp=None):
     else:     # blocks of BLOCK_NUMBERS numbers
         n_blocks = min(n_rows, total // BLOCK_NUMBERS)
     if n_blocks <= 1:
-        return [fn(0, n_rows)]
+        return _whole(fn, n_rows, blas)
     bounds = [n_rows * i // n_blocks for i in range(n_blocks + 1)]
     job = _Job(fn, list(zip(bounds[:-1], bounds[1:])))
     if threads == 1 or threading.current_thread().name.startswith("minirlhf"):
@@ -117,6 +118,16 @@ def for_rows(fn, n_rows, row_size, blas=False, shared_weight=False, xp=None):
     if job.error is not None:
         raise job.error
     return job.results
+
+
+def _whole(fn, n_rows, blas):
+    """``[fn(0, n_rows)]``, on one thread: matrix work too small to split is small enough that
+    OpenBLAS's own threads, spinning between calls, cost more than they save (see
+    `blas_on_one_thread`)."""
+    if not blas:
+        return [fn(0, n_rows)]
+    with _blas_region():
+        return [fn(0, n_rows)]
 
 
 # ----- sharing the blocks ---------------------------------------------------------------------------
