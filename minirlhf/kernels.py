@@ -20,8 +20,9 @@ Work that calls the BLAS (matrix products) is cut into two blocks per thread. On
 inputs or one thread, ``fn`` is simply called once.
 
 The BLAS. Two thread pools on the same cores fight, so while our threads run matrix products
-OpenBLAS is held to one thread each (and set back after). The products minirlhf splits are the big
-ones; small ones (sampling a few rows at a time) are left to OpenBLAS's own threads.
+OpenBLAS is held to one thread each (and set back after). Products too small to split (sampling a
+few rows at a time) run on the calling thread with OpenBLAS held to one thread too: its own threads
+spin between calls, and on a busy machine they cost more than they save.
 
 Freed memory. glibc gives freed blocks larger than 128 KB back to the operating system, and the next
 training step, which allocates the same activations again, faults them back in page by page. On
