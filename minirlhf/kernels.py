@@ -542,11 +542,12 @@ def attention_grads(q, k, v, P, y, gy, scale, out=None):
             gqb = gq_[..., a:b, :]
             xp.matmul(gs, k_[..., :keys, :], out=gqb)                # scale applied to the small
             gqb *= scale                                             # (…, T, hs) results
-            gkb = xp.swapaxes(gs, -1, -2) @ q_[..., a:b, :]
-            gkb *= scale
             if i == 0:
-                gk_[...] = gkb
+                gkb = xp.matmul(xp.swapaxes(gs, -1, -2), q_[..., a:b, :], out=gk_)
+                gkb *= scale
             else:
+                gkb = xp.swapaxes(gs, -1, -2) @ q_[..., a:b, :]
+                gkb *= scale
                 gk_[..., :keys, :] += gkb
 
     _for_batch_rows(block, q, Tq * Tk, xp)
