@@ -1,16 +1,20 @@
 """GPT training and sampling speed, ours against the same model in PyTorch, side by side.
 
-    python benchmarks/bench_gpt.py                              # tiny, small, medium on the CPU
-    python benchmarks/bench_gpt.py --configs small --rounds 3
+    python benchmarks/bench_gpt.py                              # the whole table: tiny, small, medium
+    python benchmarks/bench_gpt.py --anchor sdpa --configs small --rounds 6
     python benchmarks/bench_gpt.py --device cuda --configs medium gpt2
     python benchmarks/bench_gpt.py --base-tree /tmp/old    # also an older checkout: before/after
 
 Each measurement runs in its own process, alternating ours and PyTorch (A B A B ...): NumPy's and
 PyTorch's BLAS thread pools in one process slow each other down by up to 100x, and a shared machine
-drifts, so only ratios measured in one run mean anything. Per config it reports:
+drifts, so only ratios measured in one run mean anything. Every process gets ``--threads``
+threads (2 by default: OMP, OpenBLAS, minirlhf and torch.set_num_threads). Two PyTorch anchors
+(``--anchor``, both by default): "sdpa", attention by `F.scaled_dot_product_attention`, as PyTorch
+users write it today, and "manual", the attention written out by hand. Per config it reports:
 
 - training tokens/s: forward, cross-entropy, backward and an AdamW step, float32;
-- sampling tokens/s: batched generation with the KV cache (and ours without it, first round only);
+- sampling tokens/s: 32 prompts of 16 tokens, 64 new tokens each, temperature 1, with the KV cache,
+  against the first anchor (and ours without the cache with ``--nocache``);
 - peak memory of training: the peak resident set above what the process held before its first step
   (CPU), or the allocator's peak (GPU);
 - our share of the float32 matmul peak, measured in the same run with one large GEMM.
@@ -42,8 +46,8 @@ CONFIGS = {  # name: (n_layer, n_embd, n_head, block_size, batch_size, vocab_siz
     "medium": (6, 384, 6, 256, 8, 256),
     "gpt2": (12, 768, 12, 1024, 8, 50304),
 }
-SAMPLE_PROMPTS, SAMPLE_NEW = 8, 112      # 8 prompts of 16 tokens, up to 112 new tokens each
-SAMPLE_REPEATS = 5                      # sampling runs timed per process (median taken)
+SAMPLE_PROMPTS, SAMPLE_PROMPT_LEN, SAMPLE_NEW = 32, 16, 64   # 32 prompts of 16 tokens, 64 new each
+SAMPLE_REPEATS = 3                      # sampling runs timed per process (median taken)
 STEPS = {  # timed training steps: about a second or more of work per process
     "cpu": {"tiny": 40, "small": 30, "medium": 4, "gpt2": 1},
     "cuda": {"tiny": 100, "small": 100, "medium": 50, "gpt2": 10},
@@ -51,8 +55,8 @@ STEPS = {  # timed training steps: about a second or more of work per process
 
 
 def new_tokens(block_size):
-    """Tokens to sample: 112, or fewer when the context would overflow (tiny's is 64)."""
-    return min(SAMPLE_NEW, block_size - 16)
+    """Tokens to sample: 64, or fewer when the context would overflow (tiny's is 64)."""
+    return min(SAMPLE_NEW, block_size - SAMPLE_PROMPT_LEN)
 
 
 def flops_per_token(L, C, T, V):
@@ -149,7 +153,7 @@ def worker_ours(cfg_name, what, device, steps, repeats=SAMPLE_REPEATS):
         peak = pool.total_bytes() - base if device == "cuda" else cpu_peak_above(base)
         return {"tokens_per_s": steps * B * T / seconds, "peak_mb": peak / 2**20}
     model = our_model(cfg_name, device)
-    prompts = np.random.default_rng(0).integers(0, V, (SAMPLE_PROMPTS, 16)).tolist()
+    prompts = np.random.default_rng(0).integers(0, V, (SAMPLE_PROMPTS, SAMPLE_PROMPT_LEN)).tolist()
     use_cache = what == "sample"
     generate(model, prompts, 4, temperature=1.0, seed=0, use_cache=use_cache)
     repeats = repeats if use_cache else 1             # without the cache one run takes seconds
@@ -165,13 +169,27 @@ def _sync(device):
     return lambda: None
 
 
-def worker_torch(cfg_name, what, device, steps, repeats=SAMPLE_REPEATS):
+def worker_torch(cfg_name, what, device, steps, repeats=SAMPLE_REPEATS, attention="sdpa"):
+    """The same GPT in PyTorch eager. ``attention``: "sdpa", `F.scaled_dot_product_attention`
+    (is_causal for a prompt, no mask for one new query, which sees every cached key), as PyTorch
+    users write it today; or "manual", the softmax(q kᵀ/√hs + mask) v written out, as nanoGPT's
+    slow path and our plain reference do. The KV cache grows by torch.cat, as Hugging Face's
+    DynamicCache does."""
     import torch
     import torch.nn as nn
     from torch.nn import functional as TF
 
     L, C, H, T, B, V = CONFIGS[cfg_name]
     torch.manual_seed(0)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", THREADS)))
+
+    def attend(q, k, v):                                              # (B, nh, T, hs)
+        Tq, Tk = q.shape[2], k.shape[2]
+        if attention == "sdpa":
+            return TF.scaled_dot_product_attention(q, k, v, is_causal=Tq > 1)
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(C // H)
+        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+        return att.masked_fill(~mask, float("-inf")).softmax(-1) @ v
 
     class Block(nn.Module):
         def __init__(self):
@@ -188,11 +206,7 @@ def worker_torch(cfg_name, what, device, steps, repeats=SAMPLE_REPEATS):
                 if cache:
                     k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
                 cache[:] = [k, v]
-            Tk = k.shape[2]
-            att = (q @ k.transpose(-2, -1)) / math.sqrt(C // H)       # explicit attention
-            mask = torch.ones(T_, Tk, dtype=torch.bool, device=x.device).tril(Tk - T_)
-            att = att.masked_fill(~mask, float("-inf")).softmax(-1)
-            y = (att @ v).transpose(1, 2).reshape(B_, T_, C)
+            y = attend(q, k, v).transpose(1, 2).reshape(B_, T_, C)
             x = x + self.c_proj(y)
             return x + self.mlp_proj(TF.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
 
@@ -230,7 +244,8 @@ def worker_torch(cfg_name, what, device, steps, repeats=SAMPLE_REPEATS):
         peak = torch.cuda.max_memory_allocated() - base if device == "cuda" else cpu_peak_above(base)
         return {"tokens_per_s": steps * B * T / seconds, "peak_mb": peak / 2**20}
 
-    prompts = torch.randint(0, V, (SAMPLE_PROMPTS, 16), device=device)
+    model.eval()
+    prompts = torch.randint(0, V, (SAMPLE_PROMPTS, SAMPLE_PROMPT_LEN), device=device)
 
     @torch.no_grad()
     def sample(n):
@@ -272,9 +287,16 @@ def worker_matmul(device):
 
 # ----- the driver: alternate processes, collect, print ------------------------------------------------
 
+THREADS = 2
+
+
 def run_worker(args_list, timeout, tree=None):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", *args_list]
-    env = {**os.environ, "MINIRLHF_TREE": tree} if tree else None
+    n = str(THREADS)
+    env = {**os.environ, "OMP_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n, "MKL_NUM_THREADS": n,
+           "MINIRLHF_NUM_THREADS": n}
+    if tree:
+        env["MINIRLHF_TREE"] = tree
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
@@ -298,14 +320,25 @@ def paired_ratios(ours, theirs, key):
     return [median_of(ours, key) / median_of(theirs, key)]
 
 
+ANCHOR_NAMES = {"sdpa": "PyTorch SDPA", "manual": "PyTorch hand-written attention"}
+
+
 def main():
+    global THREADS
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", nargs="+", default=["tiny", "small", "medium"], choices=list(CONFIGS))
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--rounds", type=int, default=2, help="A B rounds per measurement (median taken)")
+    p.add_argument("--anchor", "--anchors", dest="anchors", nargs="+", default=["sdpa", "manual"],
+                   choices=list(ANCHOR_NAMES),
+                   help="the PyTorch models measured against (default: both); sampling is "
+                        "measured against the first")
+    p.add_argument("--threads", type=int, default=THREADS, help="threads of every process")
+    p.add_argument("--rounds", type=int, default=4, help="A B rounds per measurement (median taken)")
     p.add_argument("--steps", type=int, default=None, help="timed training steps (default per config)")
     p.add_argument("--sample-repeats", type=int, default=SAMPLE_REPEATS,
                    help="timed sampling runs per process (median taken)")
+    p.add_argument("--nocache", action="store_true",
+                   help="also time our sampling without the KV cache (first round only; slow)")
     p.add_argument("--no-torch", action="store_true", help="only our numbers")
     p.add_argument("--timeout", type=int, default=600)
     p.add_argument("--base-tree", default=None,
@@ -319,87 +352,122 @@ def main():
             result = worker_matmul(rest[0])
         else:
             cfg_name, what, device, steps, repeats = rest
-            fn = worker_ours if kind == "ours" else worker_torch
-            result = fn(cfg_name, what, device, int(steps), int(repeats))
+            if kind == "ours":
+                result = worker_ours(cfg_name, what, device, int(steps), int(repeats))
+            else:                                     # torch-sdpa, torch-manual
+                result = worker_torch(cfg_name, what, device, int(steps), int(repeats),
+                                      attention=kind.split("-")[1])
         print(json.dumps(result))
         return
 
-    with_torch = not args.no_torch and torch_available()
-    frameworks = ["ours", "torch"] if with_torch else ["ours"]
+    THREADS = args.threads
+    anchors = [] if args.no_torch or not torch_available() else list(dict.fromkeys(args.anchors))
+    trees = {"ours": None}
     if args.base_tree:
-        frameworks.insert(1, "base")
-        trees = {"base": os.path.abspath(args.base_tree)}
+        trees["base"] = os.path.abspath(args.base_tree)
+    mine = list(trees)                                # "ours" and maybe "base"
+    frameworks = mine + [f"torch-{a}" for a in anchors]
     peak = statistics.median(run_worker(["matmul", args.device], args.timeout)["gflops"]
                              for _ in range(3))
-    print(f"device {args.device}; float32 matmul peak {peak:.1f} GFLOP/s; "
-          f"PyTorch {'found' if with_torch else 'not installed: ours only'}\n")
+    print(f"device {args.device} ({os.cpu_count()} CPUs, {THREADS} threads a process); float32 matmul peak "
+          f"{peak:.1f} GFLOP/s; anchors: {', '.join(ANCHOR_NAMES[a] for a in anchors) or 'none'}; "
+          f"{args.rounds} rounds, each side in its own process, alternating\n")
 
-    rows, base_rows = [], []
+    whats = ["train", "sample"] + (["sample_nocache"] if args.nocache else [])
+    rows = []
     for name in args.configs:
-        L, C, H, T, B, V = CONFIGS[name]
         steps = args.steps or STEPS[args.device][name]
-        results = {(fw, what): [] for fw in frameworks for what in ("train", "sample", "sample_nocache")}
+        results = {(fw, what): [] for fw in frameworks for what in whats}
         for round_number in range(args.rounds):
-            for what in ("train", "sample", "sample_nocache"):
+            for what in whats:
                 for fw in frameworks:
-                    if what == "sample_nocache" and (fw != "ours" or round_number > 0):
-                        continue                # ours only, first round only: it takes seconds
-                    kind = "ours" if fw == "base" else fw
+                    if what == "sample_nocache" and (fw not in mine or round_number > 0):
+                        continue                # ours only, first round only: it takes long
+                    if what == "sample" and fw.startswith("torch") and fw != frameworks[len(mine)]:
+                        continue                # sampling: against the first anchor only
+                    kind = "ours" if fw in mine else fw
                     r = run_worker([kind, name, what, args.device, str(steps), str(args.sample_repeats)],
-                                   args.timeout, tree=trees[fw] if fw == "base" else None)
+                                   args.timeout, tree=trees.get(fw))
                     if "error" in r:
                         print(f"  {fw} {name} {what}: {r['error']}", file=sys.stderr)
                     else:
                         results[(fw, what)].append(r)
-        rows.append(table_row(name, "ours", results, with_torch, peak))
-        print_table(rows, with_torch)
+        for fw in mine:
+            rows.append(table_row(name, fw, results, anchors, peak))
+        print_table(rows, anchors, args.nocache)
         print()
-        if args.base_tree:
-            base_rows.append(table_row(name, "base", results, with_torch, peak))
-            print(f"base tree {args.base_tree}, measured in the same rounds:")
-            print_table(base_rows, with_torch)
-            print()
+    print_rounds(rows, anchors)
 
 
-def table_row(name, fw, results, with_torch, peak):
-    """One config's numbers for ``fw`` ("ours" or "base"), and its ratios to PyTorch."""
+def table_row(name, fw, results, anchors, peak):
+    """One config's numbers for ``fw`` ("ours" or "base"), the anchors', and the ratios."""
     L, C, H, T, B, V = CONFIGS[name]
-    ours_train = median_of(results[(fw, "train")], "tokens_per_s")
-    row = {"config": name, "ours_train": ours_train,
-           "ours_peak_mb": median_of(results[(fw, "train")], "peak_mb"),
-           "ours_sample": median_of(results[(fw, "sample")], "tokens_per_s"),
-           "ours_sample_nocache": median_of(results[(fw, "sample_nocache")], "tokens_per_s"),
-           "matmul_share": ours_train * flops_per_token(L, C, T, V) / (peak * 1e9)}
-    if with_torch:
-        row.update({"torch_train": median_of(results[("torch", "train")], "tokens_per_s"),
-                    "torch_peak_mb": median_of(results[("torch", "train")], "peak_mb"),
-                    "torch_sample": median_of(results[("torch", "sample")], "tokens_per_s"),
-                    "train_ratios": paired_ratios(results[(fw, "train")],
-                                                  results[("torch", "train")], "tokens_per_s"),
-                    "sample_ratios": paired_ratios(results[(fw, "sample")],
-                                                   results[("torch", "sample")], "tokens_per_s")})
+    train = median_of(results[(fw, "train")], "tokens_per_s")
+    row = {"config": name, "tree": fw, "train": train,
+           "peak_mb": median_of(results[(fw, "train")], "peak_mb"),
+           "sample": median_of(results[(fw, "sample")], "tokens_per_s"),
+           "sample_nocache": median_of(results.get((fw, "sample_nocache"), []), "tokens_per_s"),
+           "matmul_share": train * flops_per_token(L, C, T, V) / (peak * 1e9), "anchors": {}}
+    for i, a in enumerate(anchors):
+        theirs = f"torch-{a}"
+        row["anchors"][a] = {
+            "train": median_of(results[(theirs, "train")], "tokens_per_s"),
+            "peak_mb": median_of(results[(theirs, "train")], "peak_mb"),
+            "train_ratios": paired_ratios(results[(fw, "train")], results[(theirs, "train")],
+                                          "tokens_per_s")}
+        if i == 0:
+            row["anchors"][a].update(
+                sample=median_of(results[(theirs, "sample")], "tokens_per_s"),
+                sample_ratios=paired_ratios(results[(fw, "sample")], results[(theirs, "sample")],
+                                            "tokens_per_s"))
     return row
 
 
-def print_table(rows, with_torch):
-    head = "| config | train tok/s (ours) | share of matmul peak | sample tok/s (ours, cache) | " \
-           "sample tok/s (ours, no cache) | peak MB (ours) |"
-    if with_torch:
-        head += " train tok/s (torch) | train ratio | sample tok/s (torch) | sample ratio | " \
-                "peak MB (torch) | memory ratio |"
-    print(head)
-    print("|" + "---|" * (head.count("|") - 1))
+def print_table(rows, anchors, nocache):
+    cols = ["config", "tree", "train tok/s"]
+    for a in anchors:
+        cols += [f"train tok/s ({a})", f"train ratio to {a}"]
+    cols += ["sample tok/s (cache)"]
+    if anchors:
+        cols += [f"sample tok/s ({anchors[0]})", f"sample ratio to {anchors[0]}"]
+    if nocache:
+        cols += ["sample tok/s (no cache)"]
+    cols += ["peak MB"] + [f"peak MB ({a})" for a in anchors]
+    cols += [f"memory ratio to {a}" for a in anchors] + ["share of matmul peak"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
     for r in rows:
-        line = (f"| {r['config']} | {r['ours_train']:,.0f} | {r['matmul_share']:.2f} | "
-                f"{r['ours_sample']:,.0f} | {r['ours_sample_nocache']:,.0f} | {r['ours_peak_mb']:,.0f} |")
-        if with_torch:
-            line += (f" {r['torch_train']:,.0f} | {ratio_cell(r['train_ratios'])} | "
-                     f"{r['torch_sample']:,.0f} | {ratio_cell(r['sample_ratios'])} | "
-                     f"{r['torch_peak_mb']:,.0f} | {r['ours_peak_mb'] / max(r['torch_peak_mb'], 1e-9):.2f} |")
-        print(line)
-    if with_torch:
+        cells = [r["config"], r["tree"], f"{r['train']:,.0f}"]
+        for a in anchors:
+            cells += [f"{r['anchors'][a]['train']:,.0f}", ratio_cell(r["anchors"][a]["train_ratios"])]
+        cells += [f"{r['sample']:,.0f}"]
+        if anchors:
+            first = r["anchors"][anchors[0]]
+            cells += [f"{first['sample']:,.0f}", ratio_cell(first["sample_ratios"])]
+        if nocache:
+            cells += [f"{r['sample_nocache']:,.0f}"]
+        cells += [f"{r['peak_mb']:,.0f}"] + [f"{r['anchors'][a]['peak_mb']:,.0f}" for a in anchors]
+        cells += [f"{r['peak_mb'] / max(r['anchors'][a]['peak_mb'], 1e-9):.2f}" for a in anchors]
+        cells += [f"{r['matmul_share']:.2f}"]
+        print("| " + " | ".join(cells) + " |")
+    if anchors:
         print("\nratios: the median over rounds of ours / PyTorch measured back to back "
-              "(lowest–highest round in brackets)")
+              "(lowest–highest round in brackets); memory: peak RSS of training above the "
+              "process's RSS before its first step")
+
+
+def print_rounds(rows, anchors):
+    """Every round's ratio, as the issue asks."""
+    if not anchors:
+        return
+    print("every round (ours / PyTorch, in the order run):")
+    for r in rows:
+        for i, a in enumerate(anchors):
+            parts = [f"train/{a} " + " ".join(f"{x:.2f}" for x in r["anchors"][a]["train_ratios"])]
+            if i == 0:
+                parts.append(f"sample/{a} " + " ".join(f"{x:.2f}" for x in
+                                                        r["anchors"][a]["sample_ratios"]))
+            print(f"  {r['config']} {r['tree']}: " + "; ".join(parts))
 
 
 def ratio_cell(ratios):

@@ -20,8 +20,9 @@ Work that calls the BLAS (matrix products) is cut into two blocks per thread. On
 inputs or one thread, ``fn`` is simply called once.
 
 The BLAS. Two thread pools on the same cores fight, so while our threads run matrix products
-OpenBLAS is held to one thread each (and set back after). The products minirlhf splits are the big
-ones; small ones (sampling a few rows at a time) are left to OpenBLAS's own threads.
+OpenBLAS is held to one thread each (and set back after). Products too small to split (sampling a
+few rows at a time) run on the calling thread with OpenBLAS held to one thread too: its own threads
+spin between calls, and on a busy machine they cost more than they save.
 
 Freed memory. glibc gives freed blocks larger than 128 KB back to the operating system, and the next
 training step, which allocates the same activations again, faults them back in page by page. On
@@ -91,9 +92,10 @@ def for_rows(fn, n_rows, row_size, blas=False, shared_weight=False, xp=None):
     ``xp``: the array module; on CuPy ``fn(0, n_rows)`` runs once, the GPU being parallel already.
     """
     total = n_rows * row_size
-    if (xp is not None and xp.__name__ != "numpy") or total < (
-            MIN_PARALLEL_PRODUCTS if blas else MIN_PARALLEL_NUMBERS):
-        return [fn(0, n_rows)]                                # GPU, or too little work to split
+    if xp is not None and xp.__name__ != "numpy":
+        return [fn(0, n_rows)]                                # GPU: parallel already
+    if total < (MIN_PARALLEL_PRODUCTS if blas else MIN_PARALLEL_NUMBERS):
+        return _whole(fn, n_rows, blas)                       # too little work to split
     threads = get_num_threads()
     if threads > 1 and _state["pool_pid"] != os.getpid():
         set_num_threads(threads)        # a forked child: the parent's pool threads did not come along
@@ -104,7 +106,7 @@ def for_rows(fn, n_rows, row_size, blas=False, shared_weight=False, xp=None):
     else:     # blocks of BLOCK_NUMBERS numbers
         n_blocks = min(n_rows, total // BLOCK_NUMBERS)
     if n_blocks <= 1:
-        return [fn(0, n_rows)]
+        return _whole(fn, n_rows, blas)
     bounds = [n_rows * i // n_blocks for i in range(n_blocks + 1)]
     job = _Job(fn, list(zip(bounds[:-1], bounds[1:])))
     if threads == 1 or threading.current_thread().name.startswith("minirlhf"):
@@ -117,6 +119,16 @@ def for_rows(fn, n_rows, row_size, blas=False, shared_weight=False, xp=None):
     if job.error is not None:
         raise job.error
     return job.results
+
+
+def _whole(fn, n_rows, blas):
+    """``[fn(0, n_rows)]``, on one thread: matrix work too small to split is small enough that
+    OpenBLAS's own threads, spinning between calls, cost more than they save (see
+    `blas_on_one_thread`)."""
+    if not blas:
+        return [fn(0, n_rows)]
+    with _blas_region():
+        return [fn(0, n_rows)]
 
 
 # ----- sharing the blocks ---------------------------------------------------------------------------
@@ -453,63 +465,102 @@ def causal_bias(xp, Tq, Tk, dtype):
     return _CAUSAL_BIAS[key]
 
 
+ATTENTION_QUERY_BLOCK = 64      # queries per block of causal attention, at 128 queries or more
+
+
+def query_blocks(Tq, Tk, causal):
+    """[(lo, hi, keys)]: attention's queries lo:hi and the first ``keys`` keys they may see.
+
+    Causal attention at Tq >= 2·ATTENTION_QUERY_BLOCK is cut into blocks of queries, each taking
+    only the keys up to its last query (query i sits at position Tk - Tq + i): the scores of the
+    future, which softmax would turn into zeros, are never computed, exponentiated or multiplied.
+    With a mask, or few queries, one block takes them all."""
+    if not causal or Tq < 2 * ATTENTION_QUERY_BLOCK:
+        return [(0, Tq, Tk)]
+    bounds = list(range(0, Tq, ATTENTION_QUERY_BLOCK)) + [Tq]
+    return [(lo, hi, Tk - Tq + hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
 def attention(q, k, v, scale, allowed=None):
     """y = P v with P = softmax(scale · q kᵀ + mask), for q (..., Tq, hs), k and v (..., Tk, hs):
-    returns y (..., Tq, hs) and P (..., Tq, Tk). The mask is causal, or, given ``allowed`` (a
-    boolean array broadcastable to (..., Tq, Tk)), -inf where it is False. Blocks of batch rows
-    run on threads; P is computed in place in its own array."""
+    returns y (..., Tq, hs) and P, a list with one array (..., hi - lo, keys) per block of
+    `query_blocks`. The mask is causal, or, given ``allowed`` (a boolean array broadcastable to
+    (..., Tq, Tk)), -inf where it is False. Blocks of batch rows run on threads; P is computed in
+    place in its own arrays."""
     xp = backend.get_array_module(q)
     Tq, Tk = q.shape[-2], k.shape[-2]
-    P = xp.empty(q.shape[:-1] + (Tk,), q.dtype)                     # (..., Tq, Tk)
+    blocks = query_blocks(Tq, Tk, causal=allowed is None)
+    P = [xp.empty(q.shape[:-2] + (hi - lo, keys), q.dtype) for lo, hi, keys in blocks]
     y = xp.empty(q.shape, q.dtype)                                   # (..., Tq, hs)
 
     def block(lo, hi):                                                # batch rows lo:hi
-        q_, k_, v_, P_, y_ = _batch_rows(lo, hi, q, q, k, v, P, y)
-        # scaling q (…, T, hs) is cheaper than scaling s (…, T, T)
-        xp.matmul(q_ * scale, xp.swapaxes(k_, -1, -2), out=P_)      # s
-        if allowed is None:
-            if Tq > 1:                                               # (one new query sees all keys)
-                P_ += causal_bias(xp, Tq, Tk, P_.dtype)              # -inf on future keys
-        else:
-            allowed_, = _batch_rows(lo, hi, q, allowed)
-            P_[...] = xp.where(allowed_, P_, P_.dtype.type(-xp.inf))
-        P_ -= P_.max(axis=-1, keepdims=True)
-        xp.exp(P_, out=P_)
-        P_ /= backend.sum_last(P_)[..., None]                        # softmax, in place
-        xp.matmul(P_, v_, out=y_)                                    # y = P v
+        q_, k_, v_, y_, *P_ = _batch_rows(lo, hi, q, q, k, v, y, *P)
+        qs = q_ * scale                      # scaling q (…, T, hs) is cheaper than s (…, T, T)
+        for (a, b, keys), Pb in zip(blocks, P_):
+            xp.matmul(qs[..., a:b, :], xp.swapaxes(k_[..., :keys, :], -1, -2), out=Pb)   # s
+            if allowed is None:
+                if b - a > 1:                                        # (one new query sees all keys)
+                    Pb += causal_bias(xp, b - a, keys, Pb.dtype)     # -inf on future keys
+            else:
+                allowed_, = _batch_rows(lo, hi, q, allowed)
+                Pb[...] = xp.where(allowed_, Pb, Pb.dtype.type(-xp.inf))
+            Pb -= Pb.max(axis=-1, keepdims=True)
+            xp.exp(Pb, out=Pb)
+            Pb /= backend.sum_last(Pb)[..., None]                    # softmax, in place
+            xp.matmul(Pb, v_[..., :keys, :], out=y_[..., a:b, :])   # y = P v
 
-    _for_batch_rows(block, q, P, xp)
+    _for_batch_rows(block, q, Tq * Tk, xp)
     return y, P
 
 
-def attention_grads(q, k, v, P, gy, scale, out=None):
-    """The gradients of y = P v, P = softmax(s), s = scale · q kᵀ (masked): gv = Pᵀ gy,
-    gs = P ⊙ (gP - Σ_j gP_j P_j) with gP = gy vᵀ, gq = scale · gs k, gk = scale · gsᵀ q.
+def attention_grads(q, k, v, P, y, gy, scale, out=None):
+    """The gradients of y = P v, P = softmax(s), s = scale · q kᵀ (masked), P as `attention`
+    returns it: gv = Pᵀ gy, gs = P ⊙ (gP - D) with gP = gy vᵀ and D = Σ_j gP_j P_j, which is
+    Σ_d gy_d y_d (y = P v), gq = scale · gs k, gk = scale · gsᵀ q.
     ``out``: three arrays shaped like q, k and v to write gq, gk and gv into."""
     xp = backend.get_array_module(gy)
     gq, gk, gv = out if out is not None else (xp.empty_like(q), xp.empty_like(k), xp.empty_like(v))
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    # the blocks of `query_blocks`, read back from P; the last one sees every key, so it writes
+    # gk and gv whole and the ones before add to their first keys
+    blocks = [(lo, lo + Pb.shape[-2], Pb.shape[-1]) for lo, Pb in
+              zip(itertools.accumulate([0] + [Pb.shape[-2] for Pb in P[:-1]]), P)]
 
     def block(lo, hi):                                                # batch rows lo:hi
-        q_, k_, v_, P_, gy_, gq_, gk_, gv_ = _batch_rows(lo, hi, q, q, k, v, P, gy, gq, gk, gv)
-        xp.matmul(xp.swapaxes(P_, -1, -2), gy_, out=gv_)            # (..., Tk, hs)
-        gs = gy_ @ xp.swapaxes(v_, -1, -2)                           # gP, (..., Tq, Tk)
-        gs -= backend.sum_last(gs * P_)[..., None]                   # gs = P ⊙ (gP - Σ gP P)
-        gs *= P_
-        xp.matmul(gs, k_, out=gq_)                                   # scale applied to the small
-        gq_ *= scale                                                 # (…, T, hs) results
-        xp.matmul(xp.swapaxes(gs, -1, -2), q_, out=gk_)
-        gk_ *= scale
+        q_, k_, v_, y_, gy_, gq_, gk_, gv_, *P_ = _batch_rows(lo, hi, q, q, k, v, y, gy, gq, gk,
+                                                              gv, *P)
+        D = (gy_ * y_).sum(axis=-1, keepdims=True)                   # (..., Tq, 1)
+        for i, ((a, b, keys), Pb) in enumerate(reversed(list(zip(blocks, P_)))):
+            gyb = gy_[..., a:b, :]
+            if i == 0:                                               # the last block sees all keys
+                xp.matmul(xp.swapaxes(Pb, -1, -2), gyb, out=gv_)     # (..., Tk, hs)
+            else:
+                gv_[..., :keys, :] += xp.swapaxes(Pb, -1, -2) @ gyb
+            gs = gyb @ xp.swapaxes(v_[..., :keys, :], -1, -2)        # gP, (..., b - a, keys)
+            gs -= D[..., a:b, :]                                     # gs = P ⊙ (gP - D)
+            gs *= Pb
+            gqb = gq_[..., a:b, :]
+            xp.matmul(gs, k_[..., :keys, :], out=gqb)                # scale applied to the small
+            gqb *= scale                                             # (…, T, hs) results
+            if i == 0:
+                gkb = xp.matmul(xp.swapaxes(gs, -1, -2), q_[..., a:b, :], out=gk_)
+                gkb *= scale
+            else:
+                gkb = xp.swapaxes(gs, -1, -2) @ q_[..., a:b, :]
+                gkb *= scale
+                gk_[..., :keys, :] += gkb
 
-    _for_batch_rows(block, q, P, xp)
+    _for_batch_rows(block, q, Tq * Tk, xp)
     return gq, gk, gv
 
 
-def _for_batch_rows(block, q, P, xp):
-    """Run ``block(lo, hi)`` over blocks of the leading (batch) axis, on CPU threads."""
+def _for_batch_rows(block, q, scores, xp):
+    """Run ``block(lo, hi)`` over blocks of the leading (batch) axis, on CPU threads; ``scores``:
+    the (Tq, Tk) scores of one head."""
     if q.ndim < 3:                                                   # no batch axis: one block
         block(0, None)
         return
-    per_row = P[:1].size * q.shape[-1]                               # multiply-adds of one row
+    per_row = q[:1].size // q.shape[-2] * scores                     # multiply-adds of one row
     for_rows(block, q.shape[0], per_row, blas=True, xp=xp)
 
 

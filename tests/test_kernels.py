@@ -32,6 +32,7 @@ def split_everything(monkeypatch, threads):
     monkeypatch.setattr(kernels, "MIN_PARALLEL_NUMBERS", 1)
     monkeypatch.setattr(kernels, "MIN_PARALLEL_PRODUCTS", 1)
     monkeypatch.setattr(kernels, "MIN_ROWS_PER_WEIGHT", 1)
+    monkeypatch.setattr(kernels, "ATTENTION_QUERY_BLOCK", 2)
     threads(3)
 
 
@@ -298,6 +299,7 @@ def test_split_ops_equal_unsplit_ones(index, monkeypatch, threads):
     monkeypatch.setattr(kernels, "MIN_PARALLEL_NUMBERS", 1)
     monkeypatch.setattr(kernels, "MIN_PARALLEL_PRODUCTS", 1)
     monkeypatch.setattr(kernels, "MIN_ROWS_PER_WEIGHT", 1)
+    monkeypatch.setattr(kernels, "ATTENTION_QUERY_BLOCK", 2)
     monkeypatch.setattr(kernels, "for_rows", _counting(kernels.for_rows))
     threads(3)
     split, split_grads = _value_and_grads(fn, arrays)
@@ -332,3 +334,40 @@ def test_float32_stays_float32_when_split(split_everything):
     y = F.gelu(F.linear(x, w))
     y.sum().backward()
     assert y.dtype == np.float32 and x.grad.dtype == np.float32 and w.grad.dtype == np.float32
+
+
+# ----- causal attention in blocks of queries --------------------------------------------------------
+
+@pytest.mark.parametrize("Tq, Tk", [(7, 7), (4, 4), (5, 8), (1, 6)])
+def test_query_blocks_cover_every_query_and_every_key_it_may_see(monkeypatch, Tq, Tk):
+    monkeypatch.setattr(kernels, "ATTENTION_QUERY_BLOCK", 2)
+    blocks = kernels.query_blocks(Tq, Tk, causal=True)
+    assert [q for lo, hi, _ in blocks for q in range(lo, hi)] == list(range(Tq))
+    for lo, hi, keys in blocks:                 # query i sees keys 0 .. Tk - Tq + i, no fewer
+        assert keys == Tk - Tq + hi
+    assert blocks[-1][2] == Tk
+    assert kernels.query_blocks(Tq, Tk, causal=False) == [(0, Tq, Tk)]
+
+
+@pytest.mark.parametrize("Tq, Tk", [(7, 7), (5, 8)])
+def test_attention_in_query_blocks_equals_its_reference_and_passes_gradcheck(monkeypatch, Tq, Tk):
+    """Blocks of 2 queries (3 or 4 blocks), each seeing only the keys up to its last query: the
+    same values and gradients as the plain attention, and float64 central differences agree."""
+    from minirlhf import reference as R
+    monkeypatch.setattr(kernels, "ATTENTION_QUERY_BLOCK", 2)
+    rng = np.random.default_rng(Tq)
+    q = rng.standard_normal((2, 3, Tq, 4))
+    k, v = rng.standard_normal((2, 2, 3, Tk, 4))
+    assert len(kernels.query_blocks(Tq, Tk, causal=True)) > 2
+    fused, fused_grads = _value_and_grads(F.causal_attention, [q, k, v])
+    plain, plain_grads = _value_and_grads(R.causal_attention, [q, k, v])
+    np.testing.assert_allclose(fused, plain, rtol=1e-12, atol=1e-12)
+    for a, b in zip(fused_grads, plain_grads):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    mr.gradcheck(F.causal_attention, [q, k, v])
+    qkv = rng.standard_normal((2, Tq, 3 * 6))
+    mr.gradcheck(lambda a: F.self_attention(a, 3), [qkv])
+    fused, fused_grads = _value_and_grads(lambda a: F.self_attention(a, 3), [qkv])
+    plain, plain_grads = _value_and_grads(lambda a: R.self_attention(a, 3), [qkv])
+    np.testing.assert_allclose(fused, plain, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(fused_grads[0], plain_grads[0], rtol=1e-10, atol=1e-12)
