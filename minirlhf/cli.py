@@ -98,8 +98,9 @@ def main(argv=None):
     from .checkpoint import CheckpointError
     from .datasets import DataError
     from .train.common import ConfigError
-    from .train.rl import RewardFunctionError
-    from .train.run import DivergenceError, Interrupted, command_line
+    from .train.folder import command_line
+    from .train.rollout import RewardFunctionError
+    from .train.run import DivergenceError, Interrupted
     import numpy as np
     try:
         # a run checks its loss and gradients itself and stops at the first NaN in one line: NumPy's

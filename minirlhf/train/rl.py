@@ -24,7 +24,7 @@ from ..optim import AdamW, param_groups
 from ..tensor import no_grad
 from .common import (RolloutConfig, check_context, check_rollout, config_summary, load_policy,
                      option, require)
-from .rollout import Rewarder, RewardFunctionError, load_reward_fn, sample_rollout  # noqa: F401
+from .rollout import Rewarder, sample_rollout
 from .run import Run
 
 

@@ -57,7 +57,7 @@ from dataclasses import asdict
 from ..backend import get_array_module
 from ..checkpoint import CheckpointError, non_finite, load_checkpoint, save_checkpoint
 from .common import ConfigError
-from .folder import RunFolder, command_line  # noqa: F401  (command_line: the CLI's)
+from .folder import RunFolder
 
 
 class DivergenceError(RuntimeError):
