@@ -99,8 +99,9 @@ def main(argv=None):
     from .datasets import DataError
     from .hf import HFError
     from .train.common import ConfigError
-    from .train.rl import RewardFunctionError
-    from .train.run import DivergenceError, Interrupted, command_line
+    from .train.folder import command_line
+    from .train.rollout import RewardFunctionError
+    from .train.run import DivergenceError, Interrupted
     import numpy as np
     try:
         # a run checks its loss and gradients itself and stops at the first NaN in one line: NumPy's

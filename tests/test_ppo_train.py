@@ -11,7 +11,7 @@ from minirlhf import cli
 from minirlhf.checkpoint import load_checkpoint, load_model, save_checkpoint
 from minirlhf.model import GPT, RewardModel, ValueModel
 from minirlhf.train.ppo import PPOConfig, adaptive_beta, make_value_model
-from minirlhf.train.rl import Rewarder
+from minirlhf.train.rollout import Rewarder
 from minirlhf.tokenizer import ByteTokenizer
 
 METRICS = {"objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
