@@ -93,7 +93,7 @@ def last_digit_table(beta=0.5, G=4, steps=300, grpo_steps=1000, seed=0):
                   "E[R] - β'·KL(p‖p_ref), β' = β·G/(G-1)",
                   per_token_optimum(p_ref, R, beta, 10, 1, "reverse", c)),
                  ("GRPO, k3 in the loss, scale group", "group", False,
-                  "E[R'] - β·KL(p_ref‖p), R' = E[A|y] = R/σ_group at that point",
+                  "E[R'] - β·KL(p_ref‖p), R' = E[A \\| y] = R/σ_group at that point",
                   grpo_group_fixed_point(p_ref, R, beta, G, 10, 1))]
     for name, scale, corrected, optimises, claim in grpo_rows:
         policy = train_grpo_expected(start(), ref, problem, G, scale, corrected, steps=grpo_steps)
@@ -127,7 +127,7 @@ def markdown(beta=0.5, G=4, steps=300, grpo_steps=1000):
         p = " / ".join(f"{v:.3f}" for v in r["p_right"])
         lines.append(f"| {r['name']} | {r['how']} | {p} | {_num(r['kl_to_optimum'])} | "
                      f"{r['optimises']} | {_num(r['kl_to_claim'])} |")
-    lines += ["", "| G | p | E[A|right] - E[A|wrong], scale none | scale group | frac_reward_zero_std |",
+    lines += ["", "| G | p | E[A \\| right] - E[A \\| wrong], scale none | scale group | frac_reward_zero_std |",
               "|---|---|---|---|---|"]
     for g in (4, 8):
         for p, none, group, zero in std_scaling_table(g):
