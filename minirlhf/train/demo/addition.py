@@ -45,17 +45,17 @@ REWARD_FN = "minirlhf.tasks.addition:reward"
 
 # The quick preset: how it was tuned, and what each run measured, is in benchmarks/README.md.
 QUICK = {
-    "task": dict(max_digits=4, train_pairs=20000, held_out=400),
+    "task": dict(max_digits=2, train_pairs=20000, held_out=400),
     "model": dict(n_layer=2, n_head=4, n_embd=64, block_size=24),
-    "pretrain": dict(batch_size=32, max_steps=300, lr=3e-3, min_lr=3e-4, warmup_steps=30,
-                     eval_interval=300, eval_batches=2, ckpt_interval=300),
-    "sft": dict(batch_size=32, max_steps=300, lr=2e-3, warmup_steps=20, val_fraction=0.02,
-                eval_interval=300),
+    "pretrain": dict(batch_size=32, max_steps=100, lr=3e-3, min_lr=3e-4, warmup_steps=30,
+                     eval_interval=100, eval_batches=1, ckpt_interval=100),
+    "sft": dict(batch_size=32, max_steps=1000, lr=5e-3, warmup_steps=20, val_fraction=0.02,
+                eval_interval=1000),
     "rl": dict(beta=0.01, baseline="loo", prompts_per_step=16, samples_per_prompt=8,
-               max_steps=60, lr=3e-4),
-    "ppo": dict(beta=0.01, prompts_per_step=16, samples_per_prompt=8, max_steps=30, ppo_epochs=2,
+               max_steps=150, lr=3e-4),
+    "ppo": dict(beta=0.01, prompts_per_step=16, samples_per_prompt=8, max_steps=75, ppo_epochs=2,
                 num_minibatches=2, lr=3e-4, vf_coef=0.1),
-    "grpo": dict(beta=0.0, prompts_per_step=16, num_generations=8, max_steps=60, lr=3e-4),
+    "grpo": dict(beta=0.0, prompts_per_step=16, num_generations=8, max_steps=150, lr=3e-4),
     "eval": dict(samples=16, k=8),
 }
 
