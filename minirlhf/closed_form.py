@@ -350,19 +350,20 @@ def train_ppo(policy, ref, value, problem, steps=300, n_per_prompt=32, lr=0.05, 
             old_logp = sequence_logprobs(policy, ids, mask)[0].numpy()      # (B, T)
             ref_logp = sequence_logprobs(ref, ids, mask)[0].numpy()
             old_values = value(ids).numpy() * mask
-        rewards = kl_penalty_rewards(scores, old_logp, ref_logp, mask, problem.beta, "k1")
-        advantages, returns = gae(rewards, old_values, mask, gamma=1.0, lam=lam)
-        advantages = masked_whiten(advantages, mask)
+        keep = mask != 0                                                    # (B, T) completion tokens
+        rewards = kl_penalty_rewards(scores, old_logp, ref_logp, keep, problem.beta, "k1")
+        advantages, returns = gae(rewards, old_values, keep, gamma=1.0, lam=lam)
+        advantages = masked_whiten(advantages, keep)
         optimizer.lr = value_optimizer.lr = lr_schedule(step, lr, 0, steps, min_lr=lr / 20)
         for _ in range(ppo_epochs):
             order = rng.permutation(n)
             for i in range(0, n, size):
                 mb = order[i:i + size]
                 logp, _ = sequence_logprobs(policy, ids[mb], mask[mb])
-                per_token, metrics = clipped_surrogate(logp, old_logp[mb], advantages[mb], mask[mb],
+                per_token, metrics = clipped_surrogate(logp, old_logp[mb], advantages[mb], keep[mb],
                                                        epsilon_low=epsilon)
-                vf_loss, _ = value_loss(value(ids[mb]), old_values[mb], returns[mb], mask[mb])
-                loss = masked_mean(per_token, mask[mb]) + vf_coef * vf_loss
+                vf_loss, _ = value_loss(value(ids[mb]), old_values[mb], returns[mb], keep[mb])
+                loss = masked_mean(per_token, keep[mb]) + vf_coef * vf_loss
                 optimizer.zero_grad()
                 value_optimizer.zero_grad()
                 loss.backward()

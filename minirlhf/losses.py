@@ -49,6 +49,23 @@ def check_beta(beta, fn=None, allow_zero=False):
     return beta
 
 
+def _zero_outside(x, keep):
+    """``x`` where ``keep`` is true, else 0, for a Tensor (a graph node) or an array alike: the one
+    place in this file that tells them apart, so that every masked formula is written once."""
+    if isinstance(x, Tensor):
+        return ops.where(keep, x, 0.0)
+    return backend.get_array_module(keep).where(keep, x, 0)
+
+
+def _check_keep(fn, keep, shape):
+    """``keep`` must be a boolean array of ``shape``: the tokens in the sum, made once by the
+    caller (``completion_mask != 0``)."""
+    if getattr(keep, "dtype", None) != bool or tuple(keep.shape) != tuple(shape):
+        raise ValueError(f"{fn}: keep must be a boolean array of shape {tuple(shape)} (the tokens "
+                         f"that count), got {getattr(keep, 'dtype', type(keep).__name__)} "
+                         f"{tuple(getattr(keep, 'shape', ()))}")
+
+
 def _check_same_shape(fn, **arrays):
     shapes = {name: tuple(a.shape) for name, a in arrays.items()}
     if len(set(shapes.values())) > 1:
@@ -98,15 +115,12 @@ def bt_loss(r_chosen, r_rejected, margin=0.0):
     reward gap to exceed it. Metrics: ``accuracy`` = fraction of pairs with r_w > r_l,
     ``margin`` = mean(r_w - r_l) (the gap itself, not the argument).
     """
-    if not isinstance(r_chosen, Tensor) and not isinstance(r_rejected, Tensor):
+    _check_same_shape("bt_loss", r_chosen=r_chosen, r_rejected=r_rejected)
+    diff = r_chosen - r_rejected                                         # (B,) a Tensor
+    if not isinstance(diff, Tensor):
         raise TypeError("bt_loss: r_chosen or r_rejected must be a Tensor (the reward model's output)")
-    ref = r_chosen if isinstance(r_chosen, Tensor) else r_rejected
-    xp = backend.get_array_module(ref.data)
-    _check_same_shape("bt_loss", r_chosen=array_of(r_chosen, xp),
-                      r_rejected=array_of(r_rejected, xp))
-    diff = r_chosen - r_rejected                                         # (B,)
-    m = margin if isinstance(margin, Tensor) else ops.as_tensor(
-        array_of(margin, xp).astype(diff.dtype))
+    xp = backend.get_array_module(diff.data)
+    m = xp.asarray(margin, dtype=diff.dtype)                             # a constant
     loss = -F.logsigmoid(diff - m).mean()
 
     d = diff.data
@@ -130,14 +144,7 @@ def ranking_to_pairs(ranked):
 
 
 def _log_ratio(logp, ref_logp):
-    """log r = log p_ref - log p_θ, as a Tensor if either input is one, else as an array."""
-    if isinstance(logp, Tensor) or isinstance(ref_logp, Tensor):
-        ref = logp if isinstance(logp, Tensor) else ref_logp
-        xp = backend.get_array_module(ref.data)
-        _check_same_shape("kl", logp=array_of(logp, xp), ref_logp=array_of(ref_logp, xp))
-        return ops.as_tensor(ref_logp, like=ref) - ops.as_tensor(logp, like=ref)
-    xp = backend.get_array_module(logp, ref_logp)
-    logp, ref_logp = xp.asarray(logp), xp.asarray(ref_logp)
+    """log r = log p_ref - log p_θ: a Tensor if either input is one, else an array."""
     _check_same_shape("kl", logp=logp, ref_logp=ref_logp)
     return ref_logp - logp
 
@@ -146,7 +153,8 @@ def kl_k1(logp, ref_logp):
     """k1 = -log r = log p_θ - log p_ref, with r = p_ref / p_θ and y ~ p_θ.
 
     Unbiased (E_p_θ[-log r] = KL(p_θ ‖ p_ref)) but single samples can be negative: a noisy estimate.
-    Works on Tensors (differentiable) and on raw arrays.
+    The estimators take Tensors (differentiable: a loss's KL term) and arrays (a rollout's reward,
+    a metric) alike: each is written once, with operators both understand.
     """
     return -_log_ratio(logp, ref_logp)
 
@@ -164,33 +172,37 @@ def kl_k3(logp, ref_logp):
     variate r - 1, whose mean is 0, and so has far less variance than k1 when p_θ ≈ p_ref.
     """
     lr = _log_ratio(logp, ref_logp)
-    if isinstance(lr, Tensor):
-        return F.KLk3()(lr)
-    xp = backend.get_array_module(lr)
-    return xp.maximum(xp.expm1(lr) - lr, 0)
+    k3 = F.KLk3()                         # its forward is the formula, on an array or as a node
+    return k3(lr) if isinstance(lr, Tensor) else k3.forward(lr)
 
 
 _ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+KL_ESTIMATORS = tuple(_ESTIMATORS)         # the names `kl_per_sequence` and `kl_penalty_rewards` take
 
 
-def kl_per_sequence(logp, ref_logp, mask, estimator="k1"):
-    """Σ_t mask[:, t] · k(logp[:, t], ref_logp[:, t]): an estimate of KL per sequence, (B, T) -> (B,).
+def _estimator(fn, name):
+    if name not in _ESTIMATORS:
+        raise ValueError(f"{fn}: estimator must be one of {', '.join(KL_ESTIMATORS)}, got {name!r}")
+    return _ESTIMATORS[name]
+
+
+def kl_per_sequence(logp, ref_logp, keep, estimator="k1"):
+    """Σ_t keep[:, t] · k(logp[:, t], ref_logp[:, t]): an estimate of KL per sequence, (B, T) -> (B,).
 
     With ``estimator="k1"`` this is log p_θ(y|x) - log p_ref(y|x) of the sampled completion, whose
     mean over y ~ p_θ is KL(p_θ(·|x) ‖ p_ref(·|x)) (the KL of sequences is the sum of the per-token
     KLs along the sampled path). k2 and k3 are applied per token, then summed.
     """
-    if estimator not in _ESTIMATORS:
-        raise ValueError(f"kl_per_sequence: estimator must be 'k1', 'k2' or 'k3', got {estimator!r}")
-    k = _ESTIMATORS[estimator](logp, ref_logp)                           # (B, T)
-    keep = _keep(mask, k, "kl_per_sequence")                             # (B, T) bool
-    if isinstance(k, Tensor):
-        return ops.where(keep, k, 0.0).sum(axis=-1)
-    return backend.get_array_module(keep).where(keep, k, 0).sum(axis=-1)
+    k = _estimator("kl_per_sequence", estimator)(logp, ref_logp)       # (B, T)
+    _check_keep("kl_per_sequence", keep, k.shape)
+    return _zero_outside(k, keep).sum(axis=-1)
 
 
 # ===================================================================================================
 # REINFORCE with a KL penalty
+
+
+BASELINES = ("none", "mean", "loo")       # the baselines `reinforce_kl_loss` takes
 
 
 def reinforce_kl_loss(logp_seq, ref_logp_seq, rewards, beta, baseline="mean", group=None):
@@ -223,8 +235,8 @@ def reinforce_kl_loss(logp_seq, ref_logp_seq, rewards, beta, baseline="mean", gr
     sequence (k1), ``reward_with_kl`` = mean R̂, ``advantage/mean``, ``advantage/std``.
     """
     beta = check_beta(beta, "reinforce_kl_loss", allow_zero=True)
-    if baseline not in ("none", "mean", "loo"):
-        raise ValueError(f"reinforce_kl_loss: baseline must be 'none', 'mean' or 'loo', "
+    if baseline not in BASELINES:
+        raise ValueError(f"reinforce_kl_loss: baseline must be one of {', '.join(BASELINES)}, "
                          f"got {baseline!r}")
     if not isinstance(logp_seq, Tensor):
         raise TypeError("reinforce_kl_loss: logp_seq must be a Tensor (the policy's log p_θ(y|x))")
@@ -351,77 +363,60 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 # ===================================================================================================
 # policy optimisation: PPO's blocks
 #
-# Per-token quantities are (B, T) over the completion tokens with a 0/1 ``mask`` (prompt and padding
-# 0); per-sequence ones are (B,). Each block takes Tensors (differentiable) or raw arrays.
-
-
-def _keep(mask, like, fn):
-    """The mask as a boolean array on ``like``'s device, checked against ``like``'s shape."""
-    xp = backend.get_array_module(array_of(like))
-    shape = tuple(array_of(like, xp).shape)
-    keep = array_of(mask, xp) != 0
-    if tuple(keep.shape) != shape:
-        raise ValueError(f"{fn}: mask of shape {tuple(keep.shape)} does not match values of shape "
-                         f"{shape}")
-    return keep
+# Per-token quantities are (B, T) over the completion tokens, with ``keep`` (B, T) the boolean mask
+# of the completion tokens (prompt and padding False), made once by the caller; per-sequence ones
+# are (B,). The losses take the Tensor being trained and constant arrays, wrapped once where they
+# meet it; the rollout's math (`kl_penalty_rewards`, `gae`, `masked_whiten`, `group_advantages`)
+# takes arrays. Each formula is written once: the masked sums go through `_zero_outside`.
 
 
 def _token_mean(x, keep):
     """Σ keep·x / max(Σ keep, 1) as a Python float: the metrics' mean over the tokens, which is 0,
     not an error, on an empty mask (TRL clamps the count at 1; `masked_mean` refuses)."""
-    xp = backend.get_array_module(keep)
-    return _float(xp.where(keep, x, 0).sum()) / max(int(keep.sum()), 1)
+    return _float(_zero_outside(x, keep).sum()) / max(int(keep.sum()), 1)
 
 
-def masked_mean(x, mask, axis=None):
-    """Mean of ``x`` over the entries where ``mask`` is 1:  Σ m·x / Σ m  (over ``axis``, or all).
+def masked_mean(x, keep, axis=None):
+    """Mean of ``x`` over the entries where ``keep`` is true:  Σ m·x / Σ m  (over ``axis``, or all).
 
     Entries outside the mask never reach the sum, not even as 0·inf. A Tensor in gives a Tensor out,
     and the result keeps x's dtype (the count is cast to it: float32 / int64 would be float64).
     """
-    keep = _keep(mask, x, "masked_mean")
+    _check_keep("masked_mean", keep, x.shape)
     count = keep.sum(axis=axis)
     if bool((count == 0).any()):
         raise ValueError("masked_mean: the mask selects no entry (all 0) along the reduced axis")
-    if isinstance(x, Tensor):
-        return ops.where(keep, x, 0.0).sum(axis=axis) / count            # count takes x's dtype
-    xp = backend.get_array_module(keep)
-    x = xp.asarray(x)
-    return xp.where(keep, x, 0).sum(axis=axis) / count.astype(x.dtype)
+    return _zero_outside(x, keep).sum(axis=axis) / count.astype(x.dtype)
 
 
-def masked_var(x, mask, unbiased=True):
+def masked_var(x, keep, unbiased=True):
     """Variance of ``x`` over the masked entries, μ = `masked_mean`:
 
         σ² = Σ m·(x - μ)² / (Σ m - 1)    (``unbiased``, Bessel's correction)   or   / Σ m
     """
-    keep = _keep(mask, x, "masked_var")
     n = int(keep.sum())
     if unbiased and n < 2:
         raise ValueError(f"masked_var: the unbiased variance needs at least 2 masked entries, got {n}")
-    centered = x - masked_mean(x, mask)
-    var = masked_mean(centered * centered, mask)
+    centered = x - masked_mean(x, keep)
+    var = masked_mean(centered * centered, keep)
     return var * (n / (n - 1)) if unbiased else var
 
 
-def masked_whiten(x, mask, shift_mean=True):
+def masked_whiten(x, keep, shift_mean=True):
     """(x - μ) / sqrt(σ² + 1e-8) with μ, σ² the masked mean and unbiased variance; 0 outside the mask.
 
     PPO whitens its advantages over the whole batch so that one step's size does not depend on the
     scale of the reward. σ² is the unbiased variance, as TRL's PPO computed it. ``shift_mean=False``
     adds μ back (rescales only), as TRL's does.
     """
-    keep = _keep(mask, x, "masked_whiten")
-    mu = masked_mean(x, mask)
-    white = (x - mu) * (masked_var(x, mask) + 1e-8) ** -0.5
+    mu = masked_mean(x, keep)
+    white = (x - mu) * (masked_var(x, keep) + 1e-8) ** -0.5
     if not shift_mean:
         white = white + mu
-    if isinstance(x, Tensor):
-        return ops.where(keep, white, 0.0)
-    return backend.get_array_module(x).where(keep, white, 0)
+    return _zero_outside(white, keep)
 
 
-def clipped_surrogate(logp, old_logp, advantages, mask, epsilon_low=0.2, epsilon_high=None):
+def clipped_surrogate(logp, old_logp, advantages, keep, epsilon_low=0.2, epsilon_high=None):
     """PPO's clipped surrogate (Schulman et al., 2017), per token:
 
         L_t = -min(ρ_t·A_t, clip(ρ_t, 1 - ε_low, 1 + ε_high)·A_t),    ρ_t = exp(log p_θ - log p_old)
@@ -455,7 +450,7 @@ def clipped_surrogate(logp, old_logp, advantages, mask, epsilon_low=0.2, epsilon
     if A.shape[0] != logp.shape[0] or A.shape[1] not in (1, logp.shape[1]):
         raise ValueError(f"clipped_surrogate: advantages must be (B,) or (B, T) for logp "
                          f"{tuple(logp.shape)}, got {tuple(array_of(advantages, xp).shape)}")
-    keep = _keep(mask, logp, "clipped_surrogate")
+    _check_keep("clipped_surrogate", keep, logp.shape)
 
     log_ratio = logp - ops.as_tensor(old, like=logp)                     # (B, T) log ρ
     ratio = log_ratio.exp()                                              # (B, T) ρ
@@ -463,7 +458,7 @@ def clipped_surrogate(logp, old_logp, advantages, mask, epsilon_low=0.2, epsilon
     unclipped = -(ratio * A_t)                                           # (B, T) -ρ·A
     clipped = -(ratio.clip(1.0 - eps_lo, 1.0 + eps_hi) * A_t)            # (B, T) -clip(ρ)·A
     per_token = ops.where(unclipped.data >= clipped.data, unclipped, clipped)   # -min(ρA, clip(ρ)A)
-    per_token = ops.where(keep, per_token, 0.0)
+    per_token = _zero_outside(per_token, keep)
 
     r = ratio.data
     low = (r < 1.0 - eps_lo) & (A < 0)
@@ -475,7 +470,7 @@ def clipped_surrogate(logp, old_logp, advantages, mask, epsilon_low=0.2, epsilon
     return per_token, metrics
 
 
-def kl_penalty_rewards(scores, logp, ref_logp, mask, beta, estimator="k1"):
+def kl_penalty_rewards(scores, logp, ref_logp, keep, beta, estimator="k1"):
     """The per-token reward PPO maximises (Ziegler et al., 2019; InstructGPT), (B, T):
 
         r_t = -β·k(log p_θ(y_t), log p_ref(y_t))  at every completion token t,
@@ -484,16 +479,13 @@ def kl_penalty_rewards(scores, logp, ref_logp, mask, beta, estimator="k1"):
     with k Schulman's k1 (log p_θ - log p_ref, the default), k2 or k3 per token. With k1, the sum
     over the completion is exactly R̂ = R - β·(log p_θ(y) - log p_ref(y)) of `reinforce_kl_loss`;
     spread over tokens it lets GAE credit each token with the KL it itself added. 0 outside the
-    mask. ``scores`` (B,) are R(y|x). Arrays give an array; a Tensor ``logp`` gives a Tensor
-    (differentiable through the KL term).
+    mask. ``scores`` (B,) are R(y|x). Arrays in, an array out: the rewards are constants of the loss.
     """
     beta = check_beta(beta, "kl_penalty_rewards", allow_zero=True)
-    if estimator not in _ESTIMATORS:
-        raise ValueError(f"kl_penalty_rewards: estimator must be 'k1', 'k2' or 'k3', got {estimator!r}")
-    k = _ESTIMATORS[estimator](logp, ref_logp)                           # (B, T)
-    keep = _keep(mask, k, "kl_penalty_rewards")
+    k = _estimator("kl_penalty_rewards", estimator)(logp, ref_logp)    # (B, T)
+    _check_keep("kl_penalty_rewards", keep, k.shape)
     xp = backend.get_array_module(keep)
-    R = array_of(scores, xp).astype(k.dtype)
+    R = xp.asarray(scores).astype(k.dtype)
     if tuple(R.shape) != (keep.shape[0],):
         raise ValueError(f"kl_penalty_rewards: scores must be (B,) = ({keep.shape[0]},), "
                          f"got {tuple(R.shape)}")
@@ -501,12 +493,10 @@ def kl_penalty_rewards(scores, logp, ref_logp, mask, beta, estimator="k1"):
     last = T - 1 - xp.argmax(keep[:, ::-1], axis=1)                      # (B,) last completion token
     at_last = (xp.arange(T)[None, :] == last[:, None]) & keep            # (B, T) one-hot
     score = xp.where(at_last, R[:, None], 0)                             # (B, T)
-    if isinstance(k, Tensor):
-        return ops.where(keep, -beta * k, 0.0) + ops.as_tensor(score, like=k)
     return xp.where(keep, -beta * k, 0) + score
 
 
-def gae(rewards, values, mask, gamma=1.0, lam=0.95):
+def gae(rewards, values, keep, gamma=1.0, lam=0.95):
     """Generalised advantage estimation (Schulman et al., 2016) over the completion tokens, (B, T):
 
         δ_t = r_t + γ·V_{t+1} - V_t,      A_t = δ_t + γλ·A_{t+1},      returns_t = A_t + V_t,
@@ -520,10 +510,10 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     gamma, lam = float(gamma), float(lam)
     if not (0 <= gamma <= 1 and 0 <= lam <= 1):
         raise ValueError(f"gae: need 0 <= gamma <= 1 and 0 <= lam <= 1, got {gamma} and {lam}")
-    xp = backend.get_array_module(array_of(rewards), array_of(values))
-    r, v = array_of(rewards, xp), array_of(values, xp)
+    xp = backend.get_array_module(rewards, values)
+    r, v = xp.asarray(rewards), xp.asarray(values)
     _check_same_shape("gae", rewards=r, values=v)
-    keep = _keep(mask, r, "gae")
+    _check_keep("gae", keep, r.shape)
     r = xp.where(keep, r, 0)
     v = xp.where(keep, v, 0)
     advantages = xp.zeros_like(r)
@@ -538,7 +528,7 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     return advantages, xp.where(keep, advantages + v, 0)
 
 
-def value_loss(values, old_values, returns, mask, clip_range_value=0.2):
+def value_loss(values, old_values, returns, keep, clip_range_value=0.2):
     """PPO's clipped value loss, as in OpenAI's baselines and TRL:
 
         L_V = ½·masked_mean(max((V - returns)², (clip(V, V_old - c, V_old + c) - returns)²))
@@ -558,7 +548,6 @@ def value_loss(values, old_values, returns, mask, clip_range_value=0.2):
     old = array_of(old_values, xp).astype(values.dtype)                     # (B, T) constants
     returns = array_of(returns, xp).astype(values.dtype)
     _check_same_shape("value_loss", values=values.data, old_values=old, returns=returns)
-    keep = _keep(mask, values, "value_loss")
 
     returns_t = ops.as_tensor(returns, like=values)
     err = values - returns_t
@@ -577,6 +566,9 @@ def value_loss(values, old_values, returns, mask, clip_range_value=0.2):
 # one of its tokens. The formulas below are TRL's GRPOTrainer's, term for term.
 
 
+SCALES = ("group", "batch", "none")        # the scales `group_advantages` takes
+
+
 def group_advantages(rewards, group_size, scale="group", eps=1e-4):
     """GRPO's advantages (B,) from the rewards (B,) of groups of ``group_size`` consecutive rows:
 
@@ -590,10 +582,10 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-4):
     ``"mean"``).
     Arrays in, an array out: advantages are constants of the loss.
     """
-    if scale not in ("group", "batch", "none"):
-        raise ValueError(f"group_advantages: scale must be 'group', 'batch' or 'none', got {scale!r}")
-    xp = backend.get_array_module(array_of(rewards))
-    r = array_of(rewards, xp)                                            # lists too
+    if scale not in SCALES:
+        raise ValueError(f"group_advantages: scale must be one of {', '.join(SCALES)}, got {scale!r}")
+    xp = backend.get_array_module(rewards)
+    r = xp.asarray(rewards)                                              # lists too
     G = int(group_size)
     if r.ndim != 1:
         raise ValueError(f"group_advantages: rewards must be (B,), got {tuple(r.shape)}")
@@ -619,7 +611,7 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-4):
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo", "sequence")
 
 
-def aggregate_tokens(per_token_loss, mask, loss_type, max_completion_length=None):
+def aggregate_tokens(per_token_loss, keep, loss_type, max_completion_length=None):
     """One scalar from a per-token loss (B, T) and its 0/1 mask, as each variant weighs tokens.
 
     With |y_i| the number of tokens of sequence i (its mask's sum), m the mask, ℓ the loss:
@@ -650,13 +642,10 @@ def aggregate_tokens(per_token_loss, mask, loss_type, max_completion_length=None
     if loss_type == "dr_grpo" and (max_completion_length is None or max_completion_length < 1):
         raise ValueError("aggregate_tokens: loss_type='dr_grpo' needs max_completion_length >= 1 "
                          "(its constant normaliser)")
-    keep = _keep(mask, per_token_loss, "aggregate_tokens")
+    _check_keep("aggregate_tokens", keep, per_token_loss.shape)
     xp = backend.get_array_module(keep)
     B = keep.shape[0]
-    if isinstance(per_token_loss, Tensor):
-        masked = ops.where(keep, per_token_loss, 0.0)                    # (B, T)
-    else:
-        masked = xp.where(keep, xp.asarray(per_token_loss), 0)
+    masked = _zero_outside(per_token_loss, keep)                         # (B, T)
     if loss_type == "grpo":
         lengths = xp.maximum(keep.sum(axis=1), 1).astype(masked.dtype)   # (B,) |y_i|, clamped
         return (masked.sum(axis=1) / lengths).sum() / B
@@ -667,7 +656,7 @@ def aggregate_tokens(per_token_loss, mask, loss_type, max_completion_length=None
     return masked.sum() / B
 
 
-def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.0, epsilon_low=0.2,
+def grpo_loss(logp, old_logp, ref_logp, advantages, keep, beta=0.0, epsilon_low=0.2,
               epsilon_high=None, loss_type="grpo", max_completion_length=None,
               use_bias_correction_kl=False):
     """GRPO's loss, as TRL's GRPOTrainer computes it, per token then aggregated:
@@ -692,14 +681,10 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.0, epsilon_low=
     beta = check_beta(beta, "grpo_loss", allow_zero=True)
     if not isinstance(logp, Tensor):
         raise TypeError("grpo_loss: logp must be a Tensor (the policy's log p_θ per token)")
-    if loss_type == "sequence" or loss_type not in LOSS_TYPES:
-        raise ValueError(f"grpo_loss: loss_type must be 'grpo', 'bnpo', 'dapo' or 'dr_grpo', "
-                         f"got {loss_type!r}")
     xp = backend.get_array_module(logp.data)
     A = array_of(advantages, xp)
     if A.ndim != 1:
         raise ValueError(f"grpo_loss: advantages must be one per sequence (B,), got {tuple(A.shape)}")
-    keep = _keep(mask, logp, "grpo_loss")
 
     per_token, surrogate = clipped_surrogate(logp, old_logp, A, keep, epsilon_low, epsilon_high)
     metrics = {"clip_ratio/low_mean": surrogate["clipfrac/low"],
@@ -711,7 +696,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.0, epsilon_low=
         if use_bias_correction_kl:
             old = array_of(old_logp, xp).astype(logp.dtype)
             k3 = k3 * (logp - ops.as_tensor(old, like=logp)).exp()       # k3·ρ, ρ differentiable
-        k3 = ops.where(keep, k3, 0.0)
+        k3 = _zero_outside(k3, keep)
         per_token = per_token + beta * k3
         metrics = {"kl": _token_mean(k3.data, keep), **metrics}
     loss = aggregate_tokens(per_token, keep, loss_type, max_completion_length)

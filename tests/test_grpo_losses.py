@@ -72,12 +72,13 @@ def test_group_advantages_use_the_unbiased_std_and_zero_a_group_that_agrees():
     assert (A[2:] == 0).all()                                            # std 0, not nan
 
 
-def test_group_advantages_and_aggregate_tokens_take_plain_lists():
+def test_group_advantages_take_plain_lists():
     np.testing.assert_array_equal(group_advantages([1.0, 2.0, 3.0, 5.0], 2, scale="none"),
                                   [-0.5, 0.5, -1.0, 1.0])
     np.testing.assert_allclose(group_advantages([1.0, 2.0, 3.0, 5.0], 2),
                                group_advantages(np.array([1.0, 2.0, 3.0, 5.0]), 2), rtol=0)
-    assert aggregate_tokens([[1.0, 3.0], [5.0, 7.0]], [[1, 1], [1, 0]], "grpo") == (2 + 5) / 2
+    assert aggregate_tokens(np.array([[1.0, 3.0], [5.0, 7.0]]), np.array([[1, 1], [1, 0]]) == 1,
+                            "grpo") == (2 + 5) / 2
 
 
 def test_group_advantages_refuse_bad_input():
@@ -106,10 +107,10 @@ def grpo_batches(draw):
     old = logp + draw(arrays((B, T), min_value=-0.4, max_value=0.4))
     ref = logp + draw(arrays((B, T), min_value=-1, max_value=1))
     A = draw(arrays((B,), away_from=[0.0]))
-    mask = np.zeros((B, T))
+    mask = np.zeros((B, T), dtype=bool)                                  # the losses' ``keep``
     for b in range(B):
         start, n = draw(st.integers(0, T - 1)), draw(st.integers(0, T))
-        mask[b, start:start + n] = 1
+        mask[b, start:start + n] = True
     assume(mask.sum() >= 1)
     rho = np.exp(logp - old)
     assume(np.abs(rho - (1 - EPS_LO)).min() > 1e-3 and np.abs(rho - (1 + EPS_HI)).min() > 1e-3)
@@ -166,7 +167,7 @@ def test_the_token_aggregations_are_their_formulas(batch):
 def test_grpo_weighs_a_long_sequences_tokens_less_and_dr_grpo_does_not():
     """Two sequences of 1 and 4 tokens, the same loss on each token: per token, "grpo" gives the
     short one 4 times the gradient of the long one; "dr_grpo" and "sequence" give both the same."""
-    mask = np.array([[1.0, 0, 0, 0], [1, 1, 1, 1]])
+    mask = np.array([[1, 0, 0, 0], [1, 1, 1, 1]]) == 1
     for loss_type, ratio in [("grpo", 4.0), ("dr_grpo", 1.0), ("sequence", 1.0), ("bnpo", 1.0)]:
         x = mr.tensor(np.ones((2, 4)), requires_grad=True)
         aggregate_tokens(x, mask, loss_type, max_completion_length=4).backward()
@@ -177,7 +178,7 @@ def test_on_policy_grpo_with_beta_0_is_reinforce_with_group_advantages():
     """μ = 1: old_logp = logp, so ρ = 1, no clip, and ∇L = -(1/B) Σ_i A_i ∇(mean_t log p_θ)."""
     rng = np.random.default_rng(0)
     logp = -rng.random((4, 3))
-    mask = np.array([[1.0, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]])
+    mask = np.array([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]]) == 1
     A = group_advantages(np.array([1.0, 2.0, 0.0, 3.0]), 2)
     lp = mr.tensor(logp, requires_grad=True)
     loss, metrics = grpo_loss(lp, logp, logp, A, mask)
@@ -189,7 +190,8 @@ def test_on_policy_grpo_with_beta_0_is_reinforce_with_group_advantages():
 
 def test_grpo_loss_refuses_bad_input():
     lp = mr.tensor(np.zeros((2, 3)))
-    args = (lp, np.zeros((2, 3)), np.zeros((2, 3)), np.ones(2), np.ones((2, 3)))
+    keep = np.ones((2, 3), bool)
+    args = (lp, np.zeros((2, 3)), np.zeros((2, 3)), np.ones(2), keep)
     with pytest.raises(ValueError, match="loss_type"):
         grpo_loss(*args, loss_type="gspo")
     with pytest.raises(ValueError, match="max_completion_length"):
@@ -197,8 +199,8 @@ def test_grpo_loss_refuses_bad_input():
     with pytest.raises(ValueError, match="beta"):
         grpo_loss(*args, beta=-0.1)
     with pytest.raises(ValueError, match="advantages"):
-        grpo_loss(lp, np.zeros((2, 3)), np.zeros((2, 3)), np.ones((2, 3)), np.ones((2, 3)))
+        grpo_loss(lp, np.zeros((2, 3)), np.zeros((2, 3)), np.ones((2, 3)), keep)
     with pytest.raises(ValueError, match="loss_type"):
-        aggregate_tokens(lp, np.ones((2, 3)), "token")
+        aggregate_tokens(lp, keep, "token")
     with pytest.raises(ValueError, match="max_completion_length"):
-        aggregate_tokens(lp, np.ones((2, 3)), "dr_grpo")
+        aggregate_tokens(lp, keep, "dr_grpo")

@@ -159,7 +159,7 @@ def test_kl_estimators_gradcheck(lp):
 def test_kl_per_sequence_sums_over_the_mask():
     logp = np.array([[0.0, -1.0, -2.0, -0.5], [0.0, -0.3, -0.1, -4.0]])
     ref = np.array([[0.0, -1.5, -1.0, -9.0], [0.0, -0.2, -0.9, -1.0]])
-    mask = np.array([[0, 1, 1, 0], [0, 1, 1, 1]])
+    mask = np.array([[0, 1, 1, 0], [0, 1, 1, 1]]) == 1                   # the completion tokens
     for name, k in (("k1", kl_k1), ("k2", kl_k2), ("k3", kl_k3)):
         expected = (k(logp, ref) * mask).sum(axis=1)
         np.testing.assert_allclose(kl_per_sequence(logp, ref, mask, name), expected, rtol=1e-12)

@@ -4,7 +4,7 @@ fine-tuning stages. The run itself, its folder and what it guarantees: `minirlhf
 """
 
 import math
-from dataclasses import field
+from dataclasses import dataclass, field
 
 from .. import backend
 from ..losses import check_beta
@@ -81,12 +81,38 @@ def load_policy(path, device):
     return model
 
 
-def check_sampling(cfg, *counts):
-    """What the stages that sample and score (rl, ppo, grpo) check alike: exactly one source of
-    reward, and each field named in ``counts`` at least 1 (or None, where None means a default)."""
+@dataclass
+class RolloutConfig:
+    """The settings every stage that samples from its policy and scores the samples shares (rl, ppo,
+    grpo, and any new RL-style stage): a stage's config subclasses it, adds its own fields, and
+    redeclares a field to change its default or help. `check_rollout` checks them."""
+
+    prompts: str = option("", "JSONL of {\"prompt\"} records", required=True)
+    init: str = option("runs/sft/ckpt.npz", "the policy to start from; also the frozen reference p_ref")
+    reward_model: str | None = option(None, "a reward-model checkpoint (from `minirlhf reward`)")
+    reward_fn: str | None = option(None, "or a reward function 'module:function' or 'file.py:function' "
+                                      "taking (prompt, completion) -> float")
+    out_dir: str = option("runs/rollout", "where metrics.jsonl and ckpt.npz go")
+    prompts_per_step: int = option(8, "prompts per step")
+    max_new_tokens: int = option(48, "longest completion, in tokens")
+    max_steps: int = option(100, "optimisation steps")
+    lr: float = option(1e-4, "learning rate")
+    grad_clip: float = option(1.0, "clip the global gradient norm (0: no clipping)")
+    ckpt_interval: int = option(50, "write a checkpoint every N steps (and at the end)")
+    seed: int = option(0, "seed of the prompts and the sampling")
+    overwrite: bool = overwrite_option()
+    device: str = option("cpu", "cpu (NumPy) or cuda (CuPy)", choices=["cpu", "cuda"])
+    quiet: bool = option(False, "no progress bar or messages")
+
+
+def check_rollout(cfg, *counts, beta_may_be_zero=False):
+    """The checks of a `RolloutConfig`: those of `check_common`, exactly one source of reward,
+    ``prompts_per_step`` and ``max_new_tokens`` (None: the stage's default) at least 1, and so each
+    field named in ``counts``."""
+    check_common(cfg, beta_may_be_zero=beta_may_be_zero)
     require((cfg.reward_model is None) != (cfg.reward_fn is None),
             "give exactly one of --reward-model (a checkpoint) and --reward-fn (module:function)")
-    for name in counts:
+    for name in ("prompts_per_step", "max_new_tokens", *counts):
         value = getattr(cfg, name)
         require(value is None or value >= 1, f"{name} must be at least 1, got {value}")
 

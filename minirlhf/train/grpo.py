@@ -23,30 +23,26 @@ import numpy as np
 
 from ..backend import to_device, to_numpy
 from ..checkpoint import tokenizer_for
-from ..datasets import Minibatches, collate, load_prompts
+from ..datasets import Minibatches, load_prompts
 from ..logprobs import logprobs_from_logits, token_entropy
-from ..losses import group_advantages, grpo_loss
+from ..losses import LOSS_TYPES, SCALES, group_advantages, grpo_loss
 from ..optim import AdamW, param_groups
 from ..tensor import no_grad
-from .common import (batch_tensor, check_common, check_context, check_sampling, config_summary,
-                     load_policy, option, overwrite_option, require)
-from .rl import Rewarder, sample_batch
+from .common import (RolloutConfig, batch_tensor, check_context, check_rollout, config_summary,
+                     load_policy, option, require)
+from .rollout import Rewarder, sample_rollout
 from .run import Run
 
 
 @dataclass
-class GRPOConfig:
-    prompts: str = option("", "JSONL of {\"prompt\"} records", required=True)
-    init: str = option("runs/sft/ckpt.npz", "the policy to start from; also the frozen reference p_ref")
-    reward_model: str | None = option(None, "a reward-model checkpoint (from `minirlhf reward`)")
-    reward_fn: str | None = option(None, "or a reward function 'module:function' or 'file.py:function' "
-                                      "taking (prompt, completion) -> float")
+class GRPOConfig(RolloutConfig):
     out_dir: str = option("runs/grpo", "where metrics.jsonl and ckpt.npz go")
+    prompts_per_step: int = option(8, "prompts per generation batch")
     num_generations: int = option(4, "G, completions sampled per prompt (one group)")
     scale_rewards: str = option("group", "divide the advantages by the std of the group, the batch, "
-                                      "or not at all (Dr. GRPO)", choices=["group", "batch", "none"])
+                                      "or not at all (Dr. GRPO)", choices=SCALES)
     loss_type: str = option("grpo", "how tokens are averaged (see losses.aggregate_tokens)",
-                         choices=["grpo", "bnpo", "dr_grpo", "dapo"])
+                            choices=LOSS_TYPES)
     num_iterations: int = option(1, "μ, optimiser steps on each generation batch")
     beta: float = option(0.0, "β, the weight of k3 to the reference in the loss (0: no reference)")
     epsilon_low: float = option(0.2, "the clip's lower side, ρ >= 1 - ε_low")
@@ -54,90 +50,90 @@ class GRPOConfig:
                                               "(default ε_low; DAPO: 0.28)")
     mask_truncated_completions: bool = option(False, "leave completions cut at max_new_tokens out of "
                                                   "the loss")
-    prompts_per_step: int = option(8, "prompts per generation batch")
-    max_new_tokens: int = option(48, "longest completion, in tokens")
-    max_steps: int = option(100, "optimisation steps")
-    lr: float = option(1e-4, "learning rate")
-    grad_clip: float = option(1.0, "clip the global gradient norm (0: no clipping)")
-    ckpt_interval: int = option(50, "write a checkpoint every N steps (and at the end)")
-    seed: int = option(0, "seed of the prompts and the sampling")
-    overwrite: bool = overwrite_option()
-    device: str = option("cpu", "cpu (NumPy) or cuda (CuPy)", choices=["cpu", "cuda"])
-    quiet: bool = option(False, "no progress bar or messages")
-
-    @property
-    def samples_per_prompt(self):
-        """`rl.sample_batch` samples this many completions per prompt: one group."""
-        return self.num_generations
 
 
 def check(cfg):
-    check_common(cfg, beta_may_be_zero=True)          # β = 0, no KL term, is GRPO's default
-    check_sampling(cfg, "num_generations", "num_iterations", "prompts_per_step", "max_new_tokens",
-                   "ckpt_interval")
+    check_rollout(cfg, "num_generations", "num_iterations",
+                  beta_may_be_zero=True)                 # β = 0, no KL term, is GRPO's default
     require(cfg.scale_rewards != "group" or cfg.num_generations >= 2,
             "--scale-rewards group needs --num-generations 2 or more (the std of one reward is "
             "undefined); use --scale-rewards none or batch")
     require(cfg.scale_rewards != "batch" or cfg.num_generations * cfg.prompts_per_step >= 2,
             "--scale-rewards batch needs at least 2 completions per batch")
-    require(cfg.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"),
-            f"loss_type must be grpo, bnpo, dr_grpo or dapo, got {cfg.loss_type!r}")
+    require(cfg.scale_rewards in SCALES,
+            f"scale_rewards must be one of {', '.join(SCALES)}, got {cfg.scale_rewards!r}")
+    require(cfg.loss_type in LOSS_TYPES,
+            f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {cfg.loss_type!r}")
     require(0 < cfg.epsilon_low < 1, f"epsilon_low must be in (0, 1), got {cfg.epsilon_low}")
     require(cfg.epsilon_high is None or cfg.epsilon_high > 0,
             f"epsilon_high must be positive, got {cfg.epsilon_high}")
 
 
 class GenerationBatch:
-    """What the μ steps of one generation batch share: the sampled sequences (``input_ids``, ``mask``),
-    their ``advantages``, the log-probs of the policy that sampled them (``old_logp``, μ > 1) and of
-    the reference (``ref_logp``, β > 0), as host arrays, and the batch's ``metrics``. It is part of
-    the checkpoint, so a run resumed in the middle of a batch goes on with the same samples."""
+    """What the μ steps of one generation batch share, on the device: the sampled sequences
+    (``input_ids``), the tokens in the loss (``keep``, booleans), their ``advantages`` (N,), the
+    log-probs of the policy that sampled them (``old_logp``, μ > 1) and of the reference
+    (``ref_logp``, β > 0), and the batch's ``metrics``. It is part of the checkpoint (as host
+    arrays, ``keep`` as a 0/1 ``mask``), so a run resumed in the middle of a batch goes on with the
+    same samples."""
 
-    NAMES = ("input_ids", "mask", "advantages", "old_logp", "ref_logp", "metrics")
+    ARRAYS = ("input_ids", "advantages", "old_logp", "ref_logp")
 
-    def __init__(self, **fields):
-        for name in self.NAMES:
-            setattr(self, name, fields.get(name))
+    def __init__(self, device, input_ids=None, keep=None, advantages=None, old_logp=None,
+                 ref_logp=None, metrics=None):
+        self.device, self.keep, self.metrics = device, keep, metrics
+        self.input_ids, self.advantages = input_ids, advantages
+        self.old_logp, self.ref_logp = old_logp, ref_logp
+
+    def take(self, other):
+        """Hold ``other``'s batch from now on (this object is the one the checkpoint saves)."""
+        self.__dict__.update(other.__dict__)
 
     def state_dict(self):
-        return {name: getattr(self, name) for name in self.NAMES if getattr(self, name) is not None}
+        state = {name: to_numpy(getattr(self, name)) for name in self.ARRAYS
+                 if getattr(self, name) is not None}
+        if self.keep is not None:
+            state["mask"] = to_numpy(self.keep).astype(np.float32)
+        if self.metrics is not None:
+            state["metrics"] = self.metrics
+        return state
 
     def load_state_dict(self, state):
-        self.__init__(**state)
+        arrays = {name: to_device(state[name], self.device) for name in self.ARRAYS if name in state}
+        keep = to_device(np.asarray(state["mask"]) != 0, self.device) if "mask" in state else None
+        self.__init__(self.device, keep=keep, metrics=state.get("metrics"), **arrays)
 
 
 def generate_batch(policy, ref, rewarder, prompt_texts, cfg, tokenizer, rng, metrics_fn):
-    """Sample G completions of each prompt, score them, and compute what the μ steps need: the
-    fields of a `GenerationBatch`."""
+    """Sample G completions of each prompt (`sample_rollout`), score them, and compute what the μ
+    steps need: a filled `GenerationBatch`."""
     G = cfg.num_generations
-    seqs, completions, group, truncated = sample_batch(policy, prompt_texts, cfg, tokenizer, rng)
-    seq_prompts = [prompt_texts[g] for g in group]
-    R = rewarder(seqs, seq_prompts, completions)                         # (N,)
+    ro = sample_rollout(policy, rewarder, prompt_texts, G, cfg.max_new_tokens, tokenizer, rng,
+                        cfg.device)
+    R = ro.scores                                                        # (N,)
     groups = R.reshape(-1, G)
     group_std = groups.std(axis=1, ddof=1) if G > 1 else np.zeros(len(groups))
 
-    batch = collate(seqs)
-    lengths = batch["completion_mask"].sum(axis=1)                       # (N,) tokens incl. EOT
-    mask_np = batch["completion_mask"]
+    lengths = ro.batch["completion_mask"].sum(axis=1)                    # (N,) tokens incl. EOT
+    keep = ro.keep                                                       # (N, T) bool
     if cfg.mask_truncated_completions:
-        mask_np = mask_np * ~truncated[:, None]
-    input_ids = batch_tensor(batch["input_ids"], cfg.device)            # (N, T)
-    mask = batch_tensor(mask_np, cfg.device)                             # (N, T)
+        keep = keep & to_device(~ro.truncated[:, None], cfg.device)
     with no_grad():
         old_logp = ref_logp = None
         if cfg.num_iterations > 1:                                       # the sampler's log-probs
-            old_logp = to_numpy(logprobs_from_logits(policy(input_ids), input_ids, mask)[0].data)
+            old_logp = logprobs_from_logits(policy(ro.input_ids), ro.input_ids, keep)[0].data
         if ref is not None:
-            ref_logp = to_numpy(logprobs_from_logits(ref(input_ids), input_ids, mask)[0].data)
+            ref_logp = logprobs_from_logits(ref(ro.input_ids), ro.input_ids, keep)[0].data
     metrics = {"reward": float(R.mean()), "reward_std": float(group_std.mean()),
                "frac_reward_zero_std": float(np.isclose(group_std, 0).mean()),
                "completions/mean_length": float(lengths.mean()),
-               "completions/clipped_ratio": float(truncated.mean())}
+               "completions/clipped_ratio": float(ro.truncated.mean())}
     if metrics_fn is not None:
-        metrics.update(metrics_fn(seq_prompts, completions))
-    return {"input_ids": batch["input_ids"], "mask": mask_np,
-            "advantages": group_advantages(R, G, cfg.scale_rewards),    # (N,)
-            "old_logp": old_logp, "ref_logp": ref_logp, "metrics": metrics}
+        metrics.update(metrics_fn(ro.prompts, ro.completions))
+    advantages = to_device(group_advantages(R, G, cfg.scale_rewards), cfg.device)   # (N,)
+    return GenerationBatch(cfg.device, input_ids=ro.input_ids.data, keep=keep,
+                           advantages=advantages, old_logp=old_logp, ref_logp=ref_logp,
+                           metrics=metrics)
 
 
 def grpo(cfg, metrics_fn=None):
@@ -166,7 +162,7 @@ def _train(cfg, run, metrics_fn):
     rng = np.random.default_rng(cfg.seed)                                # the sampling
     optimizer = AdamW(param_groups(policy, 0.0), lr=cfg.lr)
     mu = cfg.num_iterations
-    gen = GenerationBatch()
+    gen = GenerationBatch(cfg.device)
     # with μ = 1 every step samples afresh: no batch outlives its step, none needs saving
     start = run.restore(policy, optimizer, rngs={"sampling": rng},
                         also={"generation_batch": gen} if mu > 1 else {})
@@ -174,23 +170,20 @@ def _train(cfg, run, metrics_fn):
     run.print(f"grpo: {len(records)} prompts from {cfg.prompts}\n{config_summary(cfg)}")
     for step in run.steps(start):
         if (step - 1) % mu == 0:                                         # a new generation batch
-            try:   # refill the same object: the checkpoint holds the batch in use
-                gen.load_state_dict(generate_batch(policy, ref, rewarder, prompts[(step - 1) // mu],
-                                                   cfg, tokenizer, rng, metrics_fn))
-            except FloatingPointError:   # the last update made the logits overflow: diverged
-                run.diverged("policy", "overflowing its logits")
+            with run.overflow_diverges("policy"):
+                new = generate_batch(policy, ref, rewarder, prompts[(step - 1) // mu], cfg,
+                                     tokenizer, rng, metrics_fn)
+            gen.take(new)   # the same object: the checkpoint holds the batch in use
             run.check_finite("advantage", gen.advantages)
 
         input_ids = batch_tensor(gen.input_ids, cfg.device)             # (N, T)
-        mask = batch_tensor(gen.mask, cfg.device)                        # (N, T)
         logits = policy(input_ids)                                       # (N, T, V)
-        logp, _ = logprobs_from_logits(logits, input_ids, mask)          # (N, T) log p_θ(y_t)
+        logp, _ = logprobs_from_logits(logits, input_ids, gen.keep)      # (N, T) log p_θ(y_t)
         with no_grad():
-            n_tokens = max(float(gen.mask.sum()), 1.0)
-            entropy = float(token_entropy(logits, mask).data.sum()) / n_tokens
-        old = logp.data if gen.old_logp is None else to_device(gen.old_logp, cfg.device)  # μ = 1: ρ = 1
-        ref_logp = None if gen.ref_logp is None else to_device(gen.ref_logp, cfg.device)
-        loss_t, metrics = grpo_loss(logp, old, ref_logp, gen.advantages, mask,
+            n_tokens = max(float(gen.keep.sum()), 1.0)
+            entropy = float(token_entropy(logits, gen.keep).data.sum()) / n_tokens
+        old = logp.data if gen.old_logp is None else gen.old_logp        # μ = 1: ρ = 1
+        loss_t, metrics = grpo_loss(logp, old, gen.ref_logp, gen.advantages, gen.keep,
                                     beta=cfg.beta, epsilon_low=cfg.epsilon_low,
                                     epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
                                     max_completion_length=cfg.max_new_tokens + 1)

@@ -27,49 +27,46 @@ and the RNG states; the finished value model alone is also written to ``out_dir/
 ``--value-model``). Inputs are those of `minirlhf rl`.
 """
 
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .. import functional as F
-from ..backend import to_numpy
+from ..backend import get_array_module, to_device
 from ..checkpoint import load_model, save_checkpoint, tokenizer_for
-from ..datasets import Minibatches, collate, encode_corpus, get_batch, load_prompts, load_text
+from ..datasets import Minibatches, encode_corpus, get_batch, load_prompts, load_text
 from ..logprobs import logprobs_from_logits, token_entropy
-from ..losses import (clipped_surrogate, gae, kl_penalty_rewards, masked_mean, masked_whiten,
-                      value_loss)
+from ..losses import (KL_ESTIMATORS, clipped_surrogate, gae, kl_penalty_rewards, masked_mean,
+                      masked_whiten, value_loss)
 from ..model import GPT, RewardModel, ValueModel
-from ..optim import AdamW, clip_grad_norm_, param_groups
+from ..optim import AdamW, param_groups
 from ..tensor import no_grad
-from .common import (batch_tensor, check_common, check_context, check_sampling, config_summary,
-                     load_policy, option, overwrite_option, require)
-from .rl import Rewarder, sample_batch
+from .common import (RolloutConfig, batch_tensor, check_context, check_rollout, config_summary,
+                     load_policy, option, require)
+from .rollout import Rewarder, sample_rollout
 from .run import Run
 
 
 @dataclass
-class PPOConfig:
-    prompts: str = option("", "JSONL of {\"prompt\"} records", required=True)
-    init: str = option("runs/sft/ckpt.npz", "the policy to start from; also the frozen reference p_ref")
+class PPOConfig(RolloutConfig):
     reward_model: str | None = option(None, "a reward-model checkpoint (from `minirlhf reward`); the "
                                          "value model starts as a copy of it")
-    reward_fn: str | None = option(None, "or a reward function 'module:function' or 'file.py:function' "
-                                      "taking (prompt, completion) -> float")
+    out_dir: str = option("runs/ppo", "where metrics.jsonl, ckpt.npz (policy) and value.npz go")
+    prompts_per_step: int = option(8, "prompts per rollout")
+    max_steps: int = option(100, "PPO iterations (rollout, then the epochs over it)")
+    lr: float = option(1e-4, "learning rate of the policy and the value model")
+    grad_clip: float = option(1.0, "clip the global gradient norm of both models (0: no clipping)")
+    seed: int = option(0, "seed of the prompts, the sampling and the minibatches")
     value_model: str | None = option(None, "start the value model from this checkpoint instead (a "
                                         "ValueModel, a RewardModel or a GPT trunk)")
-    out_dir: str = option("runs/ppo", "where metrics.jsonl, ckpt.npz (policy) and value.npz go")
     beta: float = option(0.1, "β, the weight of the per-token KL penalty (the start value with "
                               "target_kl)")
-    kl_estimator: str = option("k1", "the per-token KL in the reward", choices=["k1", "k2", "k3"])
+    kl_estimator: str = option("k1", "the per-token KL in the reward", choices=KL_ESTIMATORS)
     target_kl: float | None = option(None, "adaptive KL controller: move β so that KL per completion "
                                         "stays near this (nats; default: β fixed)")
     kl_horizon: int = option(10000, "the adaptive controller's horizon, in samples")
-    prompts_per_step: int = option(8, "prompts per rollout")
     samples_per_prompt: int = option(4, "completions sampled per prompt")
-    max_new_tokens: int = option(48, "longest completion, in tokens")
-    max_steps: int = option(100, "PPO iterations (rollout, then the epochs over it)")
     ppo_epochs: int = option(4, "passes over each rollout")
     num_minibatches: int = option(1, "minibatches per pass; must divide prompts_per_step x "
                                   "samples_per_prompt")
@@ -86,19 +83,11 @@ class PPOConfig:
     ptx_batch_size: int = option(8, "PPO-ptx: text windows per update")
     missing_eos_penalty: float | None = option(None, "subtract this from the score of a completion that "
                                                   "never ended (hit max_new_tokens)")
-    lr: float = option(1e-4, "learning rate of the policy and the value model")
-    grad_clip: float = option(1.0, "clip the global gradient norm of both models (0: no clipping)")
-    ckpt_interval: int = option(50, "write checkpoints every N iterations (and at the end)")
-    seed: int = option(0, "seed of the prompts, the sampling and the minibatches")
-    overwrite: bool = overwrite_option()
-    device: str = option("cpu", "cpu (NumPy) or cuda (CuPy)", choices=["cpu", "cuda"])
-    quiet: bool = option(False, "no progress bar or messages")
 
 
 def check(cfg):
-    check_common(cfg)
-    check_sampling(cfg, "prompts_per_step", "samples_per_prompt", "max_new_tokens", "ppo_epochs",
-                   "num_minibatches", "ckpt_interval", "kl_horizon", "ptx_batch_size")
+    check_rollout(cfg, "samples_per_prompt", "ppo_epochs", "num_minibatches", "kl_horizon",
+                  "ptx_batch_size")
     n = cfg.prompts_per_step * cfg.samples_per_prompt
     require(n >= 2, "whitening the advantages needs at least 2 completions per rollout "
                     "(prompts_per_step x samples_per_prompt)")
@@ -165,36 +154,37 @@ class KLController:
 
 
 def rollout(policy, ref, value, rewarder, prompt_texts, cfg, tokenizer, rng, beta):
-    """Sample, score, and compute everything the updates need, as host arrays (float64)."""
-    seqs, completions, group, missing_eos = sample_batch(policy, prompt_texts, cfg, tokenizer, rng)
-    seq_prompts = [prompt_texts[g] for g in group]
-    scores = rewarder(seqs, seq_prompts, completions)                    # (N,)
-    batch = collate(seqs)
-    mask = batch["completion_mask"].astype(np.float64)                   # (N, T)
+    """Sample, score (`sample_rollout`), and compute everything the updates need, as arrays on the
+    device: per token (N, T) in float64 and 0 outside the completions, ``keep`` the completion
+    tokens as booleans."""
+    ro = sample_rollout(policy, rewarder, prompt_texts, cfg.samples_per_prompt, cfg.max_new_tokens,
+                        tokenizer, rng, cfg.device)
+    scores = ro.scores                                                   # (N,) host
     if cfg.missing_eos_penalty is not None:
-        scores = scores - cfg.missing_eos_penalty * missing_eos
-
-    ids = batch_tensor(batch["input_ids"], cfg.device)
-    m = batch_tensor(batch["completion_mask"], cfg.device)
+        scores = scores - cfg.missing_eos_penalty * ro.truncated
+    ids, keep = ro.input_ids, ro.keep
+    xp = get_array_module(keep)
+    mask = ro.completion_mask.data.astype(xp.float64)                    # (N, T)
     with no_grad():
         logits = policy(ids)                                             # (N, T, V)
-        old_logp, _ = logprobs_from_logits(logits, ids, m)               # (N, T)
-        entropy = token_entropy(logits, m)                               # (N, T)
-        ref_logp, _ = logprobs_from_logits(ref(ids), ids, m)
+        old_logp, _ = ro.logprobs(logits)                                # (N, T)
+        entropy = token_entropy(logits, keep)                            # (N, T)
+        ref_logp, _ = ro.logprobs(ref(ids))
         old_values = value(ids)                                          # (N, T)
-    def host(t):   # float64 on the host, 0 outside the completions
-        return to_numpy(t.data).astype(np.float64) * mask
-    old_logp, ref_logp, old_values, entropy = map(host, (old_logp, ref_logp, old_values, entropy))
+    def per_token(t):   # float64, 0 outside the completions
+        return t.data.astype(xp.float64) * mask
+    old_logp, ref_logp, old_values, entropy = map(per_token, (old_logp, ref_logp, old_values, entropy))
 
-    rewards = kl_penalty_rewards(scores, old_logp, ref_logp, mask, beta, cfg.kl_estimator)
-    advantages, returns = gae(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
-    advantages = masked_whiten(advantages, mask)
-    non_score = (rewards.sum(axis=1) - scores)                           # (N,) -β·Σ_t k_t
+    R = to_device(scores, cfg.device)                                    # (N,)
+    rewards = kl_penalty_rewards(R, old_logp, ref_logp, keep, beta, cfg.kl_estimator)
+    advantages, returns = gae(rewards, old_values, keep, gamma=cfg.gamma, lam=cfg.lam)
+    advantages = masked_whiten(advantages, keep)
+    non_score = rewards.sum(axis=1) - R                                  # (N,) -β·Σ_t k_t
     kl = ((old_logp - ref_logp) * mask).sum(axis=1)                      # (N,) k1 per completion
-    return {"input_ids": batch["input_ids"], "mask": mask, "old_logp": old_logp,
+    return {"input_ids": ids.data, "keep": keep, "mask": mask, "old_logp": old_logp,
             "old_values": old_values, "advantages": advantages, "returns": returns,
             "scores": scores, "kl": kl, "non_score": non_score, "entropy": entropy,
-            "missing_eos": missing_eos, "prompts": seq_prompts, "completions": completions}
+            "missing_eos": ro.truncated, "prompts": ro.prompts, "completions": ro.completions}
 
 
 def ppo(cfg, metrics_fn=None):
@@ -235,11 +225,9 @@ def _train(cfg, run, metrics_fn):
     n = cfg.prompts_per_step * cfg.samples_per_prompt
     size = n // cfg.num_minibatches
     for step in run.steps(start):
-        try:
+        with run.overflow_diverges("policy"):
             data = rollout(policy, ref, value, rewarder, prompts[step - 1], cfg, tokenizer, rng,
                            kl_ctl.beta)
-        except FloatingPointError:   # the last update made the logits overflow: diverged
-            run.diverged("policy", "overflowing its logits")
         run.check_finite("advantage", data["advantages"])
         run.check_finite("return", data["returns"])
 
@@ -247,7 +235,7 @@ def _train(cfg, run, metrics_fn):
         for _ in range(cfg.ppo_epochs):
             order = rng.permutation(n)
             for i in range(0, n, size):
-                rows = np.sort(order[i:i + size])                         # one minibatch
+                rows = to_device(np.sort(order[i:i + size]), cfg.device)  # one minibatch
                 stats.append(update(run, policy, value, policy_optimizer, value_optimizer, data, rows,
                                     cfg, ptx_tokens, rng))
 
@@ -279,37 +267,28 @@ def _train(cfg, run, metrics_fn):
 
 def update(run, policy, value, policy_optimizer, value_optimizer, data, rows, cfg, ptx_tokens, rng):
     """One gradient step of PPO's loss on the sequences ``rows`` of the rollout ``data``; returns
-    its metrics.
-
-    Both models step together on one loss, so this is `Run.update` by hand: the loss and the
+    its metrics. Both models step together on one loss (`Run.update` with both): the loss and the
     gradient norm of both models are checked before any weight moves."""
     ids = batch_tensor(data["input_ids"][rows], cfg.device)             # (M, T)
-    mask = batch_tensor(data["mask"][rows], cfg.device)                  # (M, T), on the device once
+    keep = data["keep"][rows]                                            # (M, T) bool
     logits = policy(ids)                                                 # (M, T, V)
-    logp, _ = logprobs_from_logits(logits, ids, mask)                    # (M, T)
+    logp, _ = logprobs_from_logits(logits, ids, keep)                    # (M, T)
     per_token, pg_stats = clipped_surrogate(logp, data["old_logp"][rows], data["advantages"][rows],
-                                            mask, epsilon_low=cfg.cliprange)
-    pg_loss = masked_mean(per_token, mask)
-    vf_loss, vf_stats = value_loss(value(ids), data["old_values"][rows], data["returns"][rows], mask,
+                                            keep, epsilon_low=cfg.cliprange)
+    pg_loss = masked_mean(per_token, keep)
+    vf_loss, vf_stats = value_loss(value(ids), data["old_values"][rows], data["returns"][rows], keep,
                                    clip_range_value=cfg.cliprange_value)
     loss = pg_loss + cfg.vf_coef * vf_loss
     if cfg.entropy_coef > 0:
-        loss = loss - cfg.entropy_coef * masked_mean(token_entropy(logits, mask), mask)
+        loss = loss - cfg.entropy_coef * masked_mean(token_entropy(logits, keep), keep)
     if ptx_tokens is not None:
         x, y = get_batch(ptx_tokens, policy.config.block_size, cfg.ptx_batch_size, rng)
         ptx = F.cross_entropy(policy(batch_tensor(x, cfg.device)), batch_tensor(y, cfg.device))
         loss = loss + cfg.ptx_coef * ptx
     pg_value, vf_value = pg_loss.item(), vf_loss.item()
-    run.check_finite(f"loss (policy {pg_value:.4g}, value {vf_value:.4g})", loss.item())
-
-    policy_optimizer.zero_grad()
-    value_optimizer.zero_grad()
-    loss.backward()
-    params = list(policy.parameters()) + list(value.parameters())
-    grad_norm = clip_grad_norm_(params, cfg.grad_clip or math.inf)      # the norm before clipping
-    run.check_finite("gradient norm", grad_norm)
-    policy_optimizer.step()
-    value_optimizer.step()
+    _, grad_norm = run.update(loss, models=(policy, value),
+                              optimizers=(policy_optimizer, value_optimizer),
+                              what=f"loss (policy {pg_value:.4g}, value {vf_value:.4g})")
     return {"policy/approxkl_avg": pg_stats["approxkl"], "policy/clipfrac_avg": pg_stats["clipfrac"],
             "loss/policy_avg": pg_value, "loss/value_avg": vf_value,
             "val/clipfrac_avg": vf_stats["clipfrac"], "val/ratio": pg_stats["ratio"],

@@ -1,5 +1,6 @@
-"""One training run in one folder: its lock, its settings, resuming, the finiteness checks, the
-checkpoints and the log. Every trainer follows the same lines:
+"""One training run: its folder (`minirlhf.train.folder.RunFolder`: the lock, the record, the log),
+its checkpoints and resuming, its steps, and the step itself (`Run.update`: backward, the finiteness
+checks, clipping, the optimizers). Every trainer follows the same lines:
 
     def sft(cfg):
         check_common(cfg)
@@ -12,6 +13,8 @@ checkpoints and the log. Every trainer follows the same lines:
         for step in run.steps(start):            # start+1 .. max_steps; Ctrl-C stops after a whole step
             loss_t = ...                         # a scalar Tensor
             loss, grad_norm = run.update(loss_t) # backward, clip, step; DivergenceError if not finite
+                                                 # (several models: run.update(loss_t, models=...,
+                                                 #  optimizers=...), as PPO's policy and value)
             run.log(step, {"loss": loss, "grad_norm": grad_norm})
             run.save_if_due(step)                # every ckpt_interval steps and at max_steps
         loss = run.last["loss"]                  # the last logged step (also right after a resume)
@@ -46,34 +49,15 @@ What a run guarantees, in every trainer:
 """
 
 import contextlib
-import hashlib
-import json
 import math
-import os
-import shlex
 import signal
-import sys
 import threading
-import time
 from dataclasses import asdict
-from pathlib import Path
 
-import numpy as np
-from tqdm.auto import tqdm
-
+from ..backend import get_array_module
 from ..checkpoint import CheckpointError, non_finite, load_checkpoint, save_checkpoint
 from .common import ConfigError
-
-try:
-    import fcntl
-except ImportError:          # Windows: no advisory locks; runs are then not protected from each other
-    fcntl = None
-
-# what may change between the runs of one folder (the folder itself may move): none of it changes
-# the numbers of the steps already taken
-NOT_SETTINGS = ("quiet", "device", "overwrite", "max_steps", "ckpt_interval", "out_dir")
-# config fields that name input files: a run made from other versions of them is another run
-INPUT_FIELDS = ("data", "init", "prompts", "reward_model", "value_model", "ptx_data")
+from .folder import RunFolder, command_line  # noqa: F401  (command_line: the CLI's)
 
 
 class DivergenceError(RuntimeError):
@@ -87,115 +71,37 @@ class Interrupted(KeyboardInterrupt):
 class Run:
     """The run of ``stage`` with config ``cfg`` in ``cfg.out_dir`` (see the module docstring).
 
-    Opening it takes the folder's lock (a second live run refuses, naming its process; the lock of
-    a dead process is taken over), removes the ``*.tmp`` files of a save that was killed, and reads
-    ``run.json``: the same settings and inputs go on from the last checkpoint, a finished run is
-    ``finished`` (with its ``result``), other settings are refused unless ``cfg.overwrite``.
+    Opening it opens its `RunFolder` (the lock, ``run.json``): ``finished`` (with its ``result``)
+    says a finished run of the same settings is there. `restore` loads the last checkpoint,
+    `steps` counts the steps, `update` takes one, `log` and `save_if_due` record it, `finish` ends.
     """
 
     def __init__(self, cfg, stage):
         self.cfg, self.stage = cfg, stage
-        self.quiet = cfg.quiet
         self.max_steps = cfg.max_steps
-        self.out = Path(cfg.out_dir)
-        self.ckpt_path = self.out / "ckpt.npz"
-        self.metrics_path, self.record_path = self.out / "metrics.jsonl", self.out / "run.json"
-        self.also = {}
-        self.fresh = None      # the record of a run that starts afresh (once restore() is reached)
-        self.model = self.optimizer = self.bar = self.metrics_file = self._lock = None
-        self.rngs, self.last, self.saved_step, self.step = {}, {}, None, 0
-        self.t0 = time.time()
-        self._open_folder()
-        self._lock_folder()
-        for tmp in self.out.glob(".*.tmp"):  # what a save killed half-way leaves; we hold the lock
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-        self.finished, self.result = False, None
-        self._check_record()
+        self.folder = RunFolder(cfg, stage)
+        self.ckpt_path = self.folder.ckpt_path
+        self.finished, self.result = self.folder.finished, self.folder.result
+        self.model = self.optimizer = None
+        self.also, self.rngs, self.saved_step, self.step = {}, {}, None, 0
 
-    # ----- opening the folder -----------------------------------------------------------------
+    @property
+    def last(self):
+        """The last logged row (also right after a resume)."""
+        return self.folder.last
 
-    def _open_folder(self):
-        if self.out.exists() and not self.out.is_dir():
-            raise ConfigError(f"out_dir {self.out} is a file, not a folder")
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            probe = self.out / f".write-test-{os.getpid()}.tmp"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as e:
-            raise ConfigError(f"cannot write to out_dir {self.out}: {e.strerror or e}") from None
+    def log(self, step, metrics):
+        """Write ``{"step", **metrics, "time"}`` as one line of ``metrics.jsonl`` (`RunFolder.log`)."""
+        self.folder.log(step, metrics)
 
-    def _lock_folder(self):
-        """Hold ``out_dir/.lock`` (an advisory lock, released by the system when the process dies)."""
-        if fcntl is None:
-            return
-        path = self.out / ".lock"
-        f = open(path, "a+", encoding="utf-8")
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            f.close()
-            raise ConfigError(f"out_dir {self.out} is in use by process {holder}; wait for it to "
-                              f"end, or use another --out-dir") from None
-        f.seek(0)
-        stale = f.read().strip()
-        if stale and not self.quiet:  # the process that wrote it died without releasing it
-            tqdm.write(f"{self.stage}: took over the lock of process {stale}, which is no longer running",
-                       file=sys.stderr)
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()} ({command_line(sys.argv[1:])})\n")
-        f.flush()
-        self._lock = f
+    def print(self, text):
+        """A message that does not break the progress bar (nothing with ``quiet``)."""
+        self.folder.print(text)
 
-    def _settings(self):
-        settings = {k: v for k, v in asdict(self.cfg).items() if k not in NOT_SETTINGS}
-        inputs = {}
-        for name in INPUT_FIELDS:
-            value = getattr(self.cfg, name, None)
-            if isinstance(value, str) and os.path.exists(value):
-                inputs[name] = _digest(value)
-        return json.loads(json.dumps({"stage": self.stage, "settings": settings, "inputs": inputs}))
-
-    def _check_record(self):
-        """Compare ``run.json`` with this run: go on, say finished, refuse, or start afresh."""
-        mine = self._settings()
-        old = None
-        if self.record_path.exists():
-            with contextlib.suppress(OSError, ValueError):
-                old = json.loads(self.record_path.read_text(encoding="utf-8"))
-        overwrite = self.cfg.overwrite
-        has_ckpt = self.ckpt_path.exists()
-        if not has_ckpt:  # nothing done yet (or a run that failed before its first checkpoint)
-            return self._start_afresh(mine)
-        problem = _difference(old, mine) if old is not None else "a checkpoint of an unknown run"
-        if problem:
-            if not overwrite:
-                raise ConfigError(f"out_dir {self.out} holds {problem}; use another --out-dir, or "
-                                  f"--overwrite to replace it")
-            return self._start_afresh(mine)
-        if old.get("finished") and self.max_steps <= old.get("max_steps", 0):
-            if not overwrite:
-                self.finished, self.result = True, old.get("result") or {}
-                self.print(f"{self.stage}: {self.out} holds this run, finished at step "
-                           f"{old.get('max_steps')}; nothing to do (--overwrite trains it again)")
-                return None
-            return self._start_afresh(mine)
-        self._write_record({**mine, "max_steps": self.max_steps, "finished": False})
-
-    def _start_afresh(self, record):
-        """Note that the folder's old run is to be replaced: `restore` clears it, once the new
-        run's data and model have loaded (a typo in --data must not cost the old run)."""
-        self.fresh = {**record, "max_steps": self.max_steps, "finished": False}
-
-    def _write_record(self, record):
-        tmp = self.out / ".run.json.tmp"
-        tmp.write_text(json.dumps(record, indent=1, default=_jsonable) + "\n", encoding="utf-8")
-        os.replace(tmp, self.record_path)
-        self.record = record
+    def finish(self, result, summary=""):
+        """Mark the run finished with ``result`` (`RunFolder.finish`); returns the full result."""
+        self.result = self.folder.finish(result, summary)
+        return self.result
 
     # ----- resuming ----------------------------------------------------------------------------
 
@@ -207,11 +113,7 @@ class Run:
         (a value model, its optimizer). ``metrics.jsonl`` is cut back to the steps the checkpoint
         has seen.
         """
-        if self.fresh is not None:
-            for path in (self.ckpt_path, self.metrics_path):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-            self._write_record(self.fresh)
+        self.folder.clear()
         self.model, self.optimizer = model, optimizer
         self.also = dict(also or {})
         self.rngs = dict(rngs or {})
@@ -237,32 +139,9 @@ class Run:
         if start > self.max_steps:
             raise ConfigError(f"{self.ckpt_path} is at step {start}, past --max-steps {self.max_steps}: "
                               f"give --max-steps {start} or more to go on, or --overwrite to start again")
-        self._open_metrics(start)
+        self.folder.open_metrics(start)
         self.step = start
         return start
-
-    def _open_metrics(self, start):
-        """metrics.jsonl holding exactly the rows of steps 1..start, ready to append to."""
-        rows = []
-        if start and self.metrics_path.exists():
-            for line in self.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines():
-                with contextlib.suppress(ValueError):  # a line torn by a kill is dropped
-                    row = json.loads(line)
-                    if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= start:
-                        rows.append(row)
-        seen = {}
-        for row in rows:  # an older copy of a step (from before an earlier resume) gives way
-            seen[row["step"]] = row
-        rows = [seen[s] for s in sorted(seen)]
-        self.last = rows[-1] if rows else {}
-        tmp = self.out / ".metrics.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        os.replace(tmp, self.metrics_path)
-        self.metrics_file = open(self.metrics_path, "a", encoding="utf-8")
-        self.bar = tqdm(total=self.max_steps, initial=min(start, self.max_steps), desc=self.stage,
-                        disable=self.quiet or None, dynamic_ncols=True, file=sys.stderr, leave=False)
-        if start:
-            self.print(f"{self.stage}: resuming at step {start} from {self.ckpt_path}")
 
     # ----- the steps ---------------------------------------------------------------------------
 
@@ -292,28 +171,47 @@ class Run:
             if handler is not None:
                 signal.signal(signal.SIGINT, handler)
 
-    def update(self, loss):
+    def update(self, loss, models=None, optimizers=None, what="loss"):
         """One optimizer step on the scalar Tensor ``loss``: zero the gradients, check the loss,
-        backpropagate, clip to ``cfg.grad_clip`` (0: no clipping), check the gradient norm, step.
+        backpropagate, clip the global norm over all ``models``' parameters to ``cfg.grad_clip``
+        (0: no clipping), check that norm, step every optimizer. ``models`` and ``optimizers``
+        default to the restored model and optimizer; PPO passes its policy and value model, which
+        step together on one loss. ``what`` names the loss in the message if it is not finite.
         Returns ``(loss, grad_norm)`` as floats. Nothing non-finite reaches the weights."""
         from ..optim import clip_grad_norm_
 
+        models = (self.model,) if models is None else tuple(models)
+        optimizers = (self.optimizer,) if optimizers is None else tuple(optimizers)
         value = loss.item()
-        self.check_finite("loss", value)
-        self.optimizer.zero_grad()
+        self.check_finite(what, value)
+        for optimizer in optimizers:
+            optimizer.zero_grad()
         loss.backward()
-        clip = self.cfg.grad_clip or math.inf
-        grad_norm = clip_grad_norm_(self.model.parameters(), clip)   # the norm before clipping
+        params = [p for model in models for p in model.parameters()]
+        grad_norm = clip_grad_norm_(params, self.cfg.grad_clip or math.inf)   # the norm before clipping
         self.check_finite("gradient norm", grad_norm)
-        self.optimizer.step()
+        for optimizer in optimizers:
+            optimizer.step()
         return value, grad_norm
 
     def check_finite(self, quantity, value):
-        """Raise `DivergenceError` unless ``value`` (a number, or a host array: every entry) is finite."""
-        values = np.asarray(value, dtype=np.float64)
-        if np.isfinite(values).all():
+        """Raise `DivergenceError` unless ``value`` (a number, or an array on any device: every
+        entry) is finite."""
+        xp = get_array_module(value)
+        values = xp.asarray(value, dtype=xp.float64)
+        finite = xp.isfinite(values)
+        if bool(finite.all()):
             return
-        self.diverged(quantity, values[~np.isfinite(values)].flat[0])
+        self.diverged(quantity, float(values[~finite].ravel()[0]))
+
+    @contextlib.contextmanager
+    def overflow_diverges(self, model="policy"):
+        """A ``FloatingPointError`` inside the block (the last update made ``model``'s logits
+        overflow while sampling) stops the run as `diverged`."""
+        try:
+            yield
+        except FloatingPointError:
+            self.diverged(model, "overflowing its logits")
 
     def diverged(self, quantity, value):
         """Stop the run with one line: the stage, the step, the quantity and its value, what to try.
@@ -326,17 +224,6 @@ class Run:
                      f"0 means no clipping)")
         raise DivergenceError(f"{self.stage} diverged at step {self.step + 1}: the {quantity} is "
                               f"{value}; {kept}; {hint}")
-
-    def log(self, step, metrics):
-        """Write ``{"step", **metrics, "time"}`` as one JSON line (NaN as null), show it on the bar."""
-        row = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()},
-               "time": round(time.time() - self.t0, 3)}
-        self.metrics_file.write(json.dumps(row) + "\n")
-        self.metrics_file.flush()
-        shown = {k: f"{v:.4g}" for k, v in row.items() if isinstance(v, float) and k != "time"}
-        self.bar.set_postfix(shown, refresh=False)
-        self.bar.update(1)
-        self.last = row
 
     def save_if_due(self, step):
         if step % self.cfg.ckpt_interval == 0 or step == self.max_steps:
@@ -355,41 +242,11 @@ class Run:
                                "settings": asdict(self.cfg), "also": also})
         self.saved_step = step
 
-    def print(self, text):
-        """A message that does not break the progress bar (nothing with ``quiet``)."""
-        if not self.quiet:
-            tqdm.write(text, file=sys.stderr)
-
-    def finish(self, result, summary=""):
-        """Mark the run finished in ``run.json`` with ``result`` and print one summary line."""
-        result = {"checkpoint": str(self.ckpt_path), **result, "steps": self.max_steps,
-                  "seconds": time.time() - self.t0}
-        self._write_record({**self.record, "finished": True,
-                            "result": json.loads(json.dumps(result, default=_jsonable))})
-        self._close_bar()
-        self.print(f"{self.stage}: {self.max_steps} steps in {result['seconds']:.1f} s"
-                   + (f", {summary}" if summary else "") + f"; checkpoint {self.ckpt_path}")
-        self.result = result
-        return result
-
     # ----- closing -----------------------------------------------------------------------------
-
-    def _close_bar(self):
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
     def close(self):
         """Release the folder (the lock, the metrics file, the bar); safe to call twice."""
-        self._close_bar()
-        if self.metrics_file is not None:
-            self.metrics_file.close()
-            self.metrics_file = None
-        if self._lock is not None:
-            self._lock.seek(0)
-            self._lock.truncate()
-            self._lock.close()          # closing the file releases the lock
-            self._lock = None
+        self.folder.close()
 
     def __enter__(self):
         return self
@@ -397,48 +254,3 @@ class Run:
     def __exit__(self, *exc):
         self.close()
         return False
-
-
-def _difference(old, mine):
-    """What makes the recorded run ``old`` another run than ``mine`` (None if it is the same)."""
-    if old.get("stage") != mine["stage"]:
-        return f"a {old.get('stage')} run"
-    a, b = old.get("settings", {}), mine["settings"]
-    diff = [f"{k}={a.get(k)!r}, not {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    if diff:
-        return f"a {mine['stage']} run with other settings ({'; '.join(diff)})"
-    changed = [k for k in sorted(set(old.get("inputs", {})) | set(mine["inputs"]))
-               if old.get("inputs", {}).get(k) != mine["inputs"].get(k)]
-    if changed:
-        return (f"a {mine['stage']} run made from other versions of its inputs "
-                f"({', '.join(f'{k} {b.get(k)}' for k in changed)} changed since)")
-    return None
-
-
-def _jsonable(v):
-    """A metric as JSON: Python numbers, and null for NaN or infinity (JSON has neither)."""
-    if hasattr(v, "item"):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-
-
-def _digest(path):
-    """The SHA-256 of a file's bytes, or of a folder's files (names and bytes, in sorted order: a
-    text corpus, a Hugging Face checkpoint): a file edited in place is another input."""
-    h = hashlib.sha256()
-    files = [path] if os.path.isfile(path) else sorted(
-        os.path.join(d, name) for d, _, names in os.walk(path) for name in names)
-    for name in files:
-        if files != [path]:
-            h.update(os.path.relpath(name, path).encode() + b"\0")
-        with open(name, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def command_line(argv):
-    """``minirlhf <argv>`` quoted for a shell: what to type to run the same command again."""
-    return "minirlhf " + shlex.join(argv)
