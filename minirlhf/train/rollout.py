@@ -66,7 +66,7 @@ class Rewarder:
                     f"{cfg.reward_model} holds a {type(self.rm).__name__}, not a RewardModel")
             self.rm.eval()
         else:
-            self.fn = load_reward_fn(cfg.reward_fn)
+            self.fn, self.fn_name = load_reward_fn(cfg.reward_fn), cfg.reward_fn
 
     def __call__(self, seqs, prompts, completions):
         """(N,) float64 host rewards. ``seqs``: ``(ids, n_prompt)`` ending with EOT;
@@ -83,14 +83,16 @@ class Rewarder:
             value = self.fn(prompt, completion)
         except Exception as e:
             raise RewardFunctionError(f"the reward function raised {type(e).__name__}: {e} "
-                                      f"(prompt {prompt!r}, completion {completion!r})") from None
+                                      f"(reward_fn {self.fn_name}, prompt {prompt!r}, "
+                                      f"completion {completion!r})") from None
         try:
             value = float(value)
         except (TypeError, ValueError):
             value = math.nan
         if not math.isfinite(value):
             raise RewardFunctionError(f"the reward function returned {value!r}, not a finite number "
-                                      f"(prompt {prompt!r}, completion {completion!r})")
+                                      f"(reward_fn {self.fn_name}, prompt {prompt!r}, "
+                                      f"completion {completion!r})")
         return value
 
 

@@ -66,6 +66,9 @@ __all__ = ["DemoConfig", "demo", "QUICK", "LARGE", "SMOKE", "PRESETS", "parse_be
 
 @dataclass
 class DemoConfig:
+    task: str = option("sentiment", "sentiment (Shakespeare, a learned reward model) or addition "
+                                   "(a + b, an exact reward: minirlhf.train.demo.addition)",
+                       choices=["sentiment", "addition"])
     out_dir: str = option("runs/demo", "where every stage's outputs, report.md and the plots go")
     preset: str = option("quick", "quick (about 6 minutes on 2 CPU cores) or large (hours on a CPU: "
                                "use a GPU)", choices=["quick", "large"])
@@ -80,6 +83,9 @@ class DemoConfig:
 
 def demo(cfg):
     """Run the whole pipeline into ``cfg.out_dir``; returns a summary dict (also in summary.json)."""
+    if cfg.task == "addition":
+        from . import addition
+        return addition.demo(cfg)
     plan = make_plan(cfg)
     out = Path(cfg.out_dir)
     require(not out.exists() or out.is_dir(), f"out_dir {out} is a file, not a folder")
