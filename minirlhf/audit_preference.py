@@ -217,7 +217,7 @@ def pair_counts(pairs, P, N):
 
 
 def library_loss(name, beta, pairs, eps=0.0, gamma=0.5, length=3):
-    """``loss(table, ref_table)`` of ``name`` on ``pairs`` through the library: `dpo_loss` for DPO's
+    """``loss(table, ref_table)`` -> (loss, metrics) of ``name`` on ``pairs`` through the library: `dpo_loss` for DPO's
     loss types, `simpo_loss`, `orpo_loss` (NLL: the mean over the chosen tokens), and `kto_loss` on
     the pairs unpaired (every chosen desirable, then every rejected undesirable), z0 from TRL's
     mismatched pairs over that whole list (`kto_mismatched_pairs`)."""
@@ -227,18 +227,18 @@ def library_loss(name, beta, pairs, eps=0.0, gamma=0.5, length=3):
     def loss(table, ref):
         pc, pr = table[prompt, chosen], table[prompt, rejected]
         if name == "simpo":
-            return simpo_loss(pc, pr, n, n, beta=beta, gamma=gamma)[0]
+            return simpo_loss(pc, pr, n, n, beta=beta, gamma=gamma)
         if name == "orpo":
-            return orpo_loss(pc / n, pr / n, -pc.sum() / float(n.sum()), beta=beta)[0]
+            return orpo_loss(pc / n, pr / n, -pc.sum() / float(n.sum()), beta=beta)
         if name == "kto":
             ys = np.concatenate([chosen, rejected])
             xs = np.concatenate([prompt, prompt])
             good = np.arange(len(ys)) < len(chosen)
             other = ys[kto_mismatched_pairs(len(ys))]
             kl_pairs = table.data[xs, other] - ref[xs, other]
-            return kto_loss(table[xs, ys], ref[xs, ys], good, kl_pairs, beta=beta)[0]
+            return kto_loss(table[xs, ys], ref[xs, ys], good, kl_pairs, beta=beta)
         return dpo_loss(pc, pr, ref[prompt, chosen], ref[prompt, rejected], beta=beta,
-                        label_smoothing=eps, loss_type=name)[0]
+                        label_smoothing=eps, loss_type=name)
     return loss
 
 
@@ -276,8 +276,9 @@ def family_rows(problem, ref, pairs, p_ref, new_policy, exact_policy, steps=1000
     rows = []
     for label, name, eps, beta, optimises in FAMILY_ROWS:
         beta = problem.beta if beta is None else beta
+        z0 = []                                                          # KTO's reference point
         policy = train_on_table(new_policy(), ref, problem, library_loss(name, beta, pairs, eps, length=L),
-                                steps=steps, lr=lr)
+                                steps=steps, lr=lr, log=lambda step, m: z0.append(m.get("kl", 0.0)))
         p = exact_policy(policy)
         row = {"name": label, "how": f"exact, {len(pairs[0]) // P} pairs per prompt",
                "kl_to_optimum": float(kl(p, p_star).mean()), "gap": float(problem.beta * kl(p, p_star).mean()),
@@ -310,7 +311,8 @@ def family_rows(problem, ref, pairs, p_ref, new_policy, exact_policy, steps=1000
         if support is not None:
             row["kl_to_claim"] = float(kl(p * support / (p * support).sum(1, keepdims=True), q).mean())
             row["note"] = (f"probability left on the completions rejected more often than chosen "
-                           f"after {steps} steps: {float((p * ~support).sum(1).mean()):.2g}")
+                           f"after {steps} steps: {float((p * ~support).sum(1).mean()):.2g}"
+                           + (f"; z0 at most {max(z0):.2g} in training" if name == "kto" else ""))
         else:
             row["kl_to_claim"] = float(kl(p, q).mean())
         claim = _closed_form(name, problem, p_ref, chosen_n, rejected_n, beta, L)
