@@ -22,14 +22,14 @@ from ..losses import dpo_loss
 from ..optim import AdamW, lr_schedule, param_groups
 from ..tensor import no_grad
 from .common import (ConfigError, batch_tensor, check_common, config_summary, distinct_pairs,
-                     encode_sequences, load_policy, option, overwrite_option, require, split_holdout,
+                     encode_sequences, load_policy, option, require, split_holdout,
                      weighted_means)
+from .preference import PreferenceConfig
 from .run import Run
 
 
 @dataclass
-class DPOConfig:
-    data: str = option("", "JSONL of {\"prompt\", \"chosen\", \"rejected\"} records", required=True)
+class DPOConfig(PreferenceConfig):   # data, batch_size, max_steps, lr, ...: the family's settings
     init: str = option("runs/sft/ckpt.npz", "the policy to start from; also the frozen reference p_ref")
     out_dir: str = option("runs/dpo", "where metrics.jsonl and ckpt.npz go")
     beta: float = option(0.1, "β: the strength of the implicit KL penalty")
@@ -38,18 +38,6 @@ class DPOConfig:
                             "comma-separated (MPO)")
     loss_weights: str | None = option(None, "comma-separated weights, one per --loss-type (default: 1 each)")
     label_smoothing: float = option(0.0, "cDPO: the assumed rate of flipped labels, in [0, 0.5]")
-    batch_size: int = option(16, "pairs per step")
-    max_steps: int = option(200, "optimisation steps")
-    lr: float = option(1e-4, "peak learning rate")
-    warmup_steps: int = option(10, "steps of linear warm-up, then cosine decay to lr/10")
-    grad_clip: float = option(1.0, "clip the global gradient norm (0: no clipping)")
-    val_fraction: float = option(0.1, "share of the pairs held out to report val metrics")
-    eval_interval: int = option(50, "held-out metrics every N steps")
-    ckpt_interval: int = option(50, "write a checkpoint every N steps (and at the end)")
-    seed: int = option(0, "seed of the batches")
-    overwrite: bool = overwrite_option()
-    device: str = option("cpu", "cpu (NumPy) or cuda (CuPy)", choices=["cpu", "cuda"])
-    quiet: bool = option(False, "no progress bar or messages")
 
 
 def pair_logps(model, pairs, device):
