@@ -320,11 +320,34 @@ def family_rows(problem, ref, pairs, p_ref, new_policy, exact_policy, steps=1000
                            + (f"; z0 at most {max(z0):.2g} in training" if name == "kto" else ""))
         else:
             row["kl_to_claim"] = float(kl(p, q).mean())
+        if name == "simpo":
+            row["note"] = simpo_without_noise(problem, ref, pairs, new_policy, exact_policy, beta,
+                                              L, steps, lr)
         claim = _closed_form(name, problem, p_ref, chosen_n, rejected_n, beta, L)
         if claim is not None:
             row["closed_form"] = (claim[0], float(kl(q, claim[1]).mean()))
         rows.append(row)
     return rows
+
+
+def simpo_without_noise(problem, ref, pairs, new_policy, exact_policy, beta, length, steps, lr):
+    """SimPO on the same pairs labelled by R without noise (the larger R chosen): every margin then
+    wants to grow for ever, and the entropy of p_θ keeps falling; the note gives it at steps/2 and
+    at the end of one run."""
+    prompt, chosen, rejected = pairs
+    better = problem.R[prompt, chosen] >= problem.R[prompt, rejected]
+    clean = (prompt, np.where(better, chosen, rejected), np.where(better, rejected, chosen))
+    policy, entropy = new_policy(), []
+
+    def measure(step=None, metrics=None):                               # half-way, and at the end
+        if step is None or step + 1 == steps // 2:
+            p = exact_policy(policy)
+            entropy.append(float(-(p * np.log(np.maximum(p, 1e-300))).sum(1).mean()))
+    train_on_table(policy, ref, problem, library_loss("simpo", beta, clean, length=length), steps=steps,
+                   lr=lr, log=measure)
+    measure()
+    return (f"on the same pairs labelled by R without noise, the entropy of p_θ keeps falling: "
+            f"{entropy[0]:.3g} nats after {steps // 2} steps, {entropy[1]:.3g} after {steps}")
 
 
 def _closed_form(name, problem, p_ref, chosen_n, rejected_n, beta, length):

@@ -1,7 +1,6 @@
 """The preference family's stages (kto, cpo, simpo, orpo, dpo --loss-type) end to end on tiny files:
 TRL's metric names, a resume bit for bit, divergence, a Hugging Face --init, and bad input in one line."""
 
-
 import numpy as np
 import pytest
 
