@@ -19,6 +19,8 @@ say, with numbers rather than sampling noise (`minirlhf.audit`):
 import argparse
 import time
 
+import numpy as np
+
 from minirlhf.audit import TARGETS, convergence_table, estimator_moments, kl_placement_table
 
 
@@ -47,16 +49,26 @@ def main():
            for setting, name, norm, errors in kl_placement_table()])
 
     print("## 2. Where each algorithm converges (β = 0.5, 2 prompts x 27 completions)\n")
-    kw = (dict(n_pairs=200, steps=3, grpo_steps=3, ipo_steps=3) if args.smoke else {})
+    kw = (dict(n_pairs=200, steps=3, grpo_steps=3, ipo_steps=3, family_steps=3) if args.smoke else {})
     rows = convergence_table(**kw)
     table(["algorithm", "how", "KL(p_θ‖p*)", "J* - J", "E[R]", "KL(p_θ‖p_ref)",
            "optimum it reaches", "KL(p_θ‖that optimum)"],
           [[r["name"], r["how"], small(r["kl_to_optimum"]), small(r["gap"]), small(r["reward"]),
-            small(r["kl_to_ref"]), r["optimises"], small(max(r["kl_to_claim"], 0.0))]
+            small(r["kl_to_ref"]), r["optimises"], "—" if np.isnan(r["kl_to_claim"]) else small(max(r["kl_to_claim"], 0.0))]
            for r in rows])
-    ipo = rows[-1]
+    ipo = next(r for r in rows if "kl_to_population_claim" in r)
     print(f"IPO's population optimum p ∝ p_ref·exp(P(y ≻ p_ref)/β): KL(p_θ ‖ it) = "
           f"{small(ipo['kl_to_population_claim'])} (the rest is the pairs' sampling).\n")
+    print("The preference family: residual max|∂L/∂g| of the independent solve; closed forms; notes.\n")
+    for r in rows:
+        if "residual" in r:
+            parts = [f"residual {r['residual']:.1e}" if r["residual"] is not None else "no solve"]
+            if r["closed_form"]:
+                parts.append(f"KL(its optimum ‖ {r['closed_form'][0]}) = {small(r['closed_form'][1])}")
+            if r["note"]:
+                parts.append(r["note"])
+            print(f"- {r['name']}: " + "; ".join(parts))
+    print()
 
     print("## 3. REINFORCE's gradient per group of n: exact bias and variance (R̂ = R + 2 - β·k1)\n")
     moments, _ = estimator_moments(group_sizes=(2, 3) if args.smoke else (2, 3, 4, 6))

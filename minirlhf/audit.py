@@ -28,6 +28,8 @@ autograd through them gives *expected* gradients with no sampling noise. Three q
    with D_t the forward KL for k3 and the reverse KL for k3·ρ, and c = (G-1)/G the shrinkage of a
    baseline that includes the sample itself. GRPO with std scaling is that fixed point with R
    replaced by the expected standardised advantage E[A | y] at convergence (`grpo_expected_advantage`).
+   The preference family beside DPO (KTO, SimPO, ORPO, DPO's other loss types) has its rows from
+   `minirlhf.audit_preference`: each loss's own optimum solved from its formula by Newton's method.
 3. **Bias and variance of the REINFORCE estimators** (`estimator_moments`): exact mean and variance of
    one group's gradient estimate, (1/n)·Σ_i A_i ∇log p_θ(y_i), over all n-tuples of samples, for the
    baselines none, mean (with the sample itself), leave-one-out, and GRPO's group normalisation.
@@ -40,6 +42,7 @@ from itertools import product
 import numpy as np
 
 from . import functional as F
+from .audit_preference import family_rows
 from .closed_form import (TabularPolicy, TabularValue, bradley_terry_pairs, exact_logprobs,
                           exact_policy, exact_token_logprobs, flat_gradient, kl, make_problem,
                           make_sequences, optimal_policy, train_dpo, train_ppo, train_reinforce,
@@ -350,9 +353,11 @@ def preference_win_rate(p_ref, R):
     return (s * p_ref[:, None, :]).sum(-1)
 
 
-def convergence_table(G=4, n_pairs=10_000, seed=0, steps=300, grpo_steps=1000, ipo_steps=1000):
+def convergence_table(G=4, n_pairs=10_000, seed=0, steps=300, grpo_steps=1000, ipo_steps=1000,
+                      family_steps=1000):
     """Table 2: for each algorithm, trained to convergence on `audit_problem` (``steps`` for the
-    sampled trainers and DPO, each with its own step counts for GRPO and IPO), a dict with
+    sampled trainers and DPO, each with its own step counts for GRPO, IPO and the preference family
+    of `minirlhf.audit_preference`, whose rows add ``residual``, ``closed_form`` and ``note``), a dict with
     ``name``, ``how``, ``kl_to_optimum`` (mean over prompts of KL(p_θ ‖ p*)), ``gap`` (J* - J,
     = β·KL), ``reward`` (E[R]), ``kl_to_ref``, ``optimises`` (the objective whose optimum it
     reaches) and ``kl_to_claim`` (KL(p_θ ‖ that optimum))."""
@@ -409,6 +414,8 @@ def convergence_table(G=4, n_pairs=10_000, seed=0, steps=300, grpo_steps=1000, i
         ipo_least_squares(problem, p_ref, pairs, beta))
     rows[-1]["kl_to_population_claim"] = float(
         kl(p, optimal_policy(p_ref, preference_win_rate(p_ref, problem.R), beta)).mean())
+    rows += family_rows(problem, ref, pairs, p_ref, lambda: _new_policy(problem),
+                        lambda policy: exact_policy(policy, prompts, ys), steps=family_steps)
     return rows
 
 

@@ -385,14 +385,24 @@ def train_dpo(policy, ref, problem, pairs, steps=300, lr=0.05, beta=None, log=No
     """
     beta = problem.beta if beta is None else beta
     prompt, chosen, rejected = pairs
+
+    def loss(table, ref_table):
+        return dpo_loss(table[prompt, chosen], table[prompt, rejected], ref_table[prompt, chosen],
+                        ref_table[prompt, rejected], beta=beta, loss_type=loss_type)
+    return train_on_table(policy, ref, problem, loss, steps, lr, log)
+
+
+def train_on_table(policy, ref, problem, loss_of_table, steps=300, lr=0.05, log=None):
+    """Minimise ``loss_of_table(table, ref_table)`` (a scalar Tensor, or ``(loss, metrics)``) of the
+    policy's exact log-prob table (P, N), a Tensor, and the reference's (an array, computed once):
+    AdamW, full batch, the learning rate decaying by a cosine to lr/20."""
     with no_grad():
         ref_table = exact_logprobs(ref, problem.prompts, problem.completions).numpy()
     optimizer = AdamW(policy.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     for step in range(steps):
         table = exact_logprobs(policy, problem.prompts, problem.completions)   # (P, N)
-        loss, metrics = dpo_loss(table[prompt, chosen], table[prompt, rejected],
-                                 ref_table[prompt, chosen], ref_table[prompt, rejected], beta=beta,
-                                 loss_type=loss_type)
+        out = loss_of_table(table, ref_table)
+        loss, metrics = out if isinstance(out, tuple) else (out, {})
         optimizer.lr = lr_schedule(step, lr, 0, steps, min_lr=lr / 20)
         optimizer.zero_grad()
         loss.backward()

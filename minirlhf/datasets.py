@@ -343,6 +343,56 @@ def load_prompts(path) -> list[dict]:
     return load_jsonl(path, PROMPT_FIELDS)
 
 
+# --- unpaired preference data (KTO) ------------------------------------------------
+
+UNPAIRED_FIELDS = ("prompt", "completion")
+
+
+def load_unpaired(path) -> list[dict]:
+    """KTO's examples: TRL's unpaired format ``{"prompt", "completion", "label"}`` per line, label a
+    JSON boolean (true: desirable, thumbs up). A pairs file (``{"prompt", "chosen", "rejected"}``,
+    told by its first record) is accepted too and split by `unpair_preferences`. Each example keeps
+    the line it came from. A data set with no undesirable or no desirable example is refused: KTO
+    weighs one kind against the other's reference point, and TRL's loss needs both to learn.
+    """
+    records = load_jsonl(path, ("prompt",))
+    paired = "chosen" in records[0] or "rejected" in records[0]
+    if paired:
+        for r in records:
+            for field in PREFERENCE_FIELDS:
+                _check_field(r, field, f"{path}, line {r.line}")
+        examples = unpair_preferences(records)
+    else:
+        for r in records:
+            where = f"{path}, line {r.line}"
+            for field in UNPAIRED_FIELDS:
+                _check_field(r, field, where)
+            if "label" not in r:
+                raise DataError(f"{where}: missing field 'label' (true: desirable, false: undesirable)")
+            if not isinstance(r["label"], bool):
+                raise DataError(f"{where}: field 'label' must be a boolean (true: desirable, false: "
+                                f"undesirable), got {_json_type(r['label'])} {json.dumps(r['label'])}")
+        examples = records
+    for kind, value in (("undesirable", False), ("desirable", True)):
+        if not any(r["label"] is value for r in examples):
+            raise DataError(f"{path}: no {kind} example (label {str(value).lower()}) among "
+                            f"{len(examples)}; KTO needs both kinds")
+    return examples
+
+
+def unpair_preferences(records, chunk=1000) -> list[dict]:
+    """Pairs ``{"prompt", "chosen", "rejected"}`` as unpaired examples, two per pair: the chosen
+    with label True and the rejected with label False, in TRL's ``unpair_preference_dataset`` order
+    (its batched map: in each run of ``chunk`` pairs, every chosen, then every rejected)."""
+    out = []
+    for start in range(0, len(records), chunk):
+        block = records[start:start + chunk]
+        for field, label in (("chosen", True), ("rejected", False)):
+            out += [Record({"prompt": r["prompt"], "completion": r[field], "label": label},
+                           line=getattr(r, "line", None)) for r in block]
+    return out
+
+
 # --- rows, padding and masks ----------------------------------------------------------
 
 def encode_prompt_completion(tokenizer, prompt, completion, block_size: int, add_eot: bool = True):

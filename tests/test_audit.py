@@ -187,3 +187,54 @@ def test_group_estimates_are_minus_the_gradient_of_reinforce_kl_loss():
         shaped = problem.R[0] - problem.beta * (logp - ref_logp)
         np.testing.assert_allclose(audit.group_estimates(shaped, scores, group, baseline)[0],
                                    -flat_gradient(params, loss), rtol=1e-10, atol=1e-14)
+
+
+# ===================================================================================================
+# the preference family (minirlhf.audit_preference): the NumPy solve is where the library's loss stops
+
+
+@pytest.fixture(scope="module")
+def family(toy):
+    from minirlhf.audit_preference import pair_counts, win_counts
+    problem, ref, p_ref, _ = toy
+    pairs = bradley_terry_pairs(p_ref, problem.R, 300, np.random.default_rng(0))
+    counts = pair_counts(pairs, *p_ref.shape)
+    with no_grad():
+        ref_table = exact_logprobs(ref, problem.prompts, problem.completions).numpy()
+    return problem, p_ref, pairs, counts, win_counts(counts), ref_table
+
+
+def library_gradient(problem, p, loss, ref_table):
+    policy = policy_at(problem, p)
+    return flat_gradient(policy.parameters(), lambda: loss(
+        exact_logprobs(policy, problem.prompts, problem.completions), ref_table)[0])
+
+
+@pytest.mark.parametrize("name, eps, beta", [("exo_pair", 1e-3, 0.5), ("nca_pair", 0.0, 0.5),
+                                             ("bco_pair", 0.0, 0.5), ("sppo_hard", 0.0, 0.5),
+                                             ("simpo", 0.0, 2.0), ("orpo", 0.0, 0.1)])
+def test_the_library_loss_has_gradient_0_at_the_numpy_fixed_point(family, name, eps, beta):
+    """Two independent routes to one optimum: Newton on the loss's formula in plain NumPy (complex-step
+    derivatives), and autograd through the library's loss; at the first, the second's gradient is 0."""
+    from minirlhf.audit_preference import PromptObjective, fixed_point, library_loss, pair_objective_terms
+    problem, p_ref, pairs, counts, (chosen_n, rejected_n), ref_table = family
+
+    def make(x, s):
+        phi, elem = pair_objective_terms(name, beta, eps, chosen_n=chosen_n[x], rejected_n=rejected_n[x])
+        return PromptObjective(counts[x], np.log(p_ref[x]), phi, elem)
+    q, residual = fixed_point(make, p_ref)
+    assert residual < 1e-12
+    g = library_gradient(problem, q, library_loss(name, beta, pairs, eps), ref_table)
+    assert np.abs(g).max() < 1e-9
+    assert np.abs(library_gradient(problem, p_ref, library_loss(name, beta, pairs, eps), ref_table)).max() > 1e-3
+
+
+def test_kto_with_its_reference_point_at_0_is_apo_zero_at_half_the_gradient(family):
+    """z0 = max(0, mean log-ratio of the mismatched pairs) is 0 wherever that mean is negative, as at
+    p_ref (-KL ≤ 0 in expectation); KTO's mean runs over twice as many examples as APO-zero's pairs."""
+    from minirlhf.audit_preference import library_loss
+    problem, p_ref, pairs, _, _, ref_table = family
+    p = optimal_policy(p_ref, problem.R, problem.beta)
+    kto = library_gradient(problem, p, library_loss("kto", problem.beta, pairs), ref_table)
+    apo = library_gradient(problem, p, library_loss("apo_zero", problem.beta, pairs), ref_table)
+    np.testing.assert_allclose(kto, apo / 2, rtol=1e-10, atol=1e-15)

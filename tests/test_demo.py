@@ -201,7 +201,10 @@ def test_smoke_demo_writes_the_report_with_its_tables(smoke_run):
     rows = [line for line in training.split("\n\n")[1].splitlines() if line.startswith("| GRPO β=0 |")]
     assert len(rows) == 1 and rows[0].endswith("| — |")     # at β = 0 GRPO logs no KL
     summary = json.loads((smoke_run / "summary.json").read_text())
-    assert set(summary["policies"]) == {"SFT", "RL β=0.1", "PPO β=0.1", "DPO β=0.1", "GRPO β=0"}
+    assert set(summary["policies"]) == {"SFT", "RL β=0.1", "PPO β=0.1", "DPO β=0.1", "GRPO β=0",
+                                        "KTO β=0.1", "SimPO β=2", "ORPO β=0.1"}
+    for row in ("| KTO β=0.1 |", "| SimPO β=2 |", "| ORPO β=0.1 |", "- SimPO β=2: "):
+        assert row in report
     assert summary["policies"]["SFT"]["kl"] == 0.0
 
 

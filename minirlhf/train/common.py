@@ -181,7 +181,8 @@ def distinct_pairs(records, path, say):
 def weighted_means(results, weights):
     """Average metric dicts key by key, each weighted (by its batch's size): a last batch of one
     pair must not count as much as a full one."""
-    total = sum(weights)
     if not results:
         return {}
-    return {k: sum(w * r[k] for r, w in zip(results, weights)) / total for k in results[0]}
+    keys = list(dict.fromkeys(k for r in results for k in r))  # a key some batches lack (KTO's
+    return {k: sum(w * r[k] for r, w in zip(results, weights) if k in r)   # per-kind means):
+            / sum(w for r, w in zip(results, weights) if k in r) for k in keys}   # over those that have it

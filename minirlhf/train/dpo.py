@@ -11,6 +11,8 @@ rejected completion is computed once, when a batch first needs it (`ReferenceLog
 
 from dataclasses import dataclass
 
+import math
+
 import numpy as np
 
 from ..checkpoint import tokenizer_for
@@ -19,40 +21,79 @@ from ..logprobs import sequence_logprobs
 from ..losses import dpo_loss
 from ..optim import AdamW, lr_schedule, param_groups
 from ..tensor import no_grad
-from .common import (batch_tensor, check_common, config_summary, distinct_pairs, encode_sequences,
-                     load_policy, option, overwrite_option, require, split_holdout, weighted_means)
+from .common import (ConfigError, batch_tensor, check_common, config_summary, distinct_pairs,
+                     encode_sequences, load_policy, option, require, split_holdout,
+                     weighted_means)
+from .preference import PreferenceConfig
 from .run import Run
 
 
 @dataclass
-class DPOConfig:
-    data: str = option("", "JSONL of {\"prompt\", \"chosen\", \"rejected\"} records", required=True)
+class DPOConfig(PreferenceConfig):   # data, batch_size, max_steps, lr, ...: the family's settings
     init: str = option("runs/sft/ckpt.npz", "the policy to start from; also the frozen reference p_ref")
     out_dir: str = option("runs/dpo", "where metrics.jsonl and ckpt.npz go")
     beta: float = option(0.1, "β: the strength of the implicit KL penalty")
-    loss_type: str = option("sigmoid", "sigmoid (DPO) or ipo", choices=["sigmoid", "ipo"])
+    loss_type: str = option("sigmoid", "sigmoid (DPO), ipo, or any of TRL's loss types (hinge, robust, "
+                            "exo_pair, nca_pair, bco_pair, sppo_hard, aot, apo_zero, ...); several "
+                            "comma-separated (MPO)")
+    loss_weights: str | None = option(None, "comma-separated weights, one per --loss-type (default: 1 each)")
     label_smoothing: float = option(0.0, "cDPO: the assumed rate of flipped labels, in [0, 0.5]")
-    batch_size: int = option(16, "pairs per step")
-    max_steps: int = option(200, "optimisation steps")
-    lr: float = option(1e-4, "peak learning rate")
-    warmup_steps: int = option(10, "steps of linear warm-up, then cosine decay to lr/10")
-    grad_clip: float = option(1.0, "clip the global gradient norm (0: no clipping)")
-    val_fraction: float = option(0.1, "share of the pairs held out to report val metrics")
-    eval_interval: int = option(50, "held-out metrics every N steps")
-    ckpt_interval: int = option(50, "write a checkpoint every N steps (and at the end)")
-    seed: int = option(0, "seed of the batches")
-    overwrite: bool = overwrite_option()
-    device: str = option("cpu", "cpu (NumPy) or cuda (CuPy)", choices=["cpu", "cuda"])
-    quiet: bool = option(False, "no progress bar or messages")
 
 
 def pair_logps(model, pairs, device):
     """log p(y_w|x) and log p(y_l|x) (each (B,)) of a batch of (chosen row, rejected row) pairs."""
-    batch = collate([c for c, _ in pairs] + [r for _, r in pairs])
-    _, logp = sequence_logprobs(model, batch_tensor(batch["input_ids"], device),
-                                batch_tensor(batch["completion_mask"], device))     # (2B,)
+    logp = rows_logps(model, [c for c, _ in pairs] + [r for _, r in pairs], device)   # (2B,)
     B = len(pairs)
     return logp[:B], logp[B:]
+
+
+def rows_logps(model, rows, device):
+    """log p(y|x) (B,) of ``(ids, n_prompt)`` rows: one padded batch through `sequence_logprobs`."""
+    batch = collate(rows)
+    return sequence_logprobs(model, batch_tensor(batch["input_ids"], device),
+                             batch_tensor(batch["completion_mask"], device))[1]
+
+
+def pair_lengths(pairs):
+    """The completions' token counts (EOT included) of (chosen row, rejected row) pairs: two (B,)."""
+    return tuple(np.array([len(row[k][0]) - row[k][1] for row in pairs], dtype=np.float64)
+                 for k in (0, 1))
+
+
+def loss_types(cfg):
+    """``cfg.loss_type`` and ``cfg.loss_weights`` checked by `dpo_loss`'s own rules: the list of
+    (name, weight), each refusal one line (`ConfigError`)."""
+    from ..preference import dpo_loss_types
+
+    weights = None
+    if cfg.loss_weights is not None:
+        try:
+            weights = [float(w) for w in cfg.loss_weights.split(",")]
+        except ValueError:
+            raise ConfigError(f"loss_weights must be comma-separated numbers, got {cfg.loss_weights!r}") from None
+        require(all(math.isfinite(w) for w in weights), f"loss_weights must be finite, got {cfg.loss_weights!r}")
+    try:
+        # lengths are the trainer's to give: claim them here so only the names and weights are judged
+        return dpo_loss_types(cfg.loss_type, weights, cfg.label_smoothing,
+                              {"chosen_lengths": 1, "rejected_lengths": 1})
+    except ValueError as e:
+        raise ConfigError(str(e).removeprefix("dpo_loss: ")) from None
+
+
+def dpo_pair_loss(cfg):
+    """``loss(pi_c, pi_r, ref_c, ref_r, n_c, n_r)`` of `dpo_loss` with the run's settings. The
+    lengths go only to the types that need them (sft, sigmoid_norm): ipo keeps summed log-ratios."""
+    from ..preference import NEED_LENGTHS
+
+    types = loss_types(cfg)
+    lengths = any(name in NEED_LENGTHS for name, _ in types)
+    weights = None if cfg.loss_weights is None else [w for _, w in types]
+
+    def loss(idx, pi_c, pi_r, ref_c, ref_r, n_c, n_r):
+        return dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
+                        loss_type=cfg.loss_type, loss_weights=weights,
+                        chosen_lengths=n_c if lengths else None, rejected_lengths=n_r if lengths else None)
+    return loss
 
 
 class ReferenceLogps:
@@ -83,29 +124,42 @@ def dpo(cfg):
     """
     check_common(cfg)
     require(0 <= cfg.label_smoothing <= 0.5, f"label_smoothing must be in [0, 0.5], got {cfg.label_smoothing}")
+    loss = dpo_pair_loss(cfg)
     with Run(cfg, "dpo") as run:
-        return run.result if run.finished else _train(cfg, run)
+        return run.result if run.finished else train_pairs(cfg, run, loss)
 
 
-def _train(cfg, run):
-    records = distinct_pairs(load_preferences(cfg.data), cfg.data, run.print)
+def train_pairs(cfg, run, pair_loss, records=None, fields=("chosen", "rejected"), reference=True,
+                detach_second=False, what="pairs"):
+    """The loop of every stage trained on two completions per record (dpo, cpo, simpo, orpo, kto):
+    ``pair_loss(idx, pi_c, pi_r, ref_c, ref_r, n_c, n_r)`` of the record indices, the policy's summed
+    log-probs of the two ``fields`` (Tensors; the second without gradient with ``detach_second``),
+    the reference's (arrays; None when ``reference`` is False: no p_ref is loaded) and the lengths.
+    ``records``: default the distinct preference pairs of ``cfg.data``."""
+    if records is None:
+        records = distinct_pairs(load_preferences(cfg.data), cfg.data, run.print)
     tokenizer = tokenizer_for(cfg.init)   # the one the model was trained with
     policy = load_policy(cfg.init, cfg.device)
     block = policy.config.block_size
-    pairs = list(zip(encode_sequences(records, tokenizer, block, "chosen", cfg.data),
-                     encode_sequences(records, tokenizer, block, "rejected", cfg.data)))
+    pairs = list(zip(*(encode_sequences(records, tokenizer, block, f, cfg.data) for f in fields)))
     train_idx, val_idx = split_holdout(range(len(pairs)), cfg.val_fraction, np.random.default_rng(cfg.seed))
 
-    ref = load_policy(cfg.init, cfg.device)
-    ref.eval()
-    ref_logps = ReferenceLogps(ref, pairs, cfg)
+    if reference:
+        ref = load_policy(cfg.init, cfg.device)
+        ref.eval()
+        ref_logps = ReferenceLogps(ref, pairs, cfg)
 
     def loss_of(idx):
         idx = np.asarray(idx)
-        pi_c, pi_r = pair_logps(policy, [pairs[i] for i in idx.tolist()], cfg.device)
-        ref_c, ref_r = ref_logps(idx)                                      # (B,), (B,)
-        return dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=cfg.beta,
-                        label_smoothing=cfg.label_smoothing, loss_type=cfg.loss_type)
+        batch = [pairs[i] for i in idx.tolist()]
+        if detach_second:
+            pi_c = rows_logps(policy, [c for c, _ in batch], cfg.device)
+            with no_grad():
+                pi_r = rows_logps(policy, [r for _, r in batch], cfg.device)
+        else:
+            pi_c, pi_r = pair_logps(policy, batch, cfg.device)
+        ref_c, ref_r = ref_logps(idx) if reference else (None, None)       # (B,), (B,)
+        return pair_loss(idx, pi_c, pi_r, ref_c, ref_r, *pair_lengths(batch))
 
     def evaluate():
         policy.eval()
@@ -118,7 +172,7 @@ def _train(cfg, run):
 
     optimizer = AdamW(param_groups(policy, 0.0), lr=cfg.lr)
     start = run.restore(policy, optimizer)
-    run.print(f"dpo: {len(train_idx)} training and {len(val_idx)} held-out pairs from {cfg.data}\n"
+    run.print(f"{run.stage}: {len(train_idx)} training and {len(val_idx)} held-out {what} from {cfg.data}\n"
               f"{config_summary(cfg)}")
     batches = Minibatches(train_idx, cfg.batch_size, seed=cfg.seed)
     val = {k[4:]: v for k, v in run.last.items() if k.startswith("val_")}
@@ -133,5 +187,6 @@ def _train(cfg, run):
         run.log(step, row)
         run.save_if_due(step)
     last = {k: v for k, v in run.last.items() if k not in ("step", "time") and not k.startswith("val_")}
-    return run.finish({**last, "val": val}, f"loss {last['loss']:.4f}, reward accuracy "
-                                            f"{last['rewards/accuracies']:.3f}")
+    accuracy = last.get("rewards/accuracies")
+    return run.finish({**last, "val": val}, f"loss {last['loss']:.4f}" + (
+        f", reward accuracy {accuracy:.3f}" if accuracy is not None else f", kl {last.get('kl')}"))

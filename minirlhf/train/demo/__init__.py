@@ -49,6 +49,7 @@ from ..pretrain import PretrainConfig, pretrain
 from ..reward import RewardConfig, reward
 from ..rl import RLConfig, rl
 from ..sft import SFTConfig, sft
+from .family import train_family
 from .evaluate import (batched_logprobs, batched_rewards, evaluate_all, evaluate_policy,
                        gold_metrics, implicit_agreement, mean_se, pair_logprobs, reward_agreement)
 from .labels import make_data, make_labels, sample_replies
@@ -151,6 +152,7 @@ def demo(cfg):
         stages.run(name, ckpt, lambda c=dpo_cfg: dpo(c), inputs=[sft_ckpt, prefs],
                    steps=dpo_cfg.max_steps)
         policies[f"DPO β={beta_name(beta)}"] = ckpt
+    train_family(out, plan, cfg, stages, prefs, sft_ckpt, policies, common)   # KTO, SimPO, ORPO
     against_reward_model("grpo", GRPOConfig, grpo)
 
     # 6. evaluation on held-out prompts

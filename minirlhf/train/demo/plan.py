@@ -44,6 +44,12 @@ QUICK = {
     "grpo": dict(betas=(0.0, 0.1), prompts_per_step=8, num_generations=4, max_new_tokens=40,
                  max_steps=60, lr=2e-4),
     "eval": dict(prompts=256, samples_per_prompt=3, max_new_tokens=40, shown=4),
+    "kto": dict(beta=0.1, batch_size=32, max_steps=80, lr=2e-4, warmup_steps=10, val_fraction=0.05,
+                eval_interval=40),
+    "simpo": dict(beta=2.0, gamma=0.5, batch_size=16, max_steps=80, lr=2e-4, warmup_steps=10,
+                  val_fraction=0.05, eval_interval=40),
+    "orpo": dict(beta=0.1, batch_size=16, max_steps=80, lr=2e-4, warmup_steps=10, val_fraction=0.05,
+                 eval_interval=40),
 }
 
 # Meant for --device cuda: on 2 CPU cores it would take hours.
@@ -67,6 +73,12 @@ LARGE = {
     "grpo": dict(betas=(0.0, 0.1), prompts_per_step=16, num_generations=4, max_new_tokens=64,
                  max_steps=150, lr=1e-4),
     "eval": dict(prompts=512, samples_per_prompt=4, max_new_tokens=64, shown=4),
+    "kto": dict(beta=0.1, batch_size=64, max_steps=200, lr=1e-4, warmup_steps=20, val_fraction=0.05,
+                eval_interval=50),
+    "simpo": dict(beta=2.0, gamma=0.5, batch_size=32, max_steps=200, lr=1e-4, warmup_steps=20,
+                  val_fraction=0.05, eval_interval=50),
+    "orpo": dict(beta=0.1, batch_size=32, max_steps=200, lr=1e-4, warmup_steps=20, val_fraction=0.05,
+                 eval_interval=50),
 }
 
 # A few steps of everything: to test the plumbing, not to learn anything. A model this small
@@ -91,6 +103,12 @@ SMOKE = {
     "grpo": dict(betas=(0.0,), prompts_per_step=2, num_generations=2, max_new_tokens=24,
                  max_steps=2, lr=1e-4),
     "eval": dict(prompts=6, samples_per_prompt=2, max_new_tokens=24, shown=2),
+    "kto": dict(beta=0.1, batch_size=4, max_steps=2, lr=1e-4, warmup_steps=1, val_fraction=0.1,
+                eval_interval=2),
+    "simpo": dict(beta=2.0, gamma=0.5, batch_size=4, max_steps=2, lr=1e-4, warmup_steps=1,
+                  val_fraction=0.1, eval_interval=2),
+    "orpo": dict(beta=0.1, batch_size=4, max_steps=2, lr=1e-4, warmup_steps=1, val_fraction=0.1,
+                 eval_interval=2),
 }
 
 PRESETS = {"quick": QUICK, "large": LARGE}

@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 
+from .family import family_points
 from .plan import beta_name, read_metrics
 
 
@@ -34,6 +35,7 @@ def make_plots(out, plan, evals, policies):
                     label=kind, capsize=3)
         for kl, g, _, n in pts:
             ax.annotate(n.split()[1], (kl, g), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    family_points(ax, evals, policies)                                  # KTO, SimPO, ORPO
     ax.set_xlabel("KL(p_θ ‖ p_sft), nats per reply")
     ax.set_ylabel("gold reward (held-out prompts)")
     ax.set_title("Reward against KL")

@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 from ... import kernels
+from .family import family_verdicts
 from .plan import beta_name, read_metrics, write_json
 from .plots import make_plots
 
@@ -80,7 +81,7 @@ def write_report(out, plan, cfg, evals, stages, seconds):
             _, name, gain, se, kl = max(vs, key=lambda v: v[2])
             lines.append(f"- {kind}: no; the best, {name}, gains {gain:+.3f} ± {se:.3f} at KL "
                          f"{kl:.2f} nats.")
-    lines.append("")
+    lines += family_verdicts(verdicts) + [""]
 
     plots = make_plots(out, plan, evals, policies)
     lines += ["## Plots", ""]
