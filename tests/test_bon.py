@@ -175,7 +175,7 @@ def test_best_of_n_samples_are_generate_samples_with_their_logprobs(gpt):
     assert [t for s in out.samples for t in s] == plain.tokens
     assert (out.chosen == 0).all()                      # all tied: the first sampled wins
     seqs = [(p + t, len(p)) for p, t in zip([p for p in prompts for _ in range(4)], plain.tokens)]
-    batch = collate(seqs)
+    batch = collate(seqs, pad_id=0)
     _, logp = sequence_logprobs(gpt, batch["input_ids"], batch["completion_mask"])
     np.testing.assert_allclose(out.logprobs.ravel(), logp.numpy(), atol=1e-4)
 
