@@ -27,6 +27,8 @@ STAGES = {
             "step 3 as InstructGPT ran it: PPO with a value model, GAE and a per-token KL penalty"),
     "grpo": ("grpo", "GRPOConfig", "grpo",
              "step 3 as GRPO: group-relative advantages, no value model (and Dr. GRPO, DAPO)"),
+    "bon": ("bon", "BonConfig", "bon",
+            "best-of-n: keep the best of n samples by the reward model; reward, gold and KL per n"),
     "dpo": ("dpo", "DPOConfig", "dpo", "DPO on prompt/chosen/rejected JSONL (replaces steps 2 and 3)"),
     "kto": ("kto", "KTOConfig", "kto", "KTO on thumbs-up/thumbs-down JSONL (prompt/completion/label), or pairs"),
     "cpo": ("cpo", "CPOConfig", "cpo", "CPO on prompt/chosen/rejected JSONL: no reference model, plus SFT"),

@@ -23,6 +23,8 @@
    and KL(p_θ ‖ p_sft) estimated by Monte Carlo, mean over samples y ~ p_θ of
    log p_θ(y|x) - log p_sft(y|x); how often each policy's implicit reward β·log(p_θ/p_sft) orders
    held-out pairs as R_gold does; and a few replies side by side.
+   **Best-of-n** (`bon`): the SFT model's best of n = 1 … 64 replies by the reward model, the
+   baseline RL is measured against, with its KL and Gao et al.'s fitted forms (``bon``).
 7. **report.md** in ``out_dir``, and with matplotlib two plots: gold reward against KL for RL, PPO, DPO
    and GRPO across β (the DPO paper's Figure 2 in miniature), and gold against reward-model reward during RL.
 
@@ -50,6 +52,7 @@ from ..reward import RewardConfig, reward
 from ..rl import RLConfig, rl
 from ..sft import SFTConfig, sft
 from .family import train_family
+from .bon import run_bon
 from .evaluate import (batched_logprobs, batched_rewards, evaluate_all, evaluate_policy,
                        gold_metrics, implicit_agreement, mean_se, pair_logprobs, reward_agreement)
 from .labels import make_data, make_labels, sample_replies
@@ -158,7 +161,10 @@ def demo(cfg):
     # 6. evaluation on held-out prompts
     evals = evaluate_all(out, plan, cfg, policies, rm_ckpt, sft_ckpt, stages)
 
+    # 6b. the best-of-n baseline on held-out prompts
+    bon_table = run_bon(out, cfg, stages, sft_ckpt, rm_ckpt)
+
     # 7. the report
-    summary = write_report(out, plan, cfg, evals, stages, time.time() - t_start)
+    summary = write_report(out, plan, cfg, evals, stages, time.time() - t_start, bon_table)
     say(cfg, f"report: {out / 'report.md'}")
     return summary

@@ -10,11 +10,13 @@ import os
 import numpy as np
 
 from .family import family_points
+from . import bon as demo_bon
 from .plan import beta_name, read_metrics
 
 
-def make_plots(out, plan, evals, policies):
-    """frontier.png and rl_gold_vs_rm.png, or None without matplotlib."""
+def make_plots(out, plan, evals, policies, bon_table=None, fits=None):
+    """frontier.png and rl_gold_vs_rm.png (and bon_frontier.png with ``bon_table``), or None
+    without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -36,6 +38,8 @@ def make_plots(out, plan, evals, policies):
         for kl, g, _, n in pts:
             ax.annotate(n.split()[1], (kl, g), textcoords="offset points", xytext=(4, 4), fontsize=8)
     family_points(ax, evals, policies)                                  # KTO, SimPO, ORPO
+    if bon_table:
+        demo_bon.draw_on_frontier(ax, bon_table)
     ax.set_xlabel("KL(p_θ ‖ p_sft), nats per reply")
     ax.set_ylabel("gold reward (held-out prompts)")
     ax.set_title("Reward against KL")
@@ -65,7 +69,13 @@ def make_plots(out, plan, evals, policies):
     fig.savefig(out / "rl_gold_vs_rm.png.tmp.png", dpi=110)
     plt.close(fig)
     os.replace(out / "rl_gold_vs_rm.png.tmp.png", out / "rl_gold_vs_rm.png")
-    return "frontier.png", "rl_gold_vs_rm.png"
+    if not bon_table:
+        return "frontier.png", "rl_gold_vs_rm.png"
+    fig = demo_bon.draw(plt, bon_table, evals, fits)
+    fig.savefig(out / "bon_frontier.png.tmp.png", dpi=110)
+    plt.close(fig)
+    os.replace(out / "bon_frontier.png.tmp.png", out / "bon_frontier.png")
+    return "frontier.png", "rl_gold_vs_rm.png", "bon_frontier.png"
 
 
 def _smooth(values, window=5):

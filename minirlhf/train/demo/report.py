@@ -8,12 +8,14 @@ import numpy as np
 
 from ... import kernels
 from .family import family_verdicts
+from . import bon as demo_bon
 from .plan import beta_name, read_metrics, write_json
 from .plots import make_plots
 
 
-def write_report(out, plan, cfg, evals, stages, seconds):
-    """report.md (tables, verdict, plots, samples, settings, times) and summary.json."""
+def write_report(out, plan, cfg, evals, stages, seconds, bon_table=None):
+    """report.md (tables, verdict, plots, samples, settings, times) and summary.json; with
+    ``bon_table`` (`demo.bon.run_bon`), the best-of-n section and plot too."""
     base = evals["SFT"]
     policies = [n for n in evals if n not in ("reward",)]
     rows, verdicts = [], {}
@@ -83,7 +85,10 @@ def write_report(out, plan, cfg, evals, stages, seconds):
                          f"{kl:.2f} nats.")
     lines += family_verdicts(verdicts) + [""]
 
-    plots = make_plots(out, plan, evals, policies)
+    fits = demo_bon.gao_fits(bon_table, evals) if bon_table else None
+    if bon_table:
+        lines += demo_bon.report_lines(bon_table, fits)
+    plots = make_plots(out, plan, evals, policies, bon_table, fits)
     lines += ["## Plots", ""]
     if plots is None:
         lines += ["matplotlib is not installed, so no plots were drawn (`pip install matplotlib`, "
@@ -96,6 +101,12 @@ def write_report(out, plan, cfg, evals, stages, seconds):
                   "The reward model's score (what RL maximises) and the gold reward (what we want) of "
                   "each RL step's samples: where the first climbs and the second does not, the policy "
                   "over-optimises the proxy.", ""]
+        if len(plots) > 2:
+            lines += [f"![best-of-n against RL]({plots[2]})", "",
+                      "Gains over the start in gold reward (left) and reward-model reward (right) "
+                      "against sqrt(KL): best-of-n for n = 1 … 64, the RL-trained policies as points, "
+                      "Gao et al.'s forms fitted (dashed). Where the proxy's curve keeps rising and "
+                      "the gold one flattens or falls, the policy over-optimises the reward model.", ""]
 
     lines += ["## Training", "", "| stage | held-out measure | value |", "|---|---|---|"]
     for stage, folder, key, what in (
@@ -159,6 +170,8 @@ def write_report(out, plan, cfg, evals, stages, seconds):
                "ran": stages.ran, "reward_agreement": rm["agreement"],
                "policies": {n: {k: evals[n][k] for k in ("gold", "gold_se", "rm", "kl", "kl_se")}
                             for n in policies}}
+    if bon_table:
+        summary["bon"], summary["gao_fits"] = bon_table, fits
     write_json(out / "summary.json", summary)
     return summary
 
