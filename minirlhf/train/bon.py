@@ -24,10 +24,11 @@ from ..bon import analytic_kl, best_of_n, tie_corrected_kl
 from ..checkpoint import tokenizer_for
 from ..datasets import encode_prompt, load_prompts
 from ..gold import gold_reward
-from .common import (ConfigError, check_common, check_context, check_sampling, config_summary,
+from .common import (ConfigError, check_context, check_rollout, config_summary,
                      load_policy, option, overwrite_option, require)
-from .rl import Rewarder
-from .run import Run, _jsonable
+from .rollout import Rewarder
+from .folder import _jsonable
+from .run import Run
 
 
 @dataclass
@@ -69,8 +70,7 @@ def parse_ns(text):
 
 def bon(cfg):
     """Best-of-n for each n of ``cfg.n``; returns {"table": one dict per n, ...} (also bon.jsonl)."""
-    check_common(cfg)
-    check_sampling(cfg, "prompts_per_step", "num_prompts", "max_new_tokens")
+    check_rollout(cfg, "num_prompts")
     ns = parse_ns(cfg.n)
     records = load_prompts(cfg.prompts)
     count = len(records) if cfg.num_prompts is None else min(cfg.num_prompts, len(records))
@@ -99,8 +99,8 @@ def _sample(cfg, run, ns, records):
         row = _step(policy, chunk, ns, rewarder, tokenizer, max_new, rng)
         run.log(step, row)
         run.save_if_due(step)
-    table = _table(run.metrics_path, ns)
-    _write_jsonl(run.out / "bon.jsonl", table)
+    table = _table(run.folder.metrics_path, ns)
+    _write_jsonl(run.folder.out / "bon.jsonl", table)
     top = table[-1]
     return run.finish({"table": table}, f"best of {top['n']}: reward {top['reward']:.3f}, gold "
                                         f"{top['gold']:.3f}, kl {top['kl']:.3f}")
