@@ -41,9 +41,8 @@ reward-model score and KL of each policy), ``report`` (report.md, summary.json) 
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-from ..common import option, require
+from ..common import option
 from ..dpo import DPOConfig, dpo
 from ..grpo import GRPOConfig, grpo
 from ..ppo import PPOConfig, ppo
@@ -51,13 +50,13 @@ from ..pretrain import PretrainConfig, pretrain
 from ..reward import RewardConfig, reward
 from ..rl import RLConfig, rl
 from ..sft import SFTConfig, sft
-from .family import train_family
 from .bon import run_bon
+from .family import train_family
 from .evaluate import (batched_logprobs, batched_rewards, evaluate_all, evaluate_policy,
                        gold_metrics, implicit_agreement, mean_se, pair_logprobs, reward_agreement)
 from .labels import make_data, make_labels, sample_replies
-from .plan import (LARGE, PRESETS, QUICK, SMOKE, Stages, beta_name, check_out_dir, make_plan,
-                   parse_betas, say)
+from .plan import (LARGE, PRESETS, QUICK, SMOKE, Stages, beta_name, make_plan, open_out_dir,
+                   parse_betas, say, sentiment_key)
 from .plots import make_plots
 from .report import write_report
 
@@ -91,10 +90,7 @@ def demo(cfg):
         from . import addition
         return addition.demo(cfg)
     plan = make_plan(cfg)
-    out = Path(cfg.out_dir)
-    require(not out.exists() or out.is_dir(), f"out_dir {out} is a file, not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    check_out_dir(out, plan, cfg)
+    out = open_out_dir(cfg, sentiment_key(plan, cfg))
     stages = Stages(out, cfg)
     t_start = time.time()
     # the demo decides itself which stages are up to date (`Stages`); one it runs again is replaced

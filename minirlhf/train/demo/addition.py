@@ -39,7 +39,7 @@ from ..pretrain import PretrainConfig, pretrain
 from ..rl import RLConfig, rl
 from ..sft import SFTConfig, sft
 from .addition_report import write_report
-from .plan import Stages, read_json, say, write_json
+from .plan import Stages, open_out_dir, read_json, say, write_json
 
 REWARD_FN = "minirlhf.tasks.addition:reward"
 
@@ -97,17 +97,6 @@ def make_plan(cfg):
     return plan
 
 
-def _check_out_dir(out, plan, cfg):
-    """A run folder made with other settings (or by the other task) is refused."""
-    key = json.loads(json.dumps({"task": "addition", "plan": plan, "seed": cfg.seed}))
-    path = out / "plan.json"
-    if path.exists():
-        require(read_json(path) == key, f"{out} holds a demo run with other settings (task, preset, "
-                                        f"seed or smoke); use another --out-dir or delete that folder")
-    else:
-        write_json(path, key)
-
-
 def make_data(out, plan, cfg):
     """data/: the pretraining lines, SFT pairs and RL prompts (training pairs), held_out.json."""
     t = plan["task"]
@@ -151,10 +140,7 @@ def evaluate_policy(model, pairs, plan, seed):
 def demo(cfg):
     """The addition demo into ``cfg.out_dir``; returns the summary (also in summary.json)."""
     plan = make_plan(cfg)
-    out = Path(cfg.out_dir)
-    require(not out.exists() or out.is_dir(), f"out_dir {out} is a file, not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    _check_out_dir(out, plan, cfg)
+    out = open_out_dir(cfg, {"task": "addition", "plan": plan, "seed": cfg.seed})  # other tasks refused
     stages = Stages(out, cfg)
     t_start = time.time()
     common = dict(device=cfg.device, quiet=cfg.quiet, overwrite=True)

@@ -1,6 +1,6 @@
 """The demo's plan: the presets, the settings of every stage, and which stages are up to date.
 
-`make_plan` turns a `DemoConfig` into the settings of every stage; `check_out_dir` refuses a run
+`make_plan` turns a `DemoConfig` into the settings of every stage; `open_out_dir` refuses a run
 folder made with other settings; `Stages` runs each stage unless its outputs are up to date
 (finished, and newer than what they were made from, as ``make`` decides). The JSON helpers here
 write and read the run folder's small files, atomically.
@@ -205,19 +205,27 @@ def beta_name(beta):
     return f"{beta:g}"
 
 
-def check_out_dir(out, plan, cfg):
-    """An out_dir that holds a demo of other settings is refused (its outputs would be mixed up)."""
-    path = out / "plan.json"
+def sentiment_key(plan, cfg):
+    """What a sentiment demo folder must agree on to be reused: every setting but the swept betas."""
     swept = ("rl", "dpo", "ppo", "grpo")                 # their β may change; the rest may not
-    key = {"plan": {k: v for k, v in plan.items() if k not in swept}, "seed": cfg.seed,
-           **{stage: {k: v for k, v in plan[stage].items() if k != "betas"} for stage in swept}}
+    return {"plan": {k: v for k, v in plan.items() if k not in swept}, "seed": cfg.seed,
+            **{stage: {k: v for k, v in plan[stage].items() if k != "betas"} for stage in swept}}
+
+
+def open_out_dir(cfg, key):
+    """The demo's folder, made if missing. A folder that holds a demo of other settings (its
+    plan.json differs from ``key``) is refused: its outputs would be mixed up with these."""
+    out = Path(cfg.out_dir)
+    require(not out.exists() or out.is_dir(), f"out_dir {out} is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "plan.json"
     key = json.loads(json.dumps(key, default=_json_default))
     if path.exists():
-        old = read_json(path)
-        require(old == key, f"{out} holds a demo run with other settings (preset, seed or smoke); "
-                            f"use another --out-dir or delete that folder")
+        require(read_json(path) == key, f"{out} holds a demo run with other settings (task, preset, "
+                                        f"seed or smoke); use another --out-dir or delete that folder")
     else:
         write_json(path, key)
+    return out
 
 
 class Stages:
