@@ -51,3 +51,11 @@ def test_a_second_run_reuses_every_stage_and_another_task_is_refused(smoke_run, 
     assert "sft: reused" in err and "grpo: reused" in err and "eval GRPO: reused" in err
     assert cli.main(["demo", "--smoke", "--out-dir", str(smoke_run)]) == 2
     assert "holds a demo run with other settings" in capsys.readouterr().err
+
+
+def test_a_damaged_plan_json_is_one_line_naming_the_file(tmp_path, capsys):
+    (tmp_path / "plan.json").write_text("{not json")
+    for task in ("addition", "sentiment"):
+        assert cli.main(["demo", "--task", task, "--smoke", "--out-dir", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "plan.json: not valid JSON" in err

@@ -171,7 +171,12 @@ def _json_default(v):
 
 
 def read_json(path):
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """One of the run folder's small JSON files; a damaged one is named in a one-line error."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); delete the file, or "
+                          "the run folder, to start that part again") from None
 
 
 def read_metrics(folder):
