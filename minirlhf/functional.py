@@ -381,8 +381,7 @@ class GELU(Function):
 
     def forward(self, x):
         self.x = x
-        y, self.s = kernels.gelu_tanh(x)                             # x σ(2u), and σ(2u)
-        return y
+        return kernels.gelu_tanh(x)                                  # x σ(2u)
 
     def backward(self, gy):
         """y = ½ x (1 + tanh u) = x σ(2u),  u = √(2/π) (x + 0.044715 x³):
@@ -390,7 +389,7 @@ class GELU(Function):
         dy/dx = σ(2u) + x · 2σ(2u)(1 - σ(2u)) · √(2/π) (1 + 3 · 0.044715 x²)
         (the same as ½ (1 + tanh u) + ½ x (1 - tanh² u) u', since tanh u = 2σ(2u) - 1).
         """
-        return (kernels.gelu_tanh_grad(self.x, self.s, gy),)
+        return (kernels.gelu_tanh_grad(self.x, gy),)
 
 
 def gelu(x):
@@ -559,7 +558,7 @@ class CausalAttention(Function):
         at -inf."""
         self.q, self.k, self.v = (kernels.compact_rows(a) for a in (q, k, v))
         self.scale = q.dtype.type(1 / math.sqrt(q.shape[-1]))
-        self.y, self.P = kernels.attention(self.q, self.k, self.v, self.scale, self.allowed)
+        self.y = kernels.attention(self.q, self.k, self.v, self.scale, self.allowed)
         return self.y                                                # (B, nh, Tq, hs)
 
     def backward(self, gy):
@@ -569,7 +568,7 @@ class CausalAttention(Function):
         (masked places have P = 0, so they pass no gradient). Σ_j gP_j P_j = Σ_j (gy · v_j) P_j
         = gy · y, a sum over hs numbers instead of Tk.
         """
-        return kernels.attention_grads(self.q, self.k, self.v, self.P, self.y, gy, self.scale)
+        return kernels.attention_grads(self.q, self.k, self.v, self.y, gy, self.scale, self.allowed)
 
 
 class SelfAttention(Function):
@@ -604,7 +603,7 @@ class SelfAttention(Function):
         nh, hs = self.n_head, C // self.n_head
         g_heads = xp.empty((3, B, nh, T, hs), gy.dtype)             # gq, gk, gv laid out as heads
         a = self.attention
-        kernels.attention_grads(a.q, a.k, a.v, a.P, a.y, gy.reshape(B, T, nh, hs).transpose(0, 2, 1, 3),
+        kernels.attention_grads(a.q, a.k, a.v, a.y, gy.reshape(B, T, nh, hs).transpose(0, 2, 1, 3),
                                 a.scale, out=g_heads)
         g_qkv = g_heads.transpose(1, 3, 0, 2, 4)                     # (B, T, 3, nh, hs)
         return (g_qkv.reshape(B, T, 3 * C),)                         # the split undone: one copy

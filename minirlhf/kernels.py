@@ -398,38 +398,48 @@ def layer_norm_grads(gy, xhat, weight, rstd):
 GELU_C = 0.7978845608028654          # √(2/π)
 
 
+def _gelu_sigma(xp, xb, out):
+    """σ(2u) of the elements xb, u = √(2/π)(x + 0.044715 x³), into ``out``: `gelu_tanh` and
+    `gelu_tanh_grad` both call it, so the backward's σ is the forward's to the last bit."""
+    c, a = xb.dtype.type(GELU_C), xb.dtype.type(0.044715)
+    xp.multiply(xb, xb, out=out)               # -2u = -2√(2/π)(x + a x³) = x(-2c - 2c·a·x²)
+    out *= -2 * c * a
+    out -= 2 * c
+    out *= xb
+    xp.clip(out, -80, 80, out=out)             # exp(80) is finite in float32; σ is 0 or 1 there
+    xp.exp(out, out=out)
+    out += 1
+    xp.divide(1, out, out=out)                 # s = σ(2u) = 1 / (1 + e^(-2u))
+    return out
+
+
 def gelu_tanh(x):
-    """y = x σ(2u), u = √(2/π)(x + 0.044715 x³) (the same as ½ x (1 + tanh u)), and s = σ(2u):
-    both shaped like x. σ rather than tanh, because NumPy's float32 tanh is the slower one."""
+    """y = x σ(2u), u = √(2/π)(x + 0.044715 x³) (the same as ½ x (1 + tanh u)), shaped like x.
+    σ rather than tanh, because NumPy's float32 tanh is the slower one."""
     xp = backend.get_array_module(x)
-    c, a = x.dtype.type(GELU_C), x.dtype.type(0.044715)
-    flat, s, y = x.reshape(-1), xp.empty(x.size, x.dtype), xp.empty(x.size, x.dtype)
+    flat, y = x.reshape(-1), xp.empty(x.size, x.dtype)
 
     def block(lo, hi):                          # elements lo:hi
-        xb, e = flat[lo:hi], s[lo:hi]
-        xp.multiply(xb, xb, out=e)             # -2u = -2√(2/π)(x + a x³) = x(-2c - 2c·a·x²)
-        e *= -2 * c * a
-        e -= 2 * c
-        e *= xb
-        xp.clip(e, -80, 80, out=e)             # exp(80) is finite in float32; σ is 0 or 1 there
-        xp.exp(e, out=e)
-        e += 1
-        xp.divide(1, e, out=e)                 # s = σ(2u) = 1 / (1 + e^(-2u))
-        xp.multiply(xb, e, out=y[lo:hi])       # y = x σ(2u)
+        xb = flat[lo:hi]
+        s = _gelu_sigma(xp, xb, xp.empty(hi - lo, x.dtype))
+        xp.multiply(xb, s, out=y[lo:hi])       # y = x σ(2u)
 
     for_rows(block, flat.size, 1, xp=xp)
-    return y.reshape(x.shape), s.reshape(x.shape)
+    return y.reshape(x.shape)
 
 
-def gelu_tanh_grad(x, s, gy):
-    """gx = gy · (σ + x · 2σ(1 - σ) · √(2/π)(1 + 3 · 0.044715 x²)) with σ = s = σ(2u): shaped like x."""
+def gelu_tanh_grad(x, gy):
+    """gx = gy · (σ + x · 2σ(1 - σ) · √(2/π)(1 + 3 · 0.044715 x²)) with σ = σ(2u), shaped like x.
+    σ is computed again from x rather than kept from the forward: one array of the MLP's width
+    less per layer held for the backward, for one exp more."""
     xp = backend.get_array_module(gy)
-    flat, s, gy = x.reshape(-1), s.reshape(-1), gy.reshape(-1)
+    flat, gy = x.reshape(-1), gy.reshape(-1)
     c, a = x.dtype.type(GELU_C), x.dtype.type(0.044715)
     gx = xp.empty(flat.size, x.dtype)
 
     def block(lo, hi):
-        xb, sb, g = flat[lo:hi], s[lo:hi], gx[lo:hi]
+        xb, g = flat[lo:hi], gx[lo:hi]
+        sb = _gelu_sigma(xp, xb, xp.empty(hi - lo, x.dtype))
         xp.multiply(xb, xb, out=g)             # 2x · c(1 + 3a x²)
         g *= 6 * c * a
         g += 2 * c
@@ -481,56 +491,68 @@ def query_blocks(Tq, Tk, causal):
     return [(lo, hi, Tk - Tq + hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
+def _block_probabilities(xp, qs, k, a, b, keys, allowed, out):
+    """P of queries a:b, softmax(qs[a:b] k[:keys]ᵀ + mask) with qs = scale · q, into ``out``
+    (..., b - a, keys), in place. The forward and the backward both call it, on the same numbers,
+    so the backward's P is the forward's to the last bit without being kept in between."""
+    xp.matmul(qs[..., a:b, :], xp.swapaxes(k[..., :keys, :], -1, -2), out=out)   # s
+    if allowed is None:
+        if b - a > 1:                                                # (one new query sees all keys)
+            out += causal_bias(xp, b - a, keys, out.dtype)           # -inf on future keys
+    else:
+        out[...] = xp.where(allowed, out, out.dtype.type(-xp.inf))
+    out -= out.max(axis=-1, keepdims=True)
+    xp.exp(out, out=out)
+    out /= backend.sum_last(out)[..., None]                          # softmax, in place
+    return out
+
+
 def attention(q, k, v, scale, allowed=None):
     """y = P v with P = softmax(scale · q kᵀ + mask), for q (..., Tq, hs), k and v (..., Tk, hs):
-    returns y (..., Tq, hs) and P, a list with one array (..., hi - lo, keys) per block of
-    `query_blocks`. The mask is causal, or, given ``allowed`` (a boolean array broadcastable to
-    (..., Tq, Tk)), -inf where it is False. Blocks of batch rows run on threads; P is computed in
-    place in its own arrays."""
+    returns y (..., Tq, hs). The mask is causal, or, given ``allowed`` (a boolean array
+    broadcastable to (..., Tq, Tk)), -inf where it is False. Blocks of batch rows run on threads;
+    each computes P one block of `query_blocks` at a time and lets it go: `attention_grads`
+    computes it again (the (T, T) probabilities are most of attention's memory, and the exp that
+    remakes them costs less than keeping them, as FlashAttention found)."""
     xp = backend.get_array_module(q)
     Tq, Tk = q.shape[-2], k.shape[-2]
     blocks = query_blocks(Tq, Tk, causal=allowed is None)
-    P = [xp.empty(q.shape[:-2] + (hi - lo, keys), q.dtype) for lo, hi, keys in blocks]
     y = xp.empty(q.shape, q.dtype)                                   # (..., Tq, hs)
 
     def block(lo, hi):                                                # batch rows lo:hi
-        q_, k_, v_, y_, *P_ = _batch_rows(lo, hi, q, q, k, v, y, *P)
+        q_, k_, v_, y_ = _batch_rows(lo, hi, q, q, k, v, y)
+        allowed_ = None if allowed is None else _batch_rows(lo, hi, q, allowed)[0]
         qs = q_ * scale                      # scaling q (…, T, hs) is cheaper than s (…, T, T)
-        for (a, b, keys), Pb in zip(blocks, P_):
-            xp.matmul(qs[..., a:b, :], xp.swapaxes(k_[..., :keys, :], -1, -2), out=Pb)   # s
-            if allowed is None:
-                if b - a > 1:                                        # (one new query sees all keys)
-                    Pb += causal_bias(xp, b - a, keys, Pb.dtype)     # -inf on future keys
-            else:
-                allowed_, = _batch_rows(lo, hi, q, allowed)
-                Pb[...] = xp.where(allowed_, Pb, Pb.dtype.type(-xp.inf))
-            Pb -= Pb.max(axis=-1, keepdims=True)
-            xp.exp(Pb, out=Pb)
-            Pb /= backend.sum_last(Pb)[..., None]                    # softmax, in place
+        for a, b, keys in blocks:
+            Pb = _block_probabilities(xp, qs, k_, a, b, keys, allowed_,
+                                      xp.empty(q_.shape[:-2] + (b - a, keys), q.dtype))
             xp.matmul(Pb, v_[..., :keys, :], out=y_[..., a:b, :])   # y = P v
 
     _for_batch_rows(block, q, Tq * Tk, xp)
-    return y, P
+    return y
 
 
-def attention_grads(q, k, v, P, y, gy, scale, out=None):
-    """The gradients of y = P v, P = softmax(s), s = scale · q kᵀ (masked), P as `attention`
-    returns it: gv = Pᵀ gy, gs = P ⊙ (gP - D) with gP = gy vᵀ and D = Σ_j gP_j P_j, which is
-    Σ_d gy_d y_d (y = P v), gq = scale · gs k, gk = scale · gsᵀ q.
-    ``out``: three arrays shaped like q, k and v to write gq, gk and gv into."""
+def attention_grads(q, k, v, y, gy, scale, allowed=None, out=None):
+    """The gradients of y = P v, P = softmax(s), s = scale · q kᵀ (masked, as `attention` with the
+    same ``allowed``): gv = Pᵀ gy, gs = P ⊙ (gP - D) with gP = gy vᵀ and D = Σ_j gP_j P_j, which
+    is Σ_d gy_d y_d (y = P v), gq = scale · gs k, gk = scale · gsᵀ q. P is computed again, block by
+    block, exactly as the forward computed it. ``out``: three arrays shaped like q, k and v to
+    write gq, gk and gv into."""
     xp = backend.get_array_module(gy)
     gq, gk, gv = out if out is not None else (xp.empty_like(q), xp.empty_like(k), xp.empty_like(v))
     Tq, Tk = q.shape[-2], k.shape[-2]
-    # the blocks of `query_blocks`, read back from P; the last one sees every key, so it writes
-    # gk and gv whole and the ones before add to their first keys
-    blocks = [(lo, lo + Pb.shape[-2], Pb.shape[-1]) for lo, Pb in
-              zip(itertools.accumulate([0] + [Pb.shape[-2] for Pb in P[:-1]]), P)]
+    # the last block of `query_blocks` sees every key, so it writes gk and gv whole and the ones
+    # before add to their first keys
+    blocks = query_blocks(Tq, Tk, causal=allowed is None)
 
     def block(lo, hi):                                                # batch rows lo:hi
-        q_, k_, v_, y_, gy_, gq_, gk_, gv_, *P_ = _batch_rows(lo, hi, q, q, k, v, y, gy, gq, gk,
-                                                              gv, *P)
+        q_, k_, v_, y_, gy_, gq_, gk_, gv_ = _batch_rows(lo, hi, q, q, k, v, y, gy, gq, gk, gv)
+        allowed_ = None if allowed is None else _batch_rows(lo, hi, q, allowed)[0]
+        qs = q_ * scale
         D = (gy_ * y_).sum(axis=-1, keepdims=True)                   # (..., Tq, 1)
-        for i, ((a, b, keys), Pb) in enumerate(reversed(list(zip(blocks, P_)))):
+        for i, (a, b, keys) in enumerate(reversed(blocks)):
+            Pb = _block_probabilities(xp, qs, k_, a, b, keys, allowed_,
+                                      xp.empty(q_.shape[:-2] + (b - a, keys), q.dtype))
             gyb = gy_[..., a:b, :]
             if i == 0:                                               # the last block sees all keys
                 xp.matmul(xp.swapaxes(Pb, -1, -2), gyb, out=gv_)     # (..., Tk, hs)
