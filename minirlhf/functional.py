@@ -558,7 +558,7 @@ class CausalAttention(Function):
         at -inf."""
         self.q, self.k, self.v = (kernels.compact_rows(a) for a in (q, k, v))
         self.scale = q.dtype.type(1 / math.sqrt(q.shape[-1]))
-        self.y = kernels.attention(self.q, self.k, self.v, self.scale, self.allowed)
+        self.y, self.P = kernels.attention(self.q, self.k, self.v, self.scale, self.allowed)
         return self.y                                                # (B, nh, Tq, hs)
 
     def backward(self, gy):
@@ -568,7 +568,8 @@ class CausalAttention(Function):
         (masked places have P = 0, so they pass no gradient). Σ_j gP_j P_j = Σ_j (gy · v_j) P_j
         = gy · y, a sum over hs numbers instead of Tk.
         """
-        return kernels.attention_grads(self.q, self.k, self.v, self.y, gy, self.scale, self.allowed)
+        return kernels.attention_grads(self.q, self.k, self.v, self.y, gy, self.scale, self.allowed,
+                                       self.P)
 
 
 class SelfAttention(Function):
@@ -604,7 +605,7 @@ class SelfAttention(Function):
         g_heads = xp.empty((3, B, nh, T, hs), gy.dtype)             # gq, gk, gv laid out as heads
         a = self.attention
         kernels.attention_grads(a.q, a.k, a.v, a.y, gy.reshape(B, T, nh, hs).transpose(0, 2, 1, 3),
-                                a.scale, out=g_heads)
+                                a.scale, P=a.P, out=g_heads)
         g_qkv = g_heads.transpose(1, 3, 0, 2, 4)                     # (B, T, 3, nh, hs)
         return (g_qkv.reshape(B, T, 3 * C),)                         # the split undone: one copy
 

@@ -509,14 +509,19 @@ def _block_probabilities(xp, qs, k, a, b, keys, allowed, out):
 
 def attention(q, k, v, scale, allowed=None):
     """y = P v with P = softmax(scale · q kᵀ + mask), for q (..., Tq, hs), k and v (..., Tk, hs):
-    returns y (..., Tq, hs). The mask is causal, or, given ``allowed`` (a boolean array
-    broadcastable to (..., Tq, Tk)), -inf where it is False. Blocks of batch rows run on threads;
-    each computes P one block of `query_blocks` at a time and lets it go: `attention_grads`
-    computes it again (the (T, T) probabilities are most of attention's memory, and the exp that
-    remakes them costs less than keeping them, as FlashAttention found)."""
+    returns y (..., Tq, hs) and P for `attention_grads`, or None. The mask is causal, or, given
+    ``allowed`` (a boolean array broadcastable to (..., Tq, Tk)), -inf where it is False. Blocks
+    of batch rows run on threads, each computing P one block of `query_blocks` at a time.
+
+    P, (Tq, Tk) numbers per head, is most of attention's memory at longer sequences: when the
+    queries come in several blocks (Tq >= 2·ATTENTION_QUERY_BLOCK), each block's P is let go and
+    `attention_grads` computes it again (the exp that remakes it costs less than keeping it, as
+    FlashAttention found); a single block's P is small, and kept (one array per batch block)."""
     xp = backend.get_array_module(q)
     Tq, Tk = q.shape[-2], k.shape[-2]
     blocks = query_blocks(Tq, Tk, causal=allowed is None)
+    keep = len(blocks) == 1
+    P = xp.empty(q.shape[:-2] + (Tq, Tk), q.dtype) if keep else None
     y = xp.empty(q.shape, q.dtype)                                   # (..., Tq, hs)
 
     def block(lo, hi):                                                # batch rows lo:hi
@@ -524,20 +529,21 @@ def attention(q, k, v, scale, allowed=None):
         allowed_ = None if allowed is None else _batch_rows(lo, hi, q, allowed)[0]
         qs = q_ * scale                      # scaling q (…, T, hs) is cheaper than s (…, T, T)
         for a, b, keys in blocks:
-            Pb = _block_probabilities(xp, qs, k_, a, b, keys, allowed_,
-                                      xp.empty(q_.shape[:-2] + (b - a, keys), q.dtype))
+            out = (_batch_rows(lo, hi, q, P)[0] if keep
+                   else xp.empty(q_.shape[:-2] + (b - a, keys), q.dtype))
+            Pb = _block_probabilities(xp, qs, k_, a, b, keys, allowed_, out)
             xp.matmul(Pb, v_[..., :keys, :], out=y_[..., a:b, :])   # y = P v
 
     _for_batch_rows(block, q, Tq * Tk, xp)
-    return y
+    return y, P
 
 
-def attention_grads(q, k, v, y, gy, scale, allowed=None, out=None):
+def attention_grads(q, k, v, y, gy, scale, allowed=None, P=None, out=None):
     """The gradients of y = P v, P = softmax(s), s = scale · q kᵀ (masked, as `attention` with the
     same ``allowed``): gv = Pᵀ gy, gs = P ⊙ (gP - D) with gP = gy vᵀ and D = Σ_j gP_j P_j, which
-    is Σ_d gy_d y_d (y = P v), gq = scale · gs k, gk = scale · gsᵀ q. P is computed again, block by
-    block, exactly as the forward computed it. ``out``: three arrays shaped like q, k and v to
-    write gq, gk and gv into."""
+    is Σ_d gy_d y_d (y = P v), gq = scale · gs k, gk = scale · gsᵀ q. ``P``: what `attention`
+    returned; None: each block's P is computed again, exactly as the forward computed it.
+    ``out``: three arrays shaped like q, k and v to write gq, gk and gv into."""
     xp = backend.get_array_module(gy)
     gq, gk, gv = out if out is not None else (xp.empty_like(q), xp.empty_like(k), xp.empty_like(v))
     Tq, Tk = q.shape[-2], k.shape[-2]
@@ -551,8 +557,11 @@ def attention_grads(q, k, v, y, gy, scale, allowed=None, out=None):
         qs = q_ * scale
         D = (gy_ * y_).sum(axis=-1, keepdims=True)                   # (..., Tq, 1)
         for i, (a, b, keys) in enumerate(reversed(blocks)):
-            Pb = _block_probabilities(xp, qs, k_, a, b, keys, allowed_,
-                                      xp.empty(q_.shape[:-2] + (b - a, keys), q.dtype))
+            if P is not None:                                        # one block, kept
+                Pb = _batch_rows(lo, hi, q, P)[0]
+            else:
+                Pb = _block_probabilities(xp, qs, k_, a, b, keys, allowed_,
+                                          xp.empty(q_.shape[:-2] + (b - a, keys), q.dtype))
             gyb = gy_[..., a:b, :]
             if i == 0:                                               # the last block sees all keys
                 xp.matmul(xp.swapaxes(Pb, -1, -2), gyb, out=gv_)     # (..., Tk, hs)

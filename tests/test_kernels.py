@@ -349,6 +349,31 @@ def test_query_blocks_cover_every_query_and_every_key_it_may_see(monkeypatch, Tq
     assert kernels.query_blocks(Tq, Tk, causal=False) == [(0, Tq, Tk)]
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("mask", [False, True])
+def test_attention_backward_remakes_the_forwards_probabilities_bit_for_bit(dtype, mask):
+    """Blocked attention lets P go and its backward computes it again: the gradients must be the
+    very ones the kept P gives (the same operations on the same numbers), float32 included."""
+    rng = np.random.default_rng(3)
+    q, k, v, gy = (rng.standard_normal((3, 2, 9, 4)).astype(dtype) for _ in range(4))
+    allowed = np.tril(np.ones((9, 9), dtype=bool)) & (rng.random((3, 1, 9, 9)) < 0.7) if mask else None
+    if mask:
+        allowed[..., 0] = True                                      # every query sees a key
+    scale = dtype(0.5)
+    y, P = kernels.attention(q, k, v, scale, allowed)
+    assert P is not None                                            # one block: P kept
+    kept = kernels.attention_grads(q, k, v, y, gy, scale, allowed, P=P)
+    remade = kernels.attention_grads(q, k, v, y, gy, scale, allowed, P=None)
+    for a, b in zip(kept, remade):
+        assert a.dtype == dtype and np.array_equal(a, b)
+
+
+def test_blocked_attention_keeps_no_probabilities(monkeypatch):
+    monkeypatch.setattr(kernels, "ATTENTION_QUERY_BLOCK", 2)
+    q = np.random.default_rng(0).standard_normal((1, 1, 8, 4))
+    assert kernels.attention(q, q, q, 0.5)[1] is None
+
+
 @pytest.mark.parametrize("Tq, Tk", [(7, 7), (5, 8)])
 def test_attention_in_query_blocks_equals_its_reference_and_passes_gradcheck(monkeypatch, Tq, Tk):
     """Blocks of 2 queries (3 or 4 blocks), each seeing only the keys up to its last query: the
