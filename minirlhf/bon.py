@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .model import generate
+from .train.rollout import sample_sequences
 
 # ===================================================================================================
 # the KL of best-of-n, three ways
@@ -155,6 +155,26 @@ def tie_corrected_kl(n, scores, masses, keys=None):
     return analytic_kl(n) - float(np.sum(class_gap(lo, lo + m, n)))
 
 
+def kl_table(p_ref, R, ns, pool=3000, repeats=8, seed=0):
+    """KL(π_bon ‖ p_ref) three ways for each n, averaged over the prompts: one dict per n with
+    ``analytic`` (`analytic_kl`), ``exact`` (`exact_kl`, from p_ref and R) and ``sampled``
+    (`tie_corrected_kl` from ``repeats`` pools of ``pool`` draws of p_ref per prompt, as
+    `minirlhf bon` has them on a model: the drawn completions' scores and exact masses), with its
+    standard error ``sampled_se`` over the repeats."""
+    p_ref, R = np.atleast_2d(p_ref), np.atleast_2d(R)
+    rng = np.random.default_rng(seed)
+    draws = [[rng.choice(p_ref.shape[1], size=pool, p=p_ref[x] / p_ref[x].sum())
+              for x in range(p_ref.shape[0])] for _ in range(repeats)]     # (repeats, P) pools
+    rows = []
+    for n in ns:
+        sampled = np.array([np.mean([tie_corrected_kl(n, R[x, y], p_ref[x, y], keys=y)
+                                     for x, y in enumerate(pools)]) for pools in draws])
+        rows.append({"n": n, "analytic": analytic_kl(n), "exact": float(exact_kl(p_ref, R, n).mean()),
+                     "sampled": float(sampled.mean()),
+                     "sampled_se": float(sampled.std(ddof=1) / math.sqrt(repeats)) if repeats > 1 else None})
+    return rows
+
+
 def _check_n(n):
     if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
         raise ValueError(f"best-of-n needs an integer n >= 1, got {n!r}")
@@ -200,7 +220,8 @@ def best_of_n(policy, prompts, n, reward, max_new_tokens, eot_id, seed=None, max
 
     ``prompts``: token-id lists. ``reward(sequences)`` -> (N,) scores, for ``(ids, n_prompt)``
     sequences ending with EOT (appended to a reply that reached ``max_new_tokens``, as rl scores its
-    samples). All n samples of a prompt are in one `generate` batch (KV cache); prompts are taken
+    samples). All n samples of a prompt are in one batch of the shared rollout sampler
+    (`minirlhf.train.rollout.sample_sequences`: `generate` with the KV cache); prompts are taken
     ``max_rows // n`` at a time (at least one). ``seed``: an int, None or a
     ``numpy.random.Generator``; one seed and one ``max_rows`` give the same samples and the same
     choice (the batches draw from the generator in turn).
@@ -211,15 +232,14 @@ def best_of_n(policy, prompts, n, reward, max_new_tokens, eot_id, seed=None, max
     samples, logprobs, sequences, scores = [], [], [], []
     for i in range(0, len(prompts), per_batch):
         group = prompts[i:i + per_batch]
-        rows = [list(p) for p in group for _ in range(n)]
-        out = generate(policy, rows, max_new_tokens, temperature=1.0, eot_id=eot_id, seed=rng)
-        seqs = [(p + t + ([] if t and t[-1] == eot_id else [eot_id]), len(p))
-                for p, t in zip(rows, out.tokens)]
+        seqs, truncated, lp = sample_sequences(policy, group, n, max_new_tokens, eot_id, rng)
         r = np.asarray(reward(seqs), dtype=np.float64)             # (len(group)·n,)
         for j in range(len(group)):
             block = slice(j * n, (j + 1) * n)
-            samples.append(out.tokens[block])
-            logprobs.append([sum(lp) for lp in out.logprobs[block]])
+            # each reply as sampled: the EOT appended to a truncated one is not part of it
+            samples.append([ids[k:len(ids) - 1 if cut else None]
+                            for (ids, k), cut in zip(seqs[block], truncated[block])])
+            logprobs.append(lp[block])
             sequences.append(seqs[block])
             scores.append(r[block])
     scores = np.array(scores).reshape(len(prompts), n)             # (P, n)

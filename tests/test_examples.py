@@ -9,7 +9,7 @@ import pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SCRIPTS = ["autograd.py", "pretrain.py", "sft.py", "reward_model.py", "reinforce_kl.py", "dpo.py",
-           "closed_form.py", "which_objective.py"]
+           "closed_form.py", "which_objective.py", "best_of_n_kl.py"]
 
 
 def test_every_example_is_listed():

@@ -96,29 +96,40 @@ class Rewarder:
         return value
 
 
-def sample_completions(policy, prompt_texts, k, max_new_tokens, tokenizer, rng):
-    """Sample ``k`` completions of each prompt from the current policy, at most ``max_new_tokens``.
+def sample_sequences(policy, prompt_ids, k, max_new_tokens, eot_id, rng):
+    """Sample ``k`` completions of each token-id prompt in one `generate` batch (KV cache), exactly
+    (temperature 1, no top-k or top-p). Rows ``i*k .. i*k + k-1`` are prompt i's.
 
-    Sampling is exact (temperature 1, no top-k or top-p): the policy-gradient estimators are
-    unbiased only for samples drawn from p_θ itself. Returns sequences ``(ids, n_prompt)`` that end
-    with EOT (appended to a completion that hit ``max_new_tokens``, so that the reward model reads
-    every sequence the same way), the completions as text, the prompt index of each (N,) (its
-    group: rows ``i*k .. i*k + k-1`` are prompt i's), and ``truncated`` (N,): which completions hit
-    ``max_new_tokens`` without ending (their EOT appended).
+    Returns ``seqs``: ``(ids, n_prompt)`` rows that end with EOT (appended to a completion that hit
+    ``max_new_tokens``, so that a reward model reads every sequence the same way), ``truncated``
+    (N,) bool: which were closed that way, and ``logprobs`` (N,): log p(y|x) of each completion's
+    sampled tokens under the policy (the appended EOT not counted: it was not drawn).
+    """
+    rows = [list(p) for p in prompt_ids for _ in range(k)]
+    out = generate(policy, rows, max_new_tokens, temperature=1.0, eot_id=eot_id, seed=rng)
+    seqs, truncated = [], []
+    for p, new in zip(rows, out.tokens):
+        truncated.append(not new or new[-1] != eot_id)
+        seqs.append((p + new + ([eot_id] if truncated[-1] else []), len(p)))
+    logprobs = np.array([float(sum(lp)) for lp in out.logprobs], dtype=np.float64)
+    return seqs, np.array(truncated, dtype=bool), logprobs
+
+
+def sample_completions(policy, prompt_texts, k, max_new_tokens, tokenizer, rng):
+    """Sample ``k`` completions of each prompt from the current policy, at most ``max_new_tokens``
+    (`sample_sequences` on the encoded prompts).
+
+    Sampling is exact: the policy-gradient estimators are unbiased only for samples drawn from p_θ
+    itself. Returns the sequences ``(ids, n_prompt)`` ending with EOT, the completions as text, the
+    prompt index of each (N,) (its group: rows ``i*k .. i*k + k-1`` are prompt i's), and
+    ``truncated`` (N,): which completions hit ``max_new_tokens`` without ending (their EOT appended).
     """
     block = policy.config.block_size
     prompt_ids = [encode_prompt(tokenizer, p, block, max_new_tokens + 1) for p in prompt_texts]
-    ids = [p for p in prompt_ids for _ in range(k)]
-    out = generate(policy, ids, max_new_tokens, temperature=1.0, eot_id=tokenizer.eot_id, seed=rng)
-    seqs, completions, truncated = [], [], []
-    for p, new in zip(ids, out.tokens):
-        truncated.append(not new or new[-1] != tokenizer.eot_id)
-        if truncated[-1]:
-            new = new + [tokenizer.eot_id]
-        seqs.append((p + new, len(p)))
-        completions.append(tokenizer.decode(new))
+    seqs, truncated, _ = sample_sequences(policy, prompt_ids, k, max_new_tokens, tokenizer.eot_id, rng)
+    completions = [tokenizer.decode(ids[n_prompt:]) for ids, n_prompt in seqs]
     group = np.repeat(np.arange(len(prompt_texts)), k)
-    return seqs, completions, group, np.array(truncated)
+    return seqs, completions, group, truncated
 
 
 @dataclass

@@ -112,11 +112,14 @@ def report_lines(table, fits):
     return lines + [""]
 
 
-def draw_on_frontier(ax, table):
-    """Best-of-n's gold reward against its KL estimate on the frontier plot, one point per n."""
+def draw_on_frontier(ax, table, sft_gold):
+    """Best-of-n's gold reward against its KL estimate on the frontier plot, one point per n. Its
+    n = 1 is the SFT model on fewer prompts, so the curve starts at SFT's point: ``sft_gold`` plus
+    each n's gain over n = 1."""
     kl = [max(r["kl"], 0.0) for r in table]
-    ax.plot(kl, [r["gold"] for r in table], "k.--", lw=0.8, label="best-of-n")
-    ax.annotate(f"n={table[-1]['n']}", (kl[-1], table[-1]["gold"]), textcoords="offset points",
+    gold = [sft_gold + r["gold"] - table[0]["gold"] for r in table]
+    ax.plot(kl, gold, "k.--", lw=0.8, label="best-of-n")
+    ax.annotate(f"n={table[-1]['n']}", (kl[-1], gold[-1]), textcoords="offset points",
                 xytext=(4, -10), fontsize=8)
 
 
@@ -141,8 +144,9 @@ def draw(plt, table, evals, fits):
                         [ev[key] - sft[key] for ev in evs], style, label=kind)
         for form, style in (("bon", "k--"), ("rl", "C0--")):
             params = fits.get(form, {}).get(key)
-            if params:
-                ax.plot(grid, curve(params, grid, form), style, lw=0.8,
+            if params:                     # best-of-n's fit only where its points are
+                d = grid[grid <= d_bon.max()] if form == "bon" else grid
+                ax.plot(d, curve(params, d, form), style, lw=0.8,
                         label=f"fit {form}: α={params[0]:.2f}, β={params[1]:.2f}")
         ax.set_xlabel("sqrt(KL to SFT), sqrt(nats)")
         ax.set_ylabel(f"{label}, gain over start")

@@ -39,7 +39,7 @@ def make_plots(out, plan, evals, policies, bon_table=None, fits=None):
             ax.annotate(n.split()[1], (kl, g), textcoords="offset points", xytext=(4, 4), fontsize=8)
     family_points(ax, evals, policies)                                  # KTO, SimPO, ORPO
     if bon_table:
-        demo_bon.draw_on_frontier(ax, bon_table)
+        demo_bon.draw_on_frontier(ax, bon_table, evals["SFT"]["gold"])
     ax.set_xlabel("KL(p_θ ‖ p_sft), nats per reply")
     ax.set_ylabel("gold reward (held-out prompts)")
     ax.set_title("Reward against KL")
