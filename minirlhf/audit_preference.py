@@ -15,8 +15,9 @@ Where the loss has no finite optimum, the row says what happens instead, with a 
   that win more often than they lose, the limit is finite and solved on that support; KTO's
   reference point z0 goes to 0 there (the mismatched completions' log-ratio falls to -∞, and z0 is
   clamped at 0), so KTO's limit is APO-zero's. The row reports the probability left on the losers.
-* rDPO (``robust``) is unbounded below once a completion loses less often than ε: its margins grow
-  for ever; the row reports the largest implicit-reward margin after training.
+* rDPO (``robust``) is unbounded below once a completion is chosen in fewer than ε of its pairs
+  (`robust_unbounded`): pushing its probability to 0 lowers the loss for ever; the row reports it
+  and the largest implicit-reward margin after training.
 
 A closed form is compared where a paper gives one: EXO's "reverse KL to p*" (Ji et al., 2024), which
 holds for the target σ(R_w - R_l), not for the ε-smoothed hard labels TRL's exo_pair uses; SPPO's
@@ -259,6 +260,17 @@ FAMILY_ROWS = (
 )
 
 
+def robust_unbounded(chosen_n, rejected_n, eps):
+    """The completions along which rDPO's loss falls without end: (P, N) bool.
+
+    Lowering log p_y by t moves the margin of each pair y is in by β·t, and for a large margin
+    ℓ(z) = (-(1-ε) log σ(z) + ε log σ(-z))/(1-2ε) is linear on each side: ℓ ≈ -ε·z/(1-2ε) as
+    z → +∞, (1-ε)·|z|/(1-2ε) as z → -∞. So the loss changes at the rate ∝ (1-ε)·U_y - ε·D_y, U_y
+    the pairs y wins and D_y those it loses: below 0 for ever when y is chosen in fewer than ε of
+    its pairs. (Raising a completion instead is bounded: a probability is at most 1.)"""
+    return ((1 - eps) * chosen_n < eps * rejected_n) & (rejected_n > 0)
+
+
 def win_counts(counts):
     """(times chosen, times rejected) of each completion, (P, N) each."""
     return counts.sum(2), counts.sum(1)
@@ -289,13 +301,13 @@ def family_rows(problem, ref, pairs, p_ref, new_policy, exact_policy, steps=1000
         if name == "robust":
             rewards = beta * (np.log(p) - np.log(p_ref))
             row["kl_to_claim"] = float("nan")
-            lose = rejected_n / np.maximum(chosen_n + rejected_n, 1)     # (P, N) share of its pairs lost
-            # raising r_y alone changes the loss at the rate ∝ -ε·D_y + (1-ε)·U_y: below 0 for ever
-            below = (rejected_n * (1 - eps) < eps * chosen_n) & (chosen_n > 0)
-            row["note"] = (f"{int(below.sum())} completions lose less than ε of their pairs (the fewest: "
-                           f"{float(lose[chosen_n > 0].min()):.3f}), so raising one's reward alone lowers "
-                           f"the loss without end; the largest implicit-reward margin after {steps} steps: "
-                           f"{float((rewards.max(1) - rewards.min(1)).max()):.1f}")
+            sink = robust_unbounded(chosen_n, rejected_n, eps)            # (P, N) bool
+            win = chosen_n / np.maximum(chosen_n + rejected_n, 1)
+            row["note"] = (f"{int(sink.sum())} completion(s) chosen in fewer than ε of their pairs (the "
+                           f"fewest: {float(win[rejected_n > 0].min()):.3f}): pushing such a one's "
+                           f"probability to 0 lowers the loss without end; after {steps} steps it holds "
+                           f"{float(p[sink].min()) if sink.any() else float('nan'):.1e}, and the largest "
+                           f"implicit-reward margin is {float((rewards.max(1) - rewards.min(1)).max()):.1f}")
             rows.append(row)
             continue
         def objective(tau=None):

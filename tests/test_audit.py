@@ -238,3 +238,27 @@ def test_kto_with_its_reference_point_at_0_is_apo_zero_at_half_the_gradient(fami
     kto = library_gradient(problem, p, library_loss("kto", problem.beta, pairs), ref_table)
     apo = library_gradient(problem, p, library_loss("apo_zero", problem.beta, pairs), ref_table)
     np.testing.assert_allclose(kto, apo / 2, rtol=1e-10, atol=1e-15)
+
+
+def test_robust_dpo_falls_without_end_along_a_completion_chosen_in_fewer_than_eps_of_its_pairs():
+    """rDPO's loss, from its formula, as completion 2's probability is pushed to 0: it falls at the
+    rate the linear tails predict, β·((1-ε)·U - ε·D)/(1-2ε) per unit of log p, for ever; a
+    completion chosen in more than ε of its pairs is not such a direction."""
+    from minirlhf.audit_preference import PromptObjective, pair_objective, robust_unbounded, win_counts
+    eps, beta = 0.1, 0.5
+    C = np.array([[0, 5, 12], [4, 0, 8], [1, 0, 0]], dtype=float)   # C[a, b]: a chosen over b
+    chosen_n, rejected_n = win_counts(C[None])
+    np.testing.assert_array_equal(robust_unbounded(chosen_n, rejected_n, eps), [[False, False, True]])
+    log_ref = np.log(np.full(3, 1 / 3))
+    loss = PromptObjective(C, log_ref, pair_objective("robust", beta, eps))
+
+    def at(t):                                                       # log p with p_2 lowered by e^-t
+        ell = log_ref.copy()
+        ell[2] -= t
+        return loss.value(ell - np.log(np.exp(ell).sum()))
+    values = [at(t) for t in (0, 20, 40, 80)]
+    assert values[0] > values[1] > values[2] > values[3]
+    U, D = C[2].sum(), C[:, 2].sum()                                 # 1 won, 20 lost
+    slope = beta * ((1 - eps) * U - eps * D) / (1 - 2 * eps) / C.sum()
+    assert (values[3] - values[2]) / 40 == pytest.approx(slope, rel=1e-6)
+    assert not robust_unbounded(np.array([[5.0]]), np.array([[20.0]]), eps).any()   # 20% > ε
