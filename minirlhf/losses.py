@@ -575,6 +575,20 @@ def value_loss(values, old_values, returns, keep, clip_range_value=0.2):
 SCALES = ("group", "batch", "none")        # the scales `group_advantages` takes
 
 
+def check_scale(scale, group_size, n_rewards):
+    """The std `group_advantages` divides by must exist: ValueError unless ``scale`` is one of
+    `SCALES`, a group holds 2 or more rewards for ``"group"``, the batch 2 or more for ``"batch"``
+    (the one check of these, for the function and for GRPO's config alike)."""
+    if scale not in SCALES:
+        raise ValueError(f"scale_rewards must be one of {', '.join(SCALES)}, got {scale!r}")
+    if scale == "group" and group_size < 2:
+        raise ValueError(f"scale_rewards 'group' needs 2 or more samples per prompt (num_generations, "
+                         f"group_size), got {group_size}: the std of one reward is undefined; use "
+                         f"'none' or 'batch'")
+    if scale == "batch" and n_rewards < 2:
+        raise ValueError(f"scale_rewards 'batch' needs at least 2 rewards a batch, got {n_rewards}")
+
+
 def group_advantages(rewards, group_size, scale="group", eps=1e-4):
     """GRPO's advantages (B,) from the rewards (B,) of groups of ``group_size`` consecutive rows:
 
@@ -588,8 +602,6 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-4):
     ``"mean"``).
     Arrays in, an array out: advantages are constants of the loss.
     """
-    if scale not in SCALES:
-        raise ValueError(f"group_advantages: scale must be one of {', '.join(SCALES)}, got {scale!r}")
     xp = backend.get_array_module(rewards)
     r = xp.asarray(rewards)                                              # lists too
     G = int(group_size)
@@ -598,11 +610,7 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-4):
     if G < 1 or r.shape[0] % G != 0:
         raise ValueError(f"group_advantages: group_size {group_size} does not divide the batch of "
                          f"{r.shape[0]} rewards")
-    if scale == "group" and G < 2:
-        raise ValueError("group_advantages: scale='group' needs group_size >= 2 (the std of one "
-                         "reward is undefined); use scale='none' or 'batch'")
-    if scale == "batch" and r.shape[0] < 2:
-        raise ValueError("group_advantages: scale='batch' needs at least 2 rewards")
+    check_scale(scale, G, r.shape[0])
     groups = r.reshape(-1, G)                                            # (B/G, G)
     A = (groups - groups.mean(axis=1, keepdims=True)).reshape(-1)        # (B,) r - mean_group
     if scale == "group":

@@ -84,7 +84,7 @@ def test_group_advantages_take_plain_lists():
 def test_group_advantages_refuse_bad_input():
     with pytest.raises(ValueError, match="does not divide"):
         group_advantages(np.zeros(6), 4)
-    with pytest.raises(ValueError, match="group_size >= 2"):
+    with pytest.raises(ValueError, match="2 or more samples per prompt"):
         group_advantages(np.zeros(6), 1, scale="group")
     with pytest.raises(ValueError, match="scale"):
         group_advantages(np.zeros(6), 2, scale="std")

@@ -53,7 +53,7 @@ def test_grpo_with_beta_several_iterations_and_the_variants_runs(workdir, gold, 
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--num-generations", "1"], "--num-generations 2 or more"),
+    (["--num-generations", "1"], "needs 2 or more samples per prompt (num_generations"),
     (["--beta", "-0.1"], "beta must be >= 0"),
     (["--num-iterations", "0"], "num_iterations must be at least 1"),
     (["--epsilon-low", "1.5"], "epsilon_low"),

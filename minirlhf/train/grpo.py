@@ -25,11 +25,11 @@ from ..backend import to_device, to_numpy
 from ..checkpoint import tokenizer_for
 from ..datasets import Minibatches, load_prompts
 from ..logprobs import logprobs_from_logits, token_entropy
-from ..losses import LOSS_TYPES, SCALES, group_advantages, grpo_loss
+from ..losses import LOSS_TYPES, SCALES, check_scale, group_advantages, grpo_loss
 from ..optim import AdamW, param_groups
 from ..tensor import no_grad
-from .common import (RolloutConfig, batch_tensor, check_context, check_rollout, config_summary,
-                     load_policy, option, require)
+from .common import (ConfigError, RolloutConfig, batch_tensor, check_context, check_rollout,
+                     config_summary, load_policy, option, require)
 from .rollout import Rewarder, sample_rollout
 from .run import Run
 
@@ -55,13 +55,10 @@ class GRPOConfig(RolloutConfig):
 def check(cfg):
     check_rollout(cfg, "num_generations", "num_iterations",
                   beta_may_be_zero=True)                 # β = 0, no KL term, is GRPO's default
-    require(cfg.scale_rewards != "group" or cfg.num_generations >= 2,
-            "--scale-rewards group needs --num-generations 2 or more (the std of one reward is "
-            "undefined); use --scale-rewards none or batch")
-    require(cfg.scale_rewards != "batch" or cfg.num_generations * cfg.prompts_per_step >= 2,
-            "--scale-rewards batch needs at least 2 completions per batch")
-    require(cfg.scale_rewards in SCALES,
-            f"scale_rewards must be one of {', '.join(SCALES)}, got {cfg.scale_rewards!r}")
+    try:
+        check_scale(cfg.scale_rewards, cfg.num_generations, cfg.num_generations * cfg.prompts_per_step)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     require(cfg.loss_type in LOSS_TYPES,
             f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {cfg.loss_type!r}")
     require(0 < cfg.epsilon_low < 1, f"epsilon_low must be in (0, 1), got {cfg.epsilon_low}")
