@@ -16,17 +16,15 @@ every prompt's numbers, and a run stopped half-way goes on from its last batch (
 import json
 import math
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 
 import numpy as np
 
 from ..bon import analytic_kl, best_of_n, tie_corrected_kl
-from ..checkpoint import tokenizer_for
 from ..datasets import encode_prompt, load_prompts
 from ..gold import gold_reward
-from .common import (ConfigError, check_context, check_rollout, config_summary,
-                     load_policy, option, overwrite_option, require)
-from .rollout import Rewarder
+from .common import ConfigError, check_rollout, config_summary, option, overwrite_option, require
+from .rollout import open_stage
 from .folder import _jsonable
 from .run import Run
 
@@ -81,14 +79,7 @@ def bon(cfg):
 
 
 def _sample(cfg, run, ns, records):
-    tokenizer = tokenizer_for(cfg.init)
-    policy = load_policy(cfg.init, cfg.device)
-    policy.eval()
-    block = policy.config.block_size
-    max_new = cfg.max_new_tokens if cfg.max_new_tokens is not None else min(48, block - 2)
-    cfg = replace(cfg, max_new_tokens=max_new)
-    rewarder = Rewarder(cfg, tokenizer)
-    check_context(cfg, policy, rewarder.rm)
+    cfg, tokenizer, policy, _, rewarder = open_stage(cfg, reference=False)   # the policy is p_ref
     rng = np.random.default_rng(cfg.seed)
     start = run.restore(policy, None, rngs={"sampling": rng})
     run.print(f"bon: {len(records)} prompts from {cfg.prompts}, n = {', '.join(map(str, ns))}\n"
@@ -96,7 +87,7 @@ def _sample(cfg, run, ns, records):
     texts = [r["prompt"] for r in records]
     for step in run.steps(start):
         chunk = texts[(step - 1) * cfg.prompts_per_step:step * cfg.prompts_per_step]
-        row = _step(policy, chunk, ns, rewarder, tokenizer, max_new, rng)
+        row = _step(policy, chunk, ns, rewarder, tokenizer, cfg.max_new_tokens, rng)
         run.log(step, row)
         run.save_if_due(step)
     table = _table(run.folder.metrics_path, ns)

@@ -22,15 +22,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..backend import to_device, to_numpy
-from ..checkpoint import tokenizer_for
 from ..datasets import Minibatches, load_prompts
 from ..logprobs import logprobs_from_logits, token_entropy
 from ..losses import LOSS_TYPES, SCALES, check_scale, group_advantages, grpo_loss
 from ..optim import AdamW, param_groups
 from ..tensor import no_grad
-from .common import (ConfigError, RolloutConfig, batch_tensor, check_context, check_rollout,
-                     config_summary, load_policy, option, require)
-from .rollout import Rewarder, sample_rollout
+from .common import (ConfigError, RolloutConfig, batch_tensor, check_rollout, config_summary,
+                     option, require)
+from .rollout import open_stage, sample_rollout
 from .run import Run
 
 
@@ -147,15 +146,7 @@ def grpo(cfg, metrics_fn=None):
 
 def _train(cfg, run, metrics_fn):
     records = load_prompts(cfg.prompts)
-    tokenizer = tokenizer_for(cfg.init)   # the one the model was trained with
-    policy = load_policy(cfg.init, cfg.device)
-    policy.eval()   # dropout off, as TRL: samples, log p_old and log p_θ of one distribution
-    ref = None
-    if cfg.beta > 0:                                                     # β = 0 needs no reference
-        ref = load_policy(cfg.init, cfg.device)
-        ref.eval()
-    rewarder = Rewarder(cfg, tokenizer)
-    check_context(cfg, policy, rewarder.rm)
+    cfg, tokenizer, policy, ref, rewarder = open_stage(cfg, reference=cfg.beta > 0)   # β = 0: no p_ref
     rng = np.random.default_rng(cfg.seed)                                # the sampling
     optimizer = AdamW(param_groups(policy, 0.0), lr=cfg.lr)
     mu = cfg.num_iterations

@@ -34,7 +34,7 @@ import numpy as np
 
 from .. import functional as F
 from ..backend import get_array_module, to_device
-from ..checkpoint import load_model, save_checkpoint, tokenizer_for
+from ..checkpoint import load_model, save_checkpoint
 from ..datasets import Minibatches, encode_corpus, get_batch, load_prompts, load_text
 from ..logprobs import logprobs_from_logits, token_entropy
 from ..losses import (KL_ESTIMATORS, clipped_surrogate, gae, kl_penalty_rewards, masked_mean,
@@ -42,9 +42,8 @@ from ..losses import (KL_ESTIMATORS, clipped_surrogate, gae, kl_penalty_rewards,
 from ..model import GPT, RewardModel, ValueModel
 from ..optim import AdamW, param_groups
 from ..tensor import no_grad
-from .common import (RolloutConfig, batch_tensor, check_context, check_rollout, config_summary,
-                     load_policy, option, require)
-from .rollout import Rewarder, sample_rollout
+from .common import RolloutConfig, batch_tensor, check_rollout, config_summary, option, require
+from .rollout import open_stage, sample_rollout
 from .run import Run
 
 
@@ -199,13 +198,7 @@ def ppo(cfg, metrics_fn=None):
 
 def _train(cfg, run, metrics_fn):
     records = load_prompts(cfg.prompts)
-    tokenizer = tokenizer_for(cfg.init)   # the one the model was trained with
-    policy = load_policy(cfg.init, cfg.device)
-    policy.eval()   # dropout off, as TRL: samples, log p_old and log p_θ of one distribution
-    ref = load_policy(cfg.init, cfg.device)
-    ref.eval()
-    rewarder = Rewarder(cfg, tokenizer)
-    check_context(cfg, policy, rewarder.rm)
+    cfg, tokenizer, policy, ref, rewarder = open_stage(cfg)
     value = make_value_model(cfg, policy, rewarder)
     value.eval()    # the values of the rollout and of the updates, from one function
     ptx_tokens = encode_corpus(load_text(cfg.ptx_data), tokenizer) if cfg.ptx_coef > 0 else None

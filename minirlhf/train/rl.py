@@ -12,19 +12,17 @@ The reference p_ref is the frozen starting policy (normally the SFT model). The 
 a trained reward model or from any Python function ``(prompt, completion) -> float``.
 """
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
-from ..checkpoint import tokenizer_for
 from ..datasets import Minibatches, load_prompts
 from ..logprobs import token_entropy
 from ..losses import BASELINES, reinforce_kl_loss
 from ..optim import AdamW, param_groups
 from ..tensor import no_grad
-from .common import (RolloutConfig, check_context, check_rollout, config_summary, load_policy,
-                     option, require)
-from .rollout import Rewarder, sample_rollout
+from .common import RolloutConfig, check_rollout, config_summary, option, require
+from .rollout import open_stage, sample_rollout
 from .run import Run
 
 
@@ -62,16 +60,7 @@ def rl(cfg, metrics_fn=None):
 
 def _train(cfg, run, metrics_fn):
     records = load_prompts(cfg.prompts)
-    tokenizer = tokenizer_for(cfg.init)   # the one the model was trained with
-    policy = load_policy(cfg.init, cfg.device)
-    policy.eval()   # dropout off, as TRL: samples, log p_old and log p_θ of one distribution
-    block = policy.config.block_size
-    if cfg.max_new_tokens is None:  # the default: 48, or what a small context leaves
-        cfg = replace(cfg, max_new_tokens=min(48, block - 2))
-    rewarder = Rewarder(cfg, tokenizer)
-    check_context(cfg, policy, rewarder.rm)
-    ref = load_policy(cfg.init, cfg.device)
-    ref.eval()
+    cfg, tokenizer, policy, ref, rewarder = open_stage(cfg)
     rng = np.random.default_rng(cfg.seed)                 # the sampling
     optimizer = AdamW(param_groups(policy, 0.0), lr=cfg.lr)
     start = run.restore(policy, optimizer, rngs={"sampling": rng})

@@ -15,18 +15,18 @@ A new stage builds on `sample_rollout` and `Rewarder`, and its config on
 import importlib
 import importlib.util
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from ..backend import to_device, to_numpy
-from ..checkpoint import load_model
+from ..checkpoint import load_model, tokenizer_for
 from ..datasets import collate, encode_prompt
 from ..logprobs import logprobs_from_logits
 from ..model import RewardModel, generate
 from ..tensor import Tensor, no_grad
-from .common import ConfigError, batch_tensor, require
+from .common import ConfigError, batch_tensor, check_context, load_policy, require
 
 
 class RewardFunctionError(RuntimeError):
@@ -94,6 +94,31 @@ class Rewarder:
                                       f"(reward_fn {self.fn_name}, prompt {prompt!r}, "
                                       f"completion {completion!r})")
         return value
+
+
+def open_stage(cfg, reference=True):
+    """What every stage that samples from its policy opens with: ``(cfg, tokenizer, policy, ref,
+    rewarder)``.
+
+    The tokenizer is the one the policy was trained with; the policy is in eval mode (dropout off,
+    as TRL: the samples, log p_old and log p_θ then come from one distribution); ``ref`` is a
+    second, frozen copy of it, p_ref (None without ``reference``: GRPO at β = 0, or best-of-n,
+    whose policy is its own reference); ``rewarder`` the `Rewarder` the config names. A
+    ``max_new_tokens`` of None becomes the default, 48 or what a small context leaves, and
+    `check_context` refuses one that cannot fit, before any work.
+    """
+    tokenizer = tokenizer_for(cfg.init)
+    policy = load_policy(cfg.init, cfg.device)
+    policy.eval()
+    ref = None
+    if reference:
+        ref = load_policy(cfg.init, cfg.device)
+        ref.eval()
+    if cfg.max_new_tokens is None:
+        cfg = replace(cfg, max_new_tokens=min(48, policy.config.block_size - 2))
+    rewarder = Rewarder(cfg, tokenizer)
+    check_context(cfg, policy, rewarder.rm)
+    return cfg, tokenizer, policy, ref, rewarder
 
 
 def sample_sequences(policy, prompt_ids, k, max_new_tokens, eot_id, rng):
