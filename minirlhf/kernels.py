@@ -72,6 +72,7 @@ def set_num_threads(n):
     """Use ``n`` threads for minirlhf's row-wise kernels (1: blocks run one after another)."""
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"set_num_threads: need a positive int, got {n!r}")
+    keep_freed_memory()         # as `get_num_threads` does on first use: called first, this must too
     with _lock:
         if _state["pool"] is not None and _state["pool_pid"] == os.getpid():
             _state["pool"].shutdown()

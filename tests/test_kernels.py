@@ -5,6 +5,8 @@ lowers them so that even the tiny arrays of a gradient check are cut into severa
 several threads.
 """
 
+import os
+import subprocess
 import sys
 import threading
 import time
@@ -252,6 +254,18 @@ def test_keeping_freed_memory_can_be_turned_off(monkeypatch):
     monkeypatch.setitem(kernels._state, "memory_kept", None)
     monkeypatch.delenv("MINIRLHF_KEEP_MEMORY")
     assert kernels.keep_freed_memory() in (True, False)    # True on glibc, False on other C libraries
+
+
+def test_set_num_threads_called_first_still_keeps_freed_memory():
+    """`mr.set_num_threads(n)` before any op used to skip glibc's settings, which `get_num_threads`
+    makes on first use: every step then gave its arrays back to the OS and faulted them in again
+    (the tiny GPT's step took 1.4x as long). A fresh process, so that nothing ran before."""
+    code = ("import minirlhf as mr; from minirlhf import kernels; mr.set_num_threads(2); "
+            "print(kernels._state['memory_kept'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "MINIRLHF_KEEP_MEMORY": "1"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() in ("True", "False")            # asked (False on other C libraries)
 
 
 def test_add_up_sums_each_position():
