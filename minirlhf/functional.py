@@ -349,9 +349,9 @@ class LayerNorm(Function):
 
     def forward(self, x, weight, bias):
         x2 = x.reshape(-1, x.shape[-1])                              # (N, C): one row per position
-        self.xhat, self.rstd = kernels.normalize_rows(x2, self.eps)  # (x - μ) / sqrt(σ² + eps)
-        self.weight = weight
-        y = self.xhat * weight                                       # x̂ w + b, (N, C)
+        xhat, self.mu, self.rstd = kernels.normalize_rows(x2, self.eps)   # (x - μ) / sqrt(σ² + eps)
+        self.x2, self.weight = x2, weight    # x̂ is remade from x in backward: x is kept anyway
+        y = xhat * weight                                            # x̂ w + b, (N, C)
         y += bias
         return y.reshape(x.shape)
 
@@ -362,7 +362,8 @@ class LayerNorm(Function):
         gx = rstd · (g - mean(g) - x̂ · mean(g x̂))  with g = gy w and rstd = 1 / sqrt(σ² + eps).
         """
         gy2 = gy.reshape(-1, gy.shape[-1])                           # (N, C)
-        gx, gw, gb = kernels.layer_norm_grads(gy2, self.xhat, self.weight, self.rstd)
+        xhat = kernels.normalized_again(self.x2, self.mu, self.rstd)
+        gx, gw, gb = kernels.layer_norm_grads(gy2, xhat, self.weight, self.rstd)
         return gx.reshape(gy.shape), gw, gb
 
 
@@ -588,10 +589,12 @@ class SelfAttention(Function):
         B, T, C3 = qkv.shape
         nh, hs = self.n_head, C3 // 3 // self.n_head
         heads = qkv.reshape(B, T, 3, nh, hs).transpose(2, 0, 3, 1, 4)   # (3, B, nh, T, hs)
-        heads = xp.ascontiguousarray(heads)                          # compact rows for the GEMMs
-        self.attention = CausalAttention()
-        y = self.attention.forward(heads[0], heads[1], heads[2])    # (B, nh, T, hs)
-        return y.transpose(0, 2, 1, 3).reshape(B, T, C3 // 3)       # (B, T, C): heads side by side
+        self.q, self.k, self.v = xp.ascontiguousarray(heads)         # compact rows for the GEMMs
+        self.scale = qkv.dtype.type(1 / math.sqrt(hs))
+        y, self.P = kernels.attention(self.q, self.k, self.v, self.scale)   # (B, nh, T, hs)
+        # heads side by side, (B, T, C): a copy, kept for the backward in place of y itself
+        self.out = y.transpose(0, 2, 1, 3).reshape(B, T, C3 // 3)
+        return self.out
 
     def backward(self, gy):
         """y = merge_heads(attention(q, k, v)),  (q, k, v) = split_heads(qkv):
@@ -603,9 +606,9 @@ class SelfAttention(Function):
         B, T, C = gy.shape
         nh, hs = self.n_head, C // self.n_head
         g_heads = xp.empty((3, B, nh, T, hs), gy.dtype)             # gq, gk, gv laid out as heads
-        a = self.attention
-        kernels.attention_grads(a.q, a.k, a.v, a.y, gy.reshape(B, T, nh, hs).transpose(0, 2, 1, 3),
-                                a.scale, P=a.P, out=g_heads)
+        y = self.out.reshape(B, T, nh, hs).transpose(0, 2, 1, 3)    # (B, nh, T, hs) views
+        gy = gy.reshape(B, T, nh, hs).transpose(0, 2, 1, 3)
+        kernels.attention_grads(self.q, self.k, self.v, y, gy, self.scale, P=self.P, out=g_heads)
         g_qkv = g_heads.transpose(1, 3, 0, 2, 4)                     # (B, T, 3, nh, hs)
         return (g_qkv.reshape(B, T, 3 * C),)                         # the split undone: one copy
 

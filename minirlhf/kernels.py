@@ -367,16 +367,26 @@ def affine_rows_grads(x, weight, gy, with_bias):
 
 
 def normalize_rows(x, eps):
-    """x̂ = (x - μ) / sqrt(σ² + eps) and rstd = 1 / sqrt(σ² + eps) (N, 1), μ and σ² each row's
-    mean and variance, for x (N, C). The means are matrix-vector products on one OpenBLAS thread
-    (`blas_on_one_thread` says why)."""
+    """x̂ = (x - μ) / sqrt(σ² + eps), μ (N, 1) and rstd = 1 / sqrt(σ² + eps) (N, 1), μ and σ² each
+    row's mean and variance, for x (N, C). The means are matrix-vector products on one OpenBLAS
+    thread (`blas_on_one_thread` says why)."""
     xp = backend.get_array_module(x)
     with blas_on_one_thread(size=x.size):
-        xhat = x - backend.mean_last(x)[:, None]                     # x - μ
+        mu = backend.mean_last(x)[:, None]                           # (N, 1)
+        xhat = x - mu                                                # x - μ
         var = backend.mean_last(xp.square(xhat))                     # σ², (N,)
     rstd = ((var + x.dtype.type(eps)) ** -0.5)[:, None]              # (N, 1)
     xhat *= rstd                                                     # x̂, in place
-    return xhat, rstd
+    return xhat, mu, rstd
+
+
+def normalized_again(x, mu, rstd):
+    """x̂ = (x - μ) · rstd from the μ and rstd `normalize_rows` returned: the same operations on the
+    same numbers, so the same x̂ to the last bit. LayerNorm's backward remakes x̂ this way instead
+    of keeping it: its input x is held by the graph anyway, x̂ would be a second (N, C) array."""
+    xhat = x - mu
+    xhat *= rstd
+    return xhat
 
 
 def layer_norm_grads(gy, xhat, weight, rstd):
