@@ -46,6 +46,7 @@ BLOCK_NUMBERS = 1 << 18          # numbers per block of an elementwise op: 1 MB 
 MIN_PARALLEL_NUMBERS = 1 << 19   # below two blocks, threads cost more than they save ...
 MIN_PARALLEL_PRODUCTS = 1 << 22  # ... and for matrix work, below this many multiply-adds
 MIN_ROWS_PER_WEIGHT = 64         # rows per block when every block reads one shared weight
+COLUMN_GROUP = 64                # fewer rows than 2 blocks' worth: blocks of this many columns
 BLAS_BLOCKS_PER_THREAD = 2       # matrix work: blocks per thread (see "Sharing the blocks")
 
 _state = {"threads": None, "pool": None, "pool_pid": None, "memory_kept": None,
@@ -337,7 +338,13 @@ def softmax_rows_times(logp, scale):
 
 
 def affine_rows(x, weight, bias=None):
-    """x W + b for x (N, in), W (in, out), b (out,): (N, out), one GEMM per block of rows."""
+    """x W + b for x (N, in), W (in, out), b (out,): (N, out), one GEMM per block of rows.
+
+    With too few rows to split (a batch of 32 rows while sampling with the KV cache, one new token
+    each), the blocks are of W's columns instead, y[:, a:b] = x W[:, a:b] + b[a:b]: each block then
+    reads its own part of the weight, not all of it. The blocks are whole groups of
+    COLUMN_GROUP columns, so that OpenBLAS computes every number as it does unsplit (the same
+    bits: a test checks it)."""
     xp = backend.get_array_module(x)
     y = xp.empty((x.shape[0], weight.shape[1]), xp.result_type(x, weight))
 
@@ -347,7 +354,18 @@ def affine_rows(x, weight, bias=None):
         if bias is not None:
             y_ += bias                         # in place (`y[lo:hi] += bias` would copy it back)
 
-    for_rows(block, x.shape[0], weight.size, blas=True, shared_weight=True, xp=xp)
+    def columns(lo, hi):                       # column groups lo:hi
+        a, b = lo * COLUMN_GROUP, min(hi * COLUMN_GROUP, weight.shape[1])
+        y_ = y[:, a:b]
+        xp.matmul(x, weight[:, a:b], out=y_)
+        if bias is not None:
+            y_ += bias[a:b]
+
+    if x.shape[0] >= 2 * MIN_ROWS_PER_WEIGHT:
+        for_rows(block, x.shape[0], weight.size, blas=True, shared_weight=True, xp=xp)
+    else:
+        groups = -(-weight.shape[1] // COLUMN_GROUP)
+        for_rows(columns, groups, x.shape[0] * weight.shape[0] * COLUMN_GROUP, blas=True, xp=xp)
     return y
 
 
@@ -487,6 +505,7 @@ def causal_bias(xp, Tq, Tk, dtype):
 
 
 ATTENTION_QUERY_BLOCK = 64      # queries per block of causal attention, at 128 queries or more
+ATTENTION_KEEP_P_QUERIES = 128  # up to this many queries attention keeps P for its backward
 
 
 def query_blocks(Tq, Tk, causal):
@@ -524,23 +543,24 @@ def attention(q, k, v, scale, allowed=None):
     ``allowed`` (a boolean array broadcastable to (..., Tq, Tk)), -inf where it is False. Blocks
     of batch rows run on threads, each computing P one block of `query_blocks` at a time.
 
-    P, (Tq, Tk) numbers per head, is most of attention's memory at longer sequences: when the
-    queries come in several blocks (Tq >= 2·ATTENTION_QUERY_BLOCK), each block's P is let go and
-    `attention_grads` computes it again (the exp that remakes it costs less than keeping it, as
-    FlashAttention found); a single block's P is small, and kept (one array per batch block)."""
+    P, (Tq, Tk) numbers per head, grows with the square of the length and is most of attention's
+    memory at longer sequences: beyond ATTENTION_KEEP_P_QUERIES queries each block's P is let go
+    and `attention_grads` computes it again (the exp that remakes it costs less than keeping it,
+    as FlashAttention found); up to there it is small, and kept, a list with one array per block
+    (remaking it would cost about 5% of the small GPT's step)."""
     xp = backend.get_array_module(q)
     Tq, Tk = q.shape[-2], k.shape[-2]
     blocks = query_blocks(Tq, Tk, causal=allowed is None)
-    keep = len(blocks) == 1
-    P = xp.empty(q.shape[:-2] + (Tq, Tk), q.dtype) if keep else None
+    keep = Tq <= ATTENTION_KEEP_P_QUERIES
+    P = [xp.empty(q.shape[:-2] + (b - a, keys), q.dtype) for a, b, keys in blocks] if keep else None
     y = xp.empty(q.shape, q.dtype)                                   # (..., Tq, hs)
 
     def block(lo, hi):                                                # batch rows lo:hi
         q_, k_, v_, y_ = _batch_rows(lo, hi, q, q, k, v, y)
         allowed_ = None if allowed is None else _batch_rows(lo, hi, q, allowed)[0]
         qs = q_ * scale                      # scaling q (…, T, hs) is cheaper than s (…, T, T)
-        for a, b, keys in blocks:
-            out = (_batch_rows(lo, hi, q, P)[0] if keep
+        for i, (a, b, keys) in enumerate(blocks):
+            out = (_batch_rows(lo, hi, q, P[i])[0] if keep
                    else xp.empty(q_.shape[:-2] + (b - a, keys), q.dtype))
             Pb = _block_probabilities(xp, qs, k_, a, b, keys, allowed_, out)
             xp.matmul(Pb, v_[..., :keys, :], out=y_[..., a:b, :])   # y = P v
@@ -568,8 +588,8 @@ def attention_grads(q, k, v, y, gy, scale, allowed=None, P=None, out=None):
         qs = q_ * scale
         D = (gy_ * y_).sum(axis=-1, keepdims=True)                   # (..., Tq, 1)
         for i, (a, b, keys) in enumerate(reversed(blocks)):
-            if P is not None:                                        # one block, kept
-                Pb = _batch_rows(lo, hi, q, P)[0]
+            if P is not None:                                        # kept by the forward
+                Pb = _batch_rows(lo, hi, q, P[len(blocks) - 1 - i])[0]
             else:
                 Pb = _block_probabilities(xp, qs, k_, a, b, keys, allowed_,
                                           xp.empty(q_.shape[:-2] + (b - a, keys), q.dtype))

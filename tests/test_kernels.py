@@ -268,6 +268,26 @@ def test_set_num_threads_called_first_still_keeps_freed_memory():
     assert out.stdout.strip() in ("True", "False")            # asked (False on other C libraries)
 
 
+@pytest.mark.parametrize("rows, n_in, n_out", [(32, 384, 1152), (32, 1536, 384), (8, 512, 1000)])
+def test_few_rows_split_by_columns_give_the_unsplit_product_bit_for_bit(rows, n_in, n_out):
+    """Sampling's (32, in) x (in, out) products are cut into blocks of whole column groups, on two
+    threads: every number must be what the unsplit product gives (a seed samples the same tokens)."""
+    rng = np.random.default_rng(rows + n_out)
+    x = rng.standard_normal((rows, n_in)).astype(np.float32)
+    w = rng.standard_normal((n_in, n_out)).astype(np.float32)
+    b = rng.standard_normal(n_out).astype(np.float32)
+    previous = kernels.get_num_threads()
+    mr.set_num_threads(2)
+    try:
+        split = kernels.affine_rows(x, w, b)
+    finally:
+        mr.set_num_threads(previous)
+    with kernels.blas_on_one_thread():
+        whole = x @ w
+    whole += b
+    assert np.array_equal(split, whole)
+
+
 def test_add_up_sums_each_position():
     parts = [(np.ones(2), np.full(3, 2.0)), (np.ones(2), np.full(3, 5.0))]
     total = kernels.add_up(parts)
@@ -364,10 +384,12 @@ def test_query_blocks_cover_every_query_and_every_key_it_may_see(monkeypatch, Tq
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("mask", [False, True])
-def test_attention_backward_remakes_the_forwards_probabilities_bit_for_bit(dtype, mask):
+@pytest.mark.parametrize("mask, block", [(False, 64), (True, 64), (False, 2)])
+def test_attention_backward_remakes_the_forwards_probabilities_bit_for_bit(monkeypatch, dtype, mask,
+                                                                          block):
     """Blocked attention lets P go and its backward computes it again: the gradients must be the
     very ones the kept P gives (the same operations on the same numbers), float32 included."""
+    monkeypatch.setattr(kernels, "ATTENTION_QUERY_BLOCK", block)    # 2: five blocks of queries
     rng = np.random.default_rng(3)
     q, k, v, gy = (rng.standard_normal((3, 2, 9, 4)).astype(dtype) for _ in range(4))
     allowed = np.tril(np.ones((9, 9), dtype=bool)) & (rng.random((3, 1, 9, 9)) < 0.7) if mask else None
@@ -375,17 +397,20 @@ def test_attention_backward_remakes_the_forwards_probabilities_bit_for_bit(dtype
         allowed[..., 0] = True                                      # every query sees a key
     scale = dtype(0.5)
     y, P = kernels.attention(q, k, v, scale, allowed)
-    assert P is not None                                            # one block: P kept
+    assert P is not None                                            # 9 queries: P kept
     kept = kernels.attention_grads(q, k, v, y, gy, scale, allowed, P=P)
     remade = kernels.attention_grads(q, k, v, y, gy, scale, allowed, P=None)
     for a, b in zip(kept, remade):
         assert a.dtype == dtype and np.array_equal(a, b)
 
 
-def test_blocked_attention_keeps_no_probabilities(monkeypatch):
+def test_attention_keeps_probabilities_only_up_to_its_length_limit(monkeypatch):
     monkeypatch.setattr(kernels, "ATTENTION_QUERY_BLOCK", 2)
     q = np.random.default_rng(0).standard_normal((1, 1, 8, 4))
-    assert kernels.attention(q, q, q, 0.5)[1] is None
+    monkeypatch.setattr(kernels, "ATTENTION_KEEP_P_QUERIES", 4)
+    assert kernels.attention(q, q, q, 0.5)[1] is None                # 8 queries: remade
+    monkeypatch.setattr(kernels, "ATTENTION_KEEP_P_QUERIES", 8)
+    assert len(kernels.attention(q, q, q, 0.5)[1]) == 4              # kept, one array a block
 
 
 @pytest.mark.parametrize("Tq, Tk", [(7, 7), (5, 8)])
