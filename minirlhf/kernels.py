@@ -343,8 +343,9 @@ def affine_rows(x, weight, bias=None):
     With too few rows to split (a batch of 32 rows while sampling with the KV cache, one new token
     each), the blocks are of W's columns instead, y[:, a:b] = x W[:, a:b] + b[a:b]: each block then
     reads its own part of the weight, not all of it. The blocks are whole groups of
-    COLUMN_GROUP columns, so that OpenBLAS computes every number as it does unsplit (the same
-    bits: a test checks it)."""
+    COLUMN_GROUP columns (W's width a multiple of it; else rows as before), so that OpenBLAS
+    computes every number as it does unsplit: the same bits (a test checks it; a ragged last
+    block does not always give them)."""
     xp = backend.get_array_module(x)
     y = xp.empty((x.shape[0], weight.shape[1]), xp.result_type(x, weight))
 
@@ -355,17 +356,17 @@ def affine_rows(x, weight, bias=None):
             y_ += bias                         # in place (`y[lo:hi] += bias` would copy it back)
 
     def columns(lo, hi):                       # column groups lo:hi
-        a, b = lo * COLUMN_GROUP, min(hi * COLUMN_GROUP, weight.shape[1])
+        a, b = lo * COLUMN_GROUP, hi * COLUMN_GROUP
         y_ = y[:, a:b]
         xp.matmul(x, weight[:, a:b], out=y_)
         if bias is not None:
             y_ += bias[a:b]
 
-    if x.shape[0] >= 2 * MIN_ROWS_PER_WEIGHT:
-        for_rows(block, x.shape[0], weight.size, blas=True, shared_weight=True, xp=xp)
-    else:
-        groups = -(-weight.shape[1] // COLUMN_GROUP)
+    if x.shape[0] < 2 * MIN_ROWS_PER_WEIGHT and weight.shape[1] % COLUMN_GROUP == 0:
+        groups = weight.shape[1] // COLUMN_GROUP
         for_rows(columns, groups, x.shape[0] * weight.shape[0] * COLUMN_GROUP, blas=True, xp=xp)
+    else:
+        for_rows(block, x.shape[0], weight.size, blas=True, shared_weight=True, xp=xp)
     return y
 
 
