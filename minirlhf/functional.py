@@ -382,7 +382,8 @@ class GELU(Function):
 
     def forward(self, x):
         self.x = x
-        return kernels.gelu_tanh(x)                                  # x σ(2u)
+        y, self.s = kernels.gelu_tanh(x)                             # x σ(2u), σ(2u) or None
+        return y
 
     def backward(self, gy):
         """y = ½ x (1 + tanh u) = x σ(2u),  u = √(2/π) (x + 0.044715 x³):
@@ -390,7 +391,7 @@ class GELU(Function):
         dy/dx = σ(2u) + x · 2σ(2u)(1 - σ(2u)) · √(2/π) (1 + 3 · 0.044715 x²)
         (the same as ½ (1 + tanh u) + ½ x (1 - tanh² u) u', since tanh u = 2σ(2u) - 1).
         """
-        return (kernels.gelu_tanh_grad(self.x, gy),)
+        return (kernels.gelu_tanh_grad(self.x, gy, self.s),)
 
 
 def gelu(x):

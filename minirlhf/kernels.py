@@ -426,6 +426,7 @@ def layer_norm_grads(gy, xhat, weight, rstd):
 
 
 GELU_C = 0.7978845608028654          # √(2/π)
+GELU_KEEP_SIGMA_BELOW = 1 << 20      # GELU keeps σ(2u) for its backward below this many numbers
 
 
 def _gelu_sigma(xp, xb, out):
@@ -444,32 +445,36 @@ def _gelu_sigma(xp, xb, out):
 
 
 def gelu_tanh(x):
-    """y = x σ(2u), u = √(2/π)(x + 0.044715 x³) (the same as ½ x (1 + tanh u)), shaped like x.
+    """y = x σ(2u), u = √(2/π)(x + 0.044715 x³) (the same as ½ x (1 + tanh u)), shaped like x, and
+    s = σ(2u) for `gelu_tanh_grad` when x has fewer than GELU_KEEP_SIGMA_BELOW numbers (else None:
+    the backward computes it again from x; the array would be one of the widest a step keeps).
     σ rather than tanh, because NumPy's float32 tanh is the slower one."""
     xp = backend.get_array_module(x)
     flat, y = x.reshape(-1), xp.empty(x.size, x.dtype)
+    keep = x.size < GELU_KEEP_SIGMA_BELOW
+    s = xp.empty(x.size, x.dtype) if keep else None
 
     def block(lo, hi):                          # elements lo:hi
         xb = flat[lo:hi]
-        s = _gelu_sigma(xp, xb, xp.empty(hi - lo, x.dtype))
-        xp.multiply(xb, s, out=y[lo:hi])       # y = x σ(2u)
+        sb = _gelu_sigma(xp, xb, s[lo:hi] if keep else xp.empty(hi - lo, x.dtype))
+        xp.multiply(xb, sb, out=y[lo:hi])      # y = x σ(2u)
 
     for_rows(block, flat.size, 1, xp=xp)
-    return y.reshape(x.shape)
+    return y.reshape(x.shape), (s.reshape(x.shape) if keep else None)
 
 
-def gelu_tanh_grad(x, gy):
-    """gx = gy · (σ + x · 2σ(1 - σ) · √(2/π)(1 + 3 · 0.044715 x²)) with σ = σ(2u), shaped like x.
-    σ is computed again from x rather than kept from the forward: one array of the MLP's width
-    less per layer held for the backward, for one exp more."""
+def gelu_tanh_grad(x, gy, s=None):
+    """gx = gy · (σ + x · 2σ(1 - σ) · √(2/π)(1 + 3 · 0.044715 x²)) with σ = σ(2u), shaped like x;
+    σ is ``s`` from `gelu_tanh`, or computed again from x (the same bits) when it is None."""
     xp = backend.get_array_module(gy)
     flat, gy = x.reshape(-1), gy.reshape(-1)
+    s = None if s is None else s.reshape(-1)
     c, a = x.dtype.type(GELU_C), x.dtype.type(0.044715)
     gx = xp.empty(flat.size, x.dtype)
 
     def block(lo, hi):
         xb, g = flat[lo:hi], gx[lo:hi]
-        sb = _gelu_sigma(xp, xb, xp.empty(hi - lo, x.dtype))
+        sb = s[lo:hi] if s is not None else _gelu_sigma(xp, xb, xp.empty(hi - lo, x.dtype))
         xp.multiply(xb, xb, out=g)             # 2x · c(1 + 3a x²)
         g *= 6 * c * a
         g += 2 * c

@@ -404,6 +404,20 @@ def test_attention_backward_remakes_the_forwards_probabilities_bit_for_bit(monke
         assert a.dtype == dtype and np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gelu_backward_remakes_sigma_bit_for_bit(monkeypatch, dtype):
+    """Above GELU_KEEP_SIGMA_BELOW numbers GELU keeps only x and its backward computes σ(2u) again:
+    the gradient must be the one the kept σ gives, to the last bit."""
+    x = (np.random.default_rng(1).standard_normal(5000) * 4).astype(dtype)
+    gy = np.random.default_rng(2).standard_normal(5000).astype(dtype)
+    y_kept, s = kernels.gelu_tanh(x)
+    monkeypatch.setattr(kernels, "GELU_KEEP_SIGMA_BELOW", 0)
+    y_again, none = kernels.gelu_tanh(x)
+    assert s is not None and none is None and np.array_equal(y_kept, y_again)
+    assert np.array_equal(kernels.gelu_tanh_grad(x, gy, s), kernels.gelu_tanh_grad(x, gy))
+    mr.gradcheck(F.gelu, [x.astype(np.float64)])                   # the remaking path, checked
+
+
 def test_attention_keeps_probabilities_only_up_to_its_length_limit(monkeypatch):
     monkeypatch.setattr(kernels, "ATTENTION_QUERY_BLOCK", 2)
     q = np.random.default_rng(0).standard_normal((1, 1, 8, 4))
