@@ -10,8 +10,8 @@ what the weights have learned, except through the completions' lengths (untraine
 sample EOT, so every completion runs to 40 tokens: the slowest case). Each phase is timed by
 wrapping the function the trainer calls for it:
 
-- rollout: sampling the completions with the KV cache (`rl.sample_batch`);
-- scoring: the reward model on the completions (`rl.Rewarder.__call__`);
+- rollout: sampling the completions with the KV cache (`rollout.sample_completions`);
+- scoring: the reward model on the completions (`rollout.Rewarder.__call__`);
 - reference: the frozen reference's forward for log p_ref (the second model `load_policy` loads);
 - PPO's policy and value forward of the rollout (log p_old, V_old) with GAE: the rest of `ppo.rollout`;
 - update: PPO's `ppo.update` (each minibatch step), GRPO's forward, loss, backward and step (from the
@@ -70,10 +70,10 @@ class Timer:
 
 def instrument(module, timer):
     """Wrap the phases of ``module`` (minirlhf.train.ppo or .grpo) in ``timer``."""
-    from minirlhf.train import rl, run
+    from minirlhf.train import rollout, run
 
-    module.sample_batch = timer.wrap("rollout", module.sample_batch)
-    rl.Rewarder.__call__ = timer.wrap("scoring", rl.Rewarder.__call__)
+    rollout.sample_completions = timer.wrap("rollout", rollout.sample_completions)
+    rollout.Rewarder.__call__ = timer.wrap("scoring", rollout.Rewarder.__call__)
     loaded = []
 
     def load_policy(*args):
@@ -83,8 +83,10 @@ def instrument(module, timer):
             model.forward = timer.wrap("reference", model.forward)
         return model
 
-    original_load = module.load_policy
-    module.load_policy = load_policy
+    # the stages load their models through rollout.open_stage (or, in older trees, themselves)
+    owner = rollout if hasattr(rollout, "open_stage") else module
+    original_load = owner.load_policy
+    owner.load_policy = load_policy
     original_log = run.Run.log
     if module.__name__.endswith("ppo"):
         module.rollout = timer.wrap("rollout total", module.rollout)
