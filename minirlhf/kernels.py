@@ -590,17 +590,20 @@ def attention_grads(q, k, v, y, gy, scale, allowed=None, P=None, out=None):
 
     def block(lo, hi):                                                # batch rows lo:hi
         q_, k_, v_, y_, gy_, gq_, gk_, gv_ = _batch_rows(lo, hi, q, q, k, v, y, gy, gq, gk, gv)
-        allowed_ = None if allowed is None else _batch_rows(lo, hi, q, allowed)[0]
-        qs = q_ * scale
+        if P is None:                                                # to remake P with
+            allowed_ = None if allowed is None else _batch_rows(lo, hi, q, allowed)[0]
+            qs = q_ * scale
         D = (gy_ * y_).sum(axis=-1, keepdims=True)                   # (..., Tq, 1)
-        for i, (a, b, keys) in enumerate(reversed(blocks)):
+        for j in reversed(range(len(blocks))):                       # the last block first
+            a, b, keys = blocks[j]
+            last = j == len(blocks) - 1
             if P is not None:                                        # kept by the forward
-                Pb = _batch_rows(lo, hi, q, P[len(blocks) - 1 - i])[0]
+                Pb = _batch_rows(lo, hi, q, P[j])[0]
             else:
                 Pb = _block_probabilities(xp, qs, k_, a, b, keys, allowed_,
                                           xp.empty(q_.shape[:-2] + (b - a, keys), q.dtype))
             gyb = gy_[..., a:b, :]
-            if i == 0:                                               # the last block sees all keys
+            if last:                                                 # it sees all keys
                 xp.matmul(xp.swapaxes(Pb, -1, -2), gyb, out=gv_)     # (..., Tk, hs)
             else:
                 gv_[..., :keys, :] += xp.swapaxes(Pb, -1, -2) @ gyb
@@ -610,7 +613,7 @@ def attention_grads(q, k, v, y, gy, scale, allowed=None, P=None, out=None):
             gqb = gq_[..., a:b, :]
             xp.matmul(gs, k_[..., :keys, :], out=gqb)                # scale applied to the small
             gqb *= scale                                             # (…, T, hs) results
-            if i == 0:
+            if last:
                 gkb = xp.matmul(xp.swapaxes(gs, -1, -2), q_[..., a:b, :], out=gk_)
                 gkb *= scale
             else:
