@@ -626,7 +626,8 @@ LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo", "sequence")
 
 
 def aggregate_tokens(per_token_loss, keep, loss_type, max_completion_length=None):
-    """One scalar from a per-token loss (B, T) and its 0/1 mask, as each variant weighs tokens.
+    """One scalar from a per-token loss (B, T) and ``keep`` (B, T), the boolean mask of the tokens
+    in it, as each variant weighs tokens.
 
     With |y_i| the number of tokens of sequence i (its mask's sum), m the mask, ℓ the loss:
 

@@ -181,8 +181,9 @@ def distinct_pairs(records, path, say):
 def weighted_means(results, weights):
     """Average metric dicts key by key, each weighted (by its batch's size): a last batch of one
     pair must not count as much as a full one."""
-    if not results:
-        return {}
-    keys = list(dict.fromkeys(k for r in results for k in r))  # a key some batches lack (KTO's
-    return {k: sum(w * r[k] for r, w in zip(results, weights) if k in r)   # per-kind means):
-            / sum(w for r, w in zip(results, weights) if k in r) for k in keys}   # over those that have it
+    keys = dict.fromkeys(k for r in results for k in r)      # every key, in the order first seen
+    means = {}
+    for k in keys:      # a key some batches lack (KTO's per-kind means): over those that have it
+        pairs = [(r[k], w) for r, w in zip(results, weights) if k in r]
+        means[k] = sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
+    return means
