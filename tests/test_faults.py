@@ -104,15 +104,20 @@ def stage_run(stage, files, out, **over):
 STAGES = ["pretrain", "sft", "reward", "rl", "dpo", "ppo", "grpo"]
 
 
-@pytest.fixture(scope="module")
-def straight(files):
-    """Each stage run without interruption: the numbers every resumed run must reproduce."""
+def run_each_straight(stages, stage_run, files):
+    """Each stage run without interruption, {stage: (metrics, weights)}: the numbers every resumed
+    run must reproduce. ``stage_run(stage, files, folder)`` runs one (each test module has its own)."""
     out = {}
-    for stage in STAGES:
+    for stage in stages:
         folder = files["root"] / f"straight_{stage}"
         stage_run(stage, files, folder)
         out[stage] = (metrics(folder), weights(folder))
     return out
+
+
+@pytest.fixture(scope="module")
+def straight(files):
+    return run_each_straight(STAGES, stage_run, files)
 
 
 def stop_at(monkeypatch, step, how):

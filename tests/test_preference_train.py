@@ -12,7 +12,7 @@ from minirlhf.train.kto import KTOConfig, kto
 from minirlhf.train.orpo import ORPOConfig, orpo
 from minirlhf.train.pretrain import PretrainConfig, pretrain
 from minirlhf.train.run import DivergenceError, Interrupted
-from test_faults import assert_same_run, metrics, stop_at, weights, write_jsonl
+from test_faults import assert_same_run, metrics, run_each_straight, stop_at, write_jsonl
 
 HF_FOLDER = "tests/fixtures/gpt2_lm"
 
@@ -58,12 +58,7 @@ def stage_run(stage, files, out, **over):
 
 @pytest.fixture(scope="module")
 def straight(files):
-    out = {}
-    for stage in STAGES:
-        folder = files["root"] / f"straight_{stage}"
-        stage_run(stage, files, folder)
-        out[stage] = (metrics(folder), weights(folder))
-    return out
+    return run_each_straight(STAGES, stage_run, files)
 
 
 TRL_NAMES = {
