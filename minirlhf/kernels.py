@@ -46,7 +46,6 @@ BLOCK_NUMBERS = 1 << 18          # numbers per block of an elementwise op: 1 MB 
 MIN_PARALLEL_NUMBERS = 1 << 19   # below two blocks, threads cost more than they save ...
 MIN_PARALLEL_PRODUCTS = 1 << 22  # ... and for matrix work, below this many multiply-adds
 MIN_ROWS_PER_WEIGHT = 64         # rows per block when every block reads one shared weight
-COLUMN_GROUP = 64                # fewer rows than 2 blocks' worth: blocks of this many columns
 BLAS_BLOCKS_PER_THREAD = 2       # matrix work: blocks per thread (see "Sharing the blocks")
 
 _state = {"threads": None, "pool": None, "pool_pid": None, "memory_kept": None,
@@ -341,11 +340,10 @@ def affine_rows(x, weight, bias=None):
     """x W + b for x (N, in), W (in, out), b (out,): (N, out), one GEMM per block of rows.
 
     With too few rows to split (a batch of 32 rows while sampling with the KV cache, one new token
-    each), the blocks are of W's columns instead, y[:, a:b] = x W[:, a:b] + b[a:b]: each block then
-    reads its own part of the weight, not all of it. The blocks are whole groups of
-    COLUMN_GROUP columns (W's width a multiple of it; else rows as before), so that OpenBLAS
-    computes every number as it does unsplit: the same bits (a test checks it; a ragged last
-    block does not always give them)."""
+    each) it is one product on the calling thread. Splitting W's columns across the threads
+    instead was tried and dropped: OpenBLAS does not always compute a slice of W's columns to the
+    same bits as the whole product (its Haswell kernels do not), and a seed must sample the same
+    tokens at any thread count (benchmarks/README.md, 2026-12-07, third session)."""
     xp = backend.get_array_module(x)
     y = xp.empty((x.shape[0], weight.shape[1]), xp.result_type(x, weight))
 
@@ -355,18 +353,7 @@ def affine_rows(x, weight, bias=None):
         if bias is not None:
             y_ += bias                         # in place (`y[lo:hi] += bias` would copy it back)
 
-    def columns(lo, hi):                       # column groups lo:hi
-        a, b = lo * COLUMN_GROUP, hi * COLUMN_GROUP
-        y_ = y[:, a:b]
-        xp.matmul(x, weight[:, a:b], out=y_)
-        if bias is not None:
-            y_ += bias[a:b]
-
-    if x.shape[0] < 2 * MIN_ROWS_PER_WEIGHT and weight.shape[1] % COLUMN_GROUP == 0:
-        groups = weight.shape[1] // COLUMN_GROUP
-        for_rows(columns, groups, x.shape[0] * weight.shape[0] * COLUMN_GROUP, blas=True, xp=xp)
-    else:
-        for_rows(block, x.shape[0], weight.size, blas=True, shared_weight=True, xp=xp)
+    for_rows(block, x.shape[0], weight.size, blas=True, shared_weight=True, xp=xp)
     return y
 
 

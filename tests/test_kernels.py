@@ -269,9 +269,9 @@ def test_set_num_threads_called_first_still_keeps_freed_memory():
 
 
 @pytest.mark.parametrize("rows, n_in, n_out", [(32, 384, 1152), (32, 1536, 384), (8, 512, 1024), (3, 2048, 640)])
-def test_few_rows_split_by_columns_give_the_unsplit_product_bit_for_bit(rows, n_in, n_out):
-    """Sampling's (32, in) x (in, out) products are cut into blocks of whole column groups, on two
-    threads: every number must be what the unsplit product gives (a seed samples the same tokens)."""
+def test_few_rows_at_two_threads_give_the_one_thread_product_bit_for_bit(rows, n_in, n_out):
+    """Sampling's (32, in) x (in, out) products at two threads: every number must be what one
+    thread's product gives, so that a seed samples the same tokens at any thread count."""
     rng = np.random.default_rng(rows + n_out)
     x = rng.standard_normal((rows, n_in)).astype(np.float32)
     w = rng.standard_normal((n_in, n_out)).astype(np.float32)
