@@ -33,11 +33,11 @@ from bench_gpt import (CONFIGS, SAMPLE_PROMPT_LEN, SAMPLE_PROMPTS, new_tokens,  
                        our_model)
 
 
-def decode(model, prompts, n_new, halves):
-    """Greedy decoding of ``n_new`` tokens after ``prompts`` (B, T0), the batch cut into ``halves``
-    parts that the threads share (1: one call on all rows)."""
+def decode(model, prompts, n_new, parts):
+    """Greedy decoding of ``n_new`` tokens after ``prompts`` (B, T0), the batch cut into ``parts``
+    that the threads share, one part a thread (1: one call on all rows)."""
     B = prompts.shape[0]
-    bounds = [B * i // halves for i in range(halves + 1)]
+    bounds = [B * i // parts for i in range(parts + 1)]
     caches = [model.new_kv_cache(hi - lo, max_length=prompts.shape[1] + n_new)
               for lo, hi in zip(bounds[:-1], bounds[1:])]
     last = [prompts[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]    # what each part feeds next
@@ -48,10 +48,10 @@ def decode(model, prompts, n_new, halves):
             last[i] = np.argmax(logits.data[:, -1:, :], axis=-1)          # (b, 1)
 
     for _ in range(n_new):
-        if halves == 1:
+        if parts == 1:
             part(0, 1)
-        else:
-            kernels.for_rows(part, halves, 1 << 40, blas=True)           # one wake a step
+        else:   # a row_size so large that for_rows always splits: one wake a step
+            kernels.for_rows(part, parts, 1 << 40, blas=True)
 
 
 def main(argv=None):
@@ -71,13 +71,13 @@ def main(argv=None):
         n_new = new_tokens(T)
         speeds = {1: [], args.threads: []}
         with no_grad():
-            for halves in speeds:                       # warm-up
-                decode(model, prompts, 4, halves)
+            for parts in speeds:                        # warm-up
+                decode(model, prompts, 4, parts)
             for _ in range(args.rounds):
-                for halves in speeds:
+                for parts in speeds:
                     start = time.perf_counter()
-                    decode(model, prompts, n_new, halves)
-                    speeds[halves].append(SAMPLE_PROMPTS * n_new / (time.perf_counter() - start))
+                    decode(model, prompts, n_new, parts)
+                    speeds[parts].append(SAMPLE_PROMPTS * n_new / (time.perf_counter() - start))
         ratios = [h / o for o, h in zip(speeds[1], speeds[args.threads])]
         print(f"{cfg}: per op {statistics.median(speeds[1]):,.0f} tok/s, per half "
               f"{statistics.median(speeds[args.threads]):,.0f} tok/s, per half / per op "
