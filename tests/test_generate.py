@@ -191,3 +191,27 @@ def test_sampled_tokens_are_pinned_for_a_seed():
         [31, 11, 0, 23, 12, 27, 30, 8, 1, 45, 25, 9, 18, 8, 25, 36, 25, 29, 16, 19],
         [44, 15, 41, 15, 22, 49, 49, 30, 25, 31, 12, 34, 0, 13, 42, 4, 43, 2, 7, 48],
         [39, 43, 40, 14, 24, 39, 10, 2, 23, 25, 0, 10, 41, 44, 31, 27, 18, 19, 41, 29]]
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_a_seed_samples_the_same_tokens_at_one_and_two_threads(monkeypatch, threaded):
+    """Wide enough that the sampling steps' products go to `kernels.FewRowProducts` (4 rows by a
+    (256, 768) weight), on either of its ways: the tokens are those of one thread."""
+    from minirlhf import kernels
+
+    model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=1, n_head=4, n_embd=256), seed=1)
+    prompts = [[1, 2, 3], [4], [5, 6], [7, 8, 9, 10]]
+    previous = kernels.get_num_threads()
+    try:
+        kernels.set_num_threads(1)
+        alone = generate(model, prompts, 12, temperature=1.0, seed=5)
+        chooser = kernels.FewRowProducts()
+        chooser.threaded = threaded
+        monkeypatch.setattr(kernels, "_few_row_products", chooser)
+        kernels.set_num_threads(2)
+        both = generate(model, prompts, 12, temperature=1.0, seed=5)
+    finally:
+        kernels.set_num_threads(previous)
+    assert both.tokens == alone.tokens and both.logprobs == alone.logprobs
+    if kernels._openblas() is not None:
+        assert chooser.same_bits                         # the products went through the chooser

@@ -268,26 +268,6 @@ def test_set_num_threads_called_first_still_keeps_freed_memory():
     assert out.stdout.strip() in ("True", "False")            # asked (False on other C libraries)
 
 
-@pytest.mark.parametrize("rows, n_in, n_out", [(32, 384, 1152), (32, 1536, 384), (8, 512, 1024), (3, 2048, 640)])
-def test_few_rows_at_two_threads_give_the_one_thread_product_bit_for_bit(rows, n_in, n_out):
-    """Sampling's (32, in) x (in, out) products at two threads: every number must be what one
-    thread's product gives, so that a seed samples the same tokens at any thread count."""
-    rng = np.random.default_rng(rows + n_out)
-    x = rng.standard_normal((rows, n_in)).astype(np.float32)
-    w = rng.standard_normal((n_in, n_out)).astype(np.float32)
-    b = rng.standard_normal(n_out).astype(np.float32)
-    previous = kernels.get_num_threads()
-    mr.set_num_threads(2)
-    try:
-        split = kernels.affine_rows(x, w, b)
-    finally:
-        mr.set_num_threads(previous)
-    with kernels.blas_on_one_thread():
-        whole = x @ w
-    whole += b
-    assert np.array_equal(split, whole)
-
-
 def test_add_up_sums_each_position():
     parts = [(np.ones(2), np.full(3, 2.0)), (np.ones(2), np.full(3, 5.0))]
     total = kernels.add_up(parts)
