@@ -22,9 +22,9 @@ inputs or one thread, ``fn`` is simply called once.
 The BLAS. Two thread pools on the same cores fight, so while our threads run matrix products
 OpenBLAS is held to one thread each (and set back after). Products too small to split run on the
 calling thread with OpenBLAS held to one thread too, except the few-row products of sampling (one
-new token per row): there OpenBLAS's own threads are 1.3-1.9x faster on a quiet machine and 4-5x
-slower on a busy one (they spin between calls), so `FewRowProducts` times both ways as it goes
-and uses the faster, checking first that both give the same bits.
+new token a row): there OpenBLAS's own threads are 1.2-1.35x faster on a quiet machine and up to
+8x slower on a busy one (they spin between calls), so `FasterWay` times both ways as it goes and
+uses the faster, checking first that both give the same bits.
 
 Freed memory. glibc gives freed blocks larger than 128 KB back to the operating system, and the next
 training step, which allocates the same activations again, faults them back in page by page. On
@@ -276,41 +276,48 @@ def _blas_region(threads=1):
                 put(_state["blas_before"])
 
 
-# ----- few-row products: OpenBLAS's own threads or one, by the clock ---------------------------------
+# ----- sampling's few-row products: one thread or OpenBLAS's, by the clock ---------------------------
 #
-# Sampling with the KV cache multiplies a few rows (one new token per row) by each weight: too few
-# to cut into blocks of rows for our pool. OpenBLAS's own threads split such a product well on a
-# quiet machine (they spin between calls, so they start at once), but the spinning thread holds a
-# core: on a busy machine another process needs it and the product waits for the slowest thread
-# (4-5x slower), and even on a quiet machine it can slow the Python between the products (timing
-# the products alone chose the threads for the small GPT, and its sampling got slower). Neither
-# way is right on every machine at every moment, so
-# `FewRowProducts` measures. It times windows of WINDOW_CALLS products by the wall clock, the work
-# between them included, keeps the way whose last window got through more multiply-adds a
-# second, and now and then tries the other: more rarely each time the other loses, at once when
-# the way in use slows below the other's last rate. A try that is going badly stops early; a
-# window with a long gap between two products (the rest of a training run ran in between) is
-# dropped, so that the windows compare like with like: decoding.
+# Sampling with the KV cache multiplies a few rows (one new token a row) by each weight: too few to
+# cut into blocks of rows for our pool. OpenBLAS's own threads split such a product well on a quiet
+# machine (they spin between calls instead of sleeping, so they start at once): sampling the small
+# and medium GPTs ran 1.23x and 1.33x faster. But a spinning thread holds a core: on a busy machine
+# another process needs it and each product waits for the slowest thread (small: 8x slower), and
+# even on a quiet machine the spinning can slow the Python between the products (timing the
+# products alone chose the threads for the small GPT, and its sampling got slower).
 #
-# Which way ran must never change a number: both ways are checked to give the same bits once per
-# shape of product, and a shape where they do not stays on one thread.
+# No one way is right on every machine at every moment, so `FasterWay` measures as it goes. It
+# times windows of WINDOW_CALLS calls by the wall clock, the work between the calls included,
+# keeps the way whose last window got through more multiply-adds a second, and now and then
+# tries the other: more rarely each time the other loses, at once when the way in use slows below
+# the other's last rate. A try that is going badly stops early; a window with a long gap between
+# two calls (other work ran in between) starts again, so that windows compare like with like.
+#
+# Which way ran must never change a number. OpenBLAS splits a product by rows and columns of its
+# result, not along the sum, and gave the same bits at one and at two threads for every product
+# tried. That is checked, not assumed: the first time a shape is seen it is computed both ways
+# and compared bit for bit, and a shape where they differ stays on one thread.
+#
+# (Training's blocks of rows on OpenBLAS's threads instead of our pool were tried the same way and
+# dropped: no faster for the tiny GPT, 0.8x for the small one; benchmarks/README.md.)
 
 MIN_FEW_ROW_PRODUCTS = 65536 * 4   # OpenBLAS keeps smaller products on one thread itself (its rule:
 #                                    65536 × GEMM_MULTITHREAD_THRESHOLD multiply-adds)
-WINDOW_CALLS = 32        # products timed together before the choice is looked at again
-WARM_CALLS = 4           # the first products of a window are not counted (threads waking up)
-MAX_GAP_SECONDS = 0.01   # a longer gap between two products starts the window again
+WINDOW_CALLS = 32        # calls timed together before the choice is looked at again
+WARM_CALLS = 4           # the first calls of a window are not counted (threads waking up)
+MAX_GAP_SECONDS = 0.01   # a longer gap between two calls starts the window again
 MAX_WAIT_WINDOWS = 64    # at most this many windows between two tries of the other way
 WIN_MARGIN = 1.05        # a try wins when its rate beats the way in use by this factor
 GIVE_UP_FACTOR = 3       # a try stops once it took this many times the way in use's time ...
 GIVE_UP_SECONDS = 1e-3   # ... plus this (OpenBLAS's threads waking from sleep)
 
 
-class FewRowProducts:
-    """Runs few-row matrix products on one thread or on OpenBLAS's threads, whichever is faster.
+class FasterWay:
+    """Of two ways to do the same work, the one the wall clock finds faster; way 0 is the default.
 
-    ``run(fn, out, key, work)``: ``fn()`` computes a product into ``out``; ``key`` names its shapes,
-    strides and dtype, ``work`` is its multiply-adds. The state: ``threaded`` (the way in use),
+    ``run(key, work, ways, outputs)``: ``ways`` are two functions that do the work, writing
+    ``outputs`` (arrays); ``key`` names the work's shapes (its bits are checked once per key);
+    ``work`` is its multiply-adds. The state: ``way`` (the one in use),
     ``rate`` (multiply-adds per second of wall time in the last window of each way), ``trying``
     (this window tries the other way), and the window being timed.
     """
@@ -318,71 +325,51 @@ class FewRowProducts:
     def __init__(self, clock=time.perf_counter):
         self.clock = clock
         self.same_bits = {}                      # key -> both ways give the same bits
-        self.threaded = False                    # start on one thread, the safe way
-        self.rate = {False: None, True: None}
+        self.way = 0
+        self.rate = [None, None]
         self.trying = False
         self.wait = 1                            # windows to go before the next try
         self.wait_after_loss = 1                 # doubles each time a try loses
         self._new_window()
 
     def _new_window(self):
-        self.calls, self.work, self.all_work = 0, 0, 0   # work: of the calls after the warm ones
-        self.first_start = self.counted_start = self.last_end = None
+        self.calls, self.work = 0, 0             # work: of the calls after the warm ones
+        self.counted_start = self.last_end = None
 
-    def run(self, fn, out, key, work):
-        threads = get_num_threads()
-        if threads == 1 or _openblas() is None:
-            with _blas_region(1):
-                fn()
-            return
+    def run(self, key, work, ways, outputs):
         if key not in self.same_bits:
-            self.same_bits[key] = self._both_ways_agree(fn, out, threads)
-            return
-        if not self.same_bits[key]:
-            with _blas_region(1):
-                fn()
-            return
-        threaded = self.threaded != self.trying
-        start = self.clock()
-        with _blas_region(threads if threaded else 1):
-            fn()
-        self._count(start, self.clock(), work)
-
-    def _both_ways_agree(self, fn, out, threads):
-        """Compute the product both ways (one thread last, so its result stays in ``out``)."""
-        with _blas_region(threads):
-            fn()
-        threaded = out.copy()
-        with _blas_region(1):
-            fn()
-        return bool((threaded == out).all())
+            self.same_bits[key] = _same_bits(ways, outputs)
+        elif not self.same_bits[key]:
+            ways[0]()
+        else:
+            start = self.clock()
+            ways[self.way != self.trying]()             # the other way while trying
+            self._count(start, self.clock(), work)
 
     def _count(self, start, end, work):
         if self.calls and start - self.last_end > MAX_GAP_SECONDS:
-            self._new_window()                   # something else ran in between: start again
-        if self.calls == 0:
-            self.first_start = start
-        elif self.calls == WARM_CALLS:
+            self._new_window()                   # other work ran in between: start again
+        if self.calls == WARM_CALLS:
             self.counted_start = start
         self.calls += 1
         self.last_end = end
-        self.all_work += work
         if self.calls > WARM_CALLS:
             self.work += work
-        in_use = self.rate[self.threaded]
-        spent = end - self.first_start
-        if self.trying and in_use is not None and spent > GIVE_UP_FACTOR * self.all_work / in_use + GIVE_UP_SECONDS:
-            self.rate[not self.threaded] = self.all_work / spent
+        if self.calls <= WARM_CALLS:
+            return
+        spent, in_use = end - self.counted_start, self.rate[self.way]
+        if self.trying and spent > GIVE_UP_FACTOR * self.work / in_use + GIVE_UP_SECONDS:
+            self.rate[1 - self.way] = self.work / spent          # going badly: stop here
             self._end_try(won=False)
         elif self.calls == WARM_CALLS + WINDOW_CALLS:
-            self._end_window(self.work / max(end - self.counted_start, 1e-12))
+            self._end_window(self.work / max(spent, 1e-12))
 
     def _end_window(self, rate):
-        self.rate[self.threaded != self.trying] = rate
+        self.rate[self.way != self.trying] = rate
         if self.trying:
-            self._end_try(won=rate > WIN_MARGIN * self.rate[self.threaded])
+            self._end_try(won=rate > WIN_MARGIN * self.rate[self.way])
             return
-        other = self.rate[not self.threaded]
+        other = self.rate[1 - self.way]
         self.wait -= 1
         if other is not None and rate < other:   # slowed below the other way's last rate
             self.wait = 0
@@ -391,7 +378,7 @@ class FewRowProducts:
 
     def _end_try(self, won):
         if won:
-            self.threaded = not self.threaded
+            self.way = 1 - self.way
             self.wait_after_loss = 1
         else:
             self.wait_after_loss = min(2 * self.wait_after_loss, MAX_WAIT_WINDOWS)
@@ -400,7 +387,15 @@ class FewRowProducts:
         self._new_window()
 
 
-_few_row_products = FewRowProducts()
+def _same_bits(ways, outputs):
+    """Whether both ways write the same bits: way 1 first, then way 0, whose numbers stay."""
+    ways[1]()
+    written = [o.copy() for o in outputs]
+    ways[0]()
+    return all(bool((a == b).all()) for a, b in zip(written, outputs))
+
+
+_few_row_way = FasterWay()      # sampling's products of a few rows: one thread, or OpenBLAS's
 
 
 # ----- freed memory ---------------------------------------------------------------------------------
@@ -471,7 +466,7 @@ def affine_rows(x, weight, bias=None):
     """x W + b for x (N, in), W (in, out), b (out,): (N, out), one GEMM per block of rows.
 
     With too few rows to split (a batch of 32 rows while sampling with the KV cache, one new token
-    each) it is one product, on one thread or on OpenBLAS's threads as `FewRowProducts` finds
+    each) it is one product, on one thread or on OpenBLAS's threads, whichever `FasterWay` finds
     faster. Splitting W's columns across our threads instead was tried and dropped: OpenBLAS does
     not always compute a slice of W's columns to the same bits as the whole product (its Haswell
     kernels do not), and a seed must sample the same tokens at any thread count
@@ -485,13 +480,18 @@ def affine_rows(x, weight, bias=None):
         if bias is not None:
             y_ += bias                         # in place (`y[lo:hi] += bias` would copy it back)
 
-    work = x.shape[0] * weight.size
-    if (xp.__name__ == "numpy" and x.shape[0] < 2 * MIN_ROWS_PER_WEIGHT
-            and work >= MIN_FEW_ROW_PRODUCTS):
+    n, work = x.shape[0], x.shape[0] * weight.size
+    threads = get_num_threads()
+    if (xp.__name__ == "numpy" and n < 2 * MIN_ROWS_PER_WEIGHT and work >= MIN_FEW_ROW_PRODUCTS
+            and threads > 1 and _openblas() is not None):
+        def on(blas_threads):
+            with _blas_region(blas_threads):
+                block(0, n)
+
         key = (x.shape, x.strides, weight.shape, weight.strides, y.dtype, bias is not None)
-        _few_row_products.run(lambda: block(0, x.shape[0]), y, key, work)
+        _few_row_way.run(key, work, (lambda: on(1), lambda: on(threads)), outputs=(y,))
     else:
-        for_rows(block, x.shape[0], weight.size, blas=True, shared_weight=True, xp=xp)
+        for_rows(block, n, weight.size, blas=True, shared_weight=True, xp=xp)
     return y
 
 
