@@ -289,25 +289,28 @@ def _blas_region(threads=1):
 # No one way is right on every machine at every moment, so `FasterWay` measures as it goes. It
 # times windows of WINDOW_CALLS calls by the wall clock, the work between the calls included,
 # keeps the way whose last window got through more multiply-adds a second, and now and then
-# tries the other: more rarely each time the other loses, at once when the way in use slows below
-# the other's last rate. A try that is going badly stops early; a window with a long gap between
-# two calls (other work ran in between) starts again, so that windows compare like with like.
+# tries the other: more rarely each time the other loses, at once when the way in use slows well
+# below the other's last rate (a busy machine's threads are several times slower, not a little).
+# A try that is going badly stops early; a window with a long gap between two calls (other work
+# ran in between) starts again, so that windows compare like with like.
 #
 # Which way ran must never change a number. OpenBLAS splits a product by rows and columns of its
 # result, not along the sum, and gave the same bits at one and at two threads for every product
 # tried. That is checked, not assumed: the first time a shape is seen it is computed both ways
 # and compared bit for bit, and a shape where they differ stays on one thread.
 #
-# (Training's blocks of rows on OpenBLAS's threads instead of our pool were tried the same way and
-# dropped: no faster for the tiny GPT, 0.8x for the small one; benchmarks/README.md.)
+# (Training's blocks of rows run one after another on OpenBLAS's threads instead of on our pool
+# were tried and dropped: no faster for the tiny GPT, measured in separate processes;
+# benchmarks/README.md.)
 
-MIN_FEW_ROW_PRODUCTS = 65536 * 4   # OpenBLAS keeps smaller products on one thread itself (its rule:
-#                                    65536 × GEMM_MULTITHREAD_THRESHOLD multiply-adds)
+MIN_FEW_ROW_PRODUCTS = 2 * 65536 * 4   # OpenBLAS gives a product a thread per 65536 ×
+#                                        GEMM_MULTITHREAD_THRESHOLD multiply-adds: smaller get one
 WINDOW_CALLS = 32        # calls timed together before the choice is looked at again
 WARM_CALLS = 4           # the first calls of a window are not counted (threads waking up)
 MAX_GAP_SECONDS = 0.01   # a longer gap between two calls starts the window again
 MAX_WAIT_WINDOWS = 64    # at most this many windows between two tries of the other way
 WIN_MARGIN = 1.05        # a try wins when its rate beats the way in use by this factor
+SLOWED_MARGIN = 1.25     # the way in use slowed when its rate fell this far below the other's
 GIVE_UP_FACTOR = 3       # a try stops once it took this many times the way in use's time ...
 GIVE_UP_SECONDS = 1e-3   # ... plus this (OpenBLAS's threads waking from sleep)
 
@@ -371,7 +374,7 @@ class FasterWay:
             return
         other = self.rate[1 - self.way]
         self.wait -= 1
-        if other is not None and rate < other:   # slowed below the other way's last rate
+        if other is not None and rate * SLOWED_MARGIN < other:   # well below the other's last
             self.wait = 0
         self.trying = self.wait <= 0
         self._new_window()
