@@ -521,18 +521,22 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     done = np.zeros(B, dtype=bool)
     was_training = model.training
     model.eval()
+    from . import decode   # the same step without Tensors, where it is the same code (decode.py)
+    fast = decode.supports(model)
     try:
         with no_grad():
             cache, T = None, L                                       # T: columns filled so far
             for _ in range(max_new_tokens):
                 if use_cache and cache is not None and cache.length < cache.block_size:
-                    logits = model(rows[:, T - 1:T], kv_cache=cache)  # (B, 1, V): one new column
+                    new = rows[:, T - 1:T]                           # (B, 1): one new column
+                    logits = (decode.step(model, new, cache) if fast
+                              else model(new, kv_cache=cache).data)  # (B, 1, V)
                 else:                                                 # (re)run the last block_size columns
                     start = max(T - cfg.block_size, 0)
                     cache = model.new_kv_cache(B, np.maximum(pad - start, 0),
                                                max_length=rows.shape[1] - start)
-                    logits = model(rows[:, start:T], kv_cache=cache)  # (B, T - start, V)
-                last = backend.to_numpy(logits.data[:, -1, :]).astype(np.float64)   # (B, V)
+                    logits = model(rows[:, start:T], kv_cache=cache).data   # (B, T - start, V)
+                last = backend.to_numpy(logits[:, -1, :]).astype(np.float64)   # (B, V)
                 if not np.isfinite(last).all():
                     raise FloatingPointError("generate: the model produced non-finite logits "
                                              "(has training diverged?)")

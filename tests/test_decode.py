@@ -1,0 +1,84 @@
+"""`decode.step`, a sampling step on raw arrays, gives the model's own logits to the last bit, at every
+switch of `GPTConfig`, and `generate` uses it only where it is the model's code."""
+
+import numpy as np
+import pytest
+
+from minirlhf import decode
+from minirlhf.model import GPT, GPTConfig, generate
+from minirlhf.tensor import no_grad
+
+LLAMA = dict(norm="rms", pos="rope", mlp="swiglu", bias=False, tie_word_embeddings=False)
+CONFIGS = {
+    "gpt2": {},
+    "no biases": dict(bias=False),
+    "float64": dict(dtype="float64"),
+    "rms norm": dict(norm="rms"),
+    "rope": dict(pos="rope"),
+    "swiglu": dict(mlp="swiglu", n_inner=40),
+    "grouped kv heads": dict(n_head=4, n_kv_head=2),
+    "own lm head": dict(tie_word_embeddings=False),
+    "llama": dict(LLAMA, n_kv_head=2),
+    "qwen2": dict(LLAMA, n_kv_head=1, attention_bias=True),
+    "llama3 rope scaling": dict(LLAMA, rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                     "original_max_position_embeddings": 8}),
+}
+
+
+def make(**switches):
+    cfg = dict(block_size=24, vocab_size=37, n_layer=2, n_head=4, n_embd=32)
+    cfg.update(switches)
+    model = GPT(GPTConfig(**cfg), seed=2)
+    model.eval()
+    return model
+
+
+@pytest.mark.parametrize("pad", [False, True], ids=["same lengths", "left padding"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_a_step_gives_the_models_logits_bit_for_bit(name, pad):
+    model = make(**CONFIGS[name])
+    rng = np.random.default_rng(0)
+    B, L = 3, 5
+    prompts = rng.integers(0, 37, (B, L))
+    pads = np.array([0, 2, 4]) if pad else None
+    with no_grad():
+        ours, theirs = (model.new_kv_cache(B, pads, max_length=L + 6) for _ in range(2))
+        model(prompts, kv_cache=ours)
+        model(prompts, kv_cache=theirs)
+        for _ in range(6):
+            new = rng.integers(0, 37, (B, 1))
+            fast = decode.step(model, new, ours)
+            slow = model(new, kv_cache=theirs).data
+            assert fast.shape == slow.shape == (B, 1, 37)
+            assert np.array_equal(fast, slow)
+            assert ours.length == theirs.length
+            for layer in range(2):
+                assert np.array_equal(ours.k[layer], theirs.k[layer])
+                assert np.array_equal(ours.v[layer], theirs.v[layer])
+
+
+def test_it_is_used_only_where_it_is_the_models_code():
+    model = make()
+    assert decode.supports(model)
+    model.train()
+    assert not decode.supports(model)                    # dropout would differ
+    assert not decode.supports(make(fused=False))        # the plain ops: other kernels
+
+    class Scaled(GPT):
+        def forward(self, idx, kv_cache=None):
+            return super().forward(idx, kv_cache) * 2.0
+
+    scaled = Scaled(make().config, seed=2)
+    scaled.eval()
+    assert not decode.supports(scaled)
+
+
+def test_generate_samples_what_the_model_samples_step_by_step(monkeypatch):
+    """The same tokens and log-probs with the raw step as with the model's forward."""
+    model = make(**CONFIGS["llama"])
+    prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 10]]
+    fast = generate(model, prompts, 10, temperature=1.0, seed=4)
+    monkeypatch.setattr(decode, "supports", lambda model: False)
+    slow = generate(model, prompts, 10, temperature=1.0, seed=4)
+    assert fast.tokens == slow.tokens and fast.logprobs == slow.logprobs
