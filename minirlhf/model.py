@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import backend
+from . import decode
 from . import functional as F
 from . import kernels
 from . import ops
@@ -521,8 +522,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     done = np.zeros(B, dtype=bool)
     was_training = model.training
     model.eval()
-    from . import decode   # the same step without Tensors, where it is the same code (decode.py)
-    fast = decode.supports(model)
+    # the same step on raw arrays (decode.py), where it is the same code
+    fast = isinstance(model, GPT) and type(model).forward is GPT.forward and decode.supports(model)
     try:
         with no_grad():
             cache, T = None, L                                       # T: columns filled so far

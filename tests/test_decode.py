@@ -65,13 +65,18 @@ def test_it_is_used_only_where_it_is_the_models_code():
     assert not decode.supports(model)                    # dropout would differ
     assert not decode.supports(make(fused=False))        # the plain ops: other kernels
 
-    class Scaled(GPT):
-        def forward(self, idx, kv_cache=None):
-            return super().forward(idx, kv_cache) * 2.0
 
-    scaled = Scaled(make().config, seed=2)
-    scaled.eval()
-    assert not decode.supports(scaled)
+def test_a_gpt_whose_forward_was_replaced_samples_from_its_own_forward():
+    class AlwaysSeven(GPT):
+        def forward(self, idx, kv_cache=None):
+            logits = super().forward(idx, kv_cache)
+            bias = np.zeros(logits.shape[-1], dtype=logits.data.dtype)
+            bias[7] = 1e4                                # token 7, always
+            return logits + bias
+
+    model = AlwaysSeven(make().config, seed=2)
+    out = generate(model, [[1, 2], [3]], 6, temperature=0)
+    assert out.tokens == [[7] * 6, [7] * 6]
 
 
 def test_generate_samples_what_the_model_samples_step_by_step(monkeypatch):
