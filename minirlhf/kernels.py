@@ -322,7 +322,8 @@ class FasterWay:
     ``outputs`` (arrays); ``key`` names the work's shapes (its bits are checked once per key);
     ``work`` is its multiply-adds. The state: ``way`` (the one in use),
     ``rate`` (multiply-adds per second of wall time in the last window of each way), ``trying``
-    (this window tries the other way), and the window being timed.
+    (this window tries the other way), and the window being timed. One is shared by the threads of
+    a process: calls from several at once blur its timing, never its numbers.
     """
 
     def __init__(self, clock=time.perf_counter):
@@ -399,6 +400,13 @@ def _same_bits(ways, outputs):
 
 
 _few_row_way = FasterWay()      # sampling's products of a few rows: one thread, or OpenBLAS's
+
+
+def _few_row_threads():
+    """OpenBLAS's threads for a few-row product: minirlhf's thread count, but never more than
+    OpenBLAS is set to (``OPENBLAS_NUM_THREADS=1`` keeps it at one); 1 without OpenBLAS."""
+    blas = _openblas()
+    return 1 if blas is None else min(get_num_threads(), blas[0]())
 
 
 # ----- freed memory ---------------------------------------------------------------------------------
@@ -484,9 +492,9 @@ def affine_rows(x, weight, bias=None):
             y_ += bias                         # in place (`y[lo:hi] += bias` would copy it back)
 
     n, work = x.shape[0], x.shape[0] * weight.size
-    threads = get_num_threads()
-    if (xp.__name__ == "numpy" and n < 2 * MIN_ROWS_PER_WEIGHT and work >= MIN_FEW_ROW_PRODUCTS
-            and threads > 1 and _openblas() is not None):
+    few = xp.__name__ == "numpy" and n < 2 * MIN_ROWS_PER_WEIGHT and work >= MIN_FEW_ROW_PRODUCTS
+    threads = _few_row_threads() if few else 1
+    if threads > 1:
         def on(blas_threads):
             with _blas_region(blas_threads):
                 block(0, n)

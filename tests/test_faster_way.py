@@ -148,3 +148,23 @@ def test_a_few_rows_give_the_one_thread_product_bit_for_bit_either_way(forced, w
     whole += b
     for y in ys:
         assert np.array_equal(y, whole)
+
+
+def test_openblas_set_to_one_thread_keeps_sampling_on_one(monkeypatch):
+    """``OPENBLAS_NUM_THREADS=1`` is the user's word: the chooser never raises OpenBLAS above it."""
+    setting = {"threads": 1}
+    monkeypatch.setitem(kernels._state, "blas", (lambda: setting["threads"],
+                                                 lambda n: setting.update(threads=n)))
+    chooser = kernels.FasterWay()
+    monkeypatch.setattr(kernels, "_few_row_way", chooser)
+    previous = kernels.get_num_threads()
+    kernels.set_num_threads(2)
+    try:
+        x, w = np.ones((32, 384), np.float32), np.ones((384, 1152), np.float32)
+        kernels.affine_rows(x, w)
+        assert not chooser.same_bits and setting["threads"] == 1
+        setting["threads"] = 4
+        kernels.affine_rows(x, w)
+        assert chooser.same_bits                         # now it may use OpenBLAS's threads
+    finally:
+        kernels.set_num_threads(previous)
