@@ -357,10 +357,9 @@ class FasterWay:
             self.counted_start = start
         self.calls += 1
         self.last_end = end
-        if self.calls > WARM_CALLS:
-            self.work += work
         if self.calls <= WARM_CALLS:
             return
+        self.work += work
         spent, in_use = end - self.counted_start, self.rate[self.way]
         if self.trying and spent > GIVE_UP_FACTOR * self.work / in_use + GIVE_UP_SECONDS:
             self.rate[1 - self.way] = self.work / spent          # going badly: stop here
