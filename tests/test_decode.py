@@ -3,6 +3,8 @@ switch of `GPTConfig`, and `generate` uses it only where it is the model's code.
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from minirlhf import decode
 from minirlhf.model import GPT, GPTConfig, generate
@@ -87,3 +89,32 @@ def test_generate_samples_what_the_model_samples_step_by_step(monkeypatch):
     monkeypatch.setattr(decode, "supports", lambda model: False)
     slow = generate(model, prompts, 10, temperature=1.0, seed=4)
     assert fast.tokens == slow.tokens and fast.logprobs == slow.logprobs
+
+
+@settings(max_examples=25)
+@given(data=st.data())
+def test_any_config_any_padding_gives_the_models_logits(data):
+    """Random shapes and switches, random left padding, a few steps: bit for bit every step."""
+    n_head = data.draw(st.sampled_from([1, 2, 4]), "n_head")
+    switches = dict(
+        n_layer=data.draw(st.integers(1, 2), "n_layer"), n_head=n_head,
+        n_kv_head=data.draw(st.sampled_from([d for d in (1, 2, 4) if n_head % d == 0]), "n_kv_head"),
+        n_embd=n_head * data.draw(st.sampled_from([2, 4, 8]), "head size"),
+        norm=data.draw(st.sampled_from(["layer", "rms"]), "norm"),
+        pos=data.draw(st.sampled_from(["learned", "rope"]), "pos"),
+        mlp=data.draw(st.sampled_from(["gelu", "swiglu"]), "mlp"),
+        bias=data.draw(st.booleans(), "bias"),
+        tie_word_embeddings=data.draw(st.booleans(), "tied head"))
+    model = make(**switches)
+    B = data.draw(st.integers(1, 4), "batch")
+    L = data.draw(st.integers(1, 6), "prompt length")
+    pads = np.array([data.draw(st.integers(0, L - 1), f"pad {b}") for b in range(B)])
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16), "seed"))
+    prompts = rng.integers(0, 37, (B, L))
+    with no_grad():
+        ours, theirs = (model.new_kv_cache(B, pads, max_length=L + 4) for _ in range(2))
+        model(prompts, kv_cache=ours)
+        model(prompts, kv_cache=theirs)
+        for _ in range(4):
+            new = rng.integers(0, 37, (B, 1))
+            assert np.array_equal(decode.step(model, new, ours), model(new, kv_cache=theirs).data)
