@@ -7,8 +7,8 @@ a step, a fifth of the small GPT's sampling time. `step` calls the same fused op
 (`Function.forward`: raw arrays in, raw arrays out) on the same arrays in the same order as
 `Transformer.forward` and `GPT.forward`, so its logits are the model's to the last bit (a test
 checks it at every switch of `GPTConfig`) and the model's code stays the one to read. It is used
-only where it is that same code: a `GPT` whose forward is GPT's own (`generate` checks), with the
-fused ops, on the CPU.
+only where it is that same code: a `GPT` built of its own classes, none subclassed or replaced
+(`generate` checks), with the fused ops, on the CPU.
 """
 
 import numpy as np

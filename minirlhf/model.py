@@ -482,6 +482,10 @@ class Generation:
     sequences: list     # the prompt as given (even if cropped for the model) + new tokens
 
 
+_GPT_MODULES = (GPT, Transformer, Block, CausalSelfAttention, MLP, Linear, LayerNorm, RMSNorm,
+                Embedding, Dropout, ModuleList)
+
+
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
              eot_id=None, seed=None, use_cache=True):
     """Sample continuations of a batch of prompts of different lengths.
@@ -522,8 +526,9 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     done = np.zeros(B, dtype=bool)
     was_training = model.training
     model.eval()
-    # the same step on raw arrays (decode.py), where it is the same code
-    fast = isinstance(model, GPT) and type(model).forward is GPT.forward and decode.supports(model)
+    # the same step on raw arrays (decode.py), where it is the same code: every module one of
+    # GPT's own classes as they are (a user's subclass or replaced layer runs its own forward)
+    fast = all(type(m) in _GPT_MODULES for m in model.modules()) and decode.supports(model)
     try:
         with no_grad():
             cache, T = None, L                                       # T: columns filled so far

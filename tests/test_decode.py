@@ -81,11 +81,32 @@ def test_a_gpt_whose_forward_was_replaced_samples_from_its_own_forward():
     assert out.tokens == [[7] * 6, [7] * 6]
 
 
+def test_a_gpt_with_a_replaced_layer_samples_from_that_layer(monkeypatch):
+    """decode.step reads each layer's weights itself, so a model with a layer of the user's own
+    goes the model's way: the tokens are those of its own forward."""
+    from minirlhf.nn import Linear
+
+    class Doubled(Linear):
+        def forward(self, x):
+            return super().forward(x) * 2.0
+
+    model = make()
+    old = model.transformer.h[0].mlp.c_fc
+    new = Doubled(old.in_features, old.out_features, rng=np.random.default_rng(0))
+    model.transformer.h[0].mlp.c_fc = new
+    out = generate(model, [[1, 2], [3]], 8, temperature=1.0, seed=3)
+    monkeypatch.setattr(decode, "step", lambda *a: pytest.fail("decode.step ran"))
+    assert generate(model, [[1, 2], [3]], 8, temperature=1.0, seed=3).tokens == out.tokens
+
+
 def test_generate_samples_what_the_model_samples_step_by_step(monkeypatch):
     """The same tokens and log-probs with the raw step as with the model's forward."""
     model = make(**CONFIGS["llama"])
     prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 10]]
+    steps, real_step = [], decode.step
+    monkeypatch.setattr(decode, "step", lambda *a: steps.append(1) or real_step(*a))
     fast = generate(model, prompts, 10, temperature=1.0, seed=4)
+    assert len(steps) == 9                               # every token after the prompt's first
     monkeypatch.setattr(decode, "supports", lambda model: False)
     slow = generate(model, prompts, 10, temperature=1.0, seed=4)
     assert fast.tokens == slow.tokens and fast.logprobs == slow.logprobs
