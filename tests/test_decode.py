@@ -36,28 +36,32 @@ def make(**switches):
     return model
 
 
+def assert_steps_match(model, prompts, pads, steps, rng):
+    """After the prompts, ``steps`` new tokens each way, on a cache of its own: `decode.step`'s
+    logits and cache are the model's, bit for bit, every step."""
+    B, L = prompts.shape
+    with no_grad():
+        ours, theirs = (model.new_kv_cache(B, pads, max_length=L + steps) for _ in range(2))
+        model(prompts, kv_cache=ours)
+        model(prompts, kv_cache=theirs)
+        for _ in range(steps):
+            new = rng.integers(0, model.config.vocab_size, (B, 1))
+            fast = decode.step(model, new, ours)
+            slow = model(new, kv_cache=theirs).data
+            assert fast.shape == slow.shape == (B, 1, model.config.vocab_size)
+            assert np.array_equal(fast, slow)
+            assert ours.length == theirs.length
+            for layer in range(model.config.n_layer):
+                assert np.array_equal(ours.k[layer], theirs.k[layer])
+                assert np.array_equal(ours.v[layer], theirs.v[layer])
+
+
 @pytest.mark.parametrize("pad", [False, True], ids=["same lengths", "left padding"])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_a_step_gives_the_models_logits_bit_for_bit(name, pad):
-    model = make(**CONFIGS[name])
     rng = np.random.default_rng(0)
-    B, L = 3, 5
-    prompts = rng.integers(0, 37, (B, L))
     pads = np.array([0, 2, 4]) if pad else None
-    with no_grad():
-        ours, theirs = (model.new_kv_cache(B, pads, max_length=L + 6) for _ in range(2))
-        model(prompts, kv_cache=ours)
-        model(prompts, kv_cache=theirs)
-        for _ in range(6):
-            new = rng.integers(0, 37, (B, 1))
-            fast = decode.step(model, new, ours)
-            slow = model(new, kv_cache=theirs).data
-            assert fast.shape == slow.shape == (B, 1, 37)
-            assert np.array_equal(fast, slow)
-            assert ours.length == theirs.length
-            for layer in range(2):
-                assert np.array_equal(ours.k[layer], theirs.k[layer])
-                assert np.array_equal(ours.v[layer], theirs.v[layer])
+    assert_steps_match(make(**CONFIGS[name]), rng.integers(0, 37, (3, 5)), pads, 6, rng)
 
 
 def test_it_is_used_only_where_it_is_the_models_code():
@@ -131,11 +135,4 @@ def test_any_config_any_padding_gives_the_models_logits(data):
     L = data.draw(st.integers(1, 6), "prompt length")
     pads = np.array([data.draw(st.integers(0, L - 1), f"pad {b}") for b in range(B)])
     rng = np.random.default_rng(data.draw(st.integers(0, 2**16), "seed"))
-    prompts = rng.integers(0, 37, (B, L))
-    with no_grad():
-        ours, theirs = (model.new_kv_cache(B, pads, max_length=L + 4) for _ in range(2))
-        model(prompts, kv_cache=ours)
-        model(prompts, kv_cache=theirs)
-        for _ in range(4):
-            new = rng.integers(0, 37, (B, 1))
-            assert np.array_equal(decode.step(model, new, ours), model(new, kv_cache=theirs).data)
+    assert_steps_match(model, rng.integers(0, 37, (B, L)), pads, 4, rng)
