@@ -77,10 +77,7 @@ def _attention(attn, x, cache, layer, mask, rope):
         v = qkv[:, :, (nh + nkv) * hs:].reshape(B, T, nkv, hs).swapaxes(1, 2)
     if attn.rope:
         q, k = F.Rope(*rope).forward(q), F.Rope(*rope).forward(k)
-    end = cache.length + T                                           # `KVCache.update`
-    cache.k[layer][:, :, cache.length:end] = k
-    cache.v[layer][:, :, cache.length:end] = v
-    k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
+    k, v = cache.write(layer, k, v)                                  # (B, nkv, T_so_far, hs)
     if nh != nkv:
         k, v = F.RepeatKV(nh // nkv).forward(k), F.RepeatKV(nh // nkv).forward(v)
     y = F.CausalAttention(mask).forward(q, k, v)                     # (B, nh, T, hs)

@@ -168,10 +168,15 @@ class KVCache:
 
     def update(self, layer, k, v):
         """Write the new keys/values (B, n_kv_head, T, hs) after the cached ones; return all of them."""
+        k, v = self.write(layer, k.data, v.data)
+        return Tensor.from_array(k), Tensor.from_array(v)
+
+    def write(self, layer, k, v):
+        """`update` on raw arrays: the cache's views of every key and value so far."""
         end = self.length + k.shape[2]
-        self.k[layer][:, :, self.length:end] = k.data
-        self.v[layer][:, :, self.length:end] = v.data
-        return Tensor.from_array(self.k[layer][:, :, :end]), Tensor.from_array(self.v[layer][:, :, :end])
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 # ===================================================================================================
