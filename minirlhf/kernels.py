@@ -16,8 +16,11 @@ it would write for all rows at once:
 
 Elementwise blocks hold about 256K numbers (1 MB of float32): fewer, longer NumPy calls win, because
 every call hands Python's GIL between threads and a thread left waiting for it is put to sleep.
-Work that calls the BLAS (matrix products) is cut into two blocks per thread. On CuPy arrays, small
-inputs or one thread, ``fn`` is simply called once.
+Work that calls the BLAS (matrix products) is cut into two blocks per thread; the linear layer's
+backward shares out its two products, gx and gW, as blocks of two kinds (`for_blocks`): on two
+threads gW is one thread's whole product, and a training step gives one thread's numbers to the
+bit wherever the BLAS computes a block of rows as it does the whole (OpenBLAS's Haswell kernels
+do; tested). On CuPy arrays, small inputs or one thread, ``fn`` is simply called once.
 
 The BLAS. Two thread pools on the same cores fight, so while our threads run matrix products
 OpenBLAS is held to one thread each (and set back after). Products too small to split run on the
@@ -99,20 +102,31 @@ def for_rows(fn, n_rows, row_size, blas=False, shared_weight=False, xp=None):
     if xp is not None and xp.__name__ != "numpy":
         return [fn(0, n_rows)]                                # GPU: parallel already
     if total < (MIN_PARALLEL_PRODUCTS if blas else MIN_PARALLEL_NUMBERS):
-        return _whole(fn, n_rows, blas)                       # too little work to split
+        return one_after_another(fn, [(0, n_rows)], blas)     # too little work to split
     threads = get_num_threads()
-    if threads > 1 and _state["pool_pid"] != os.getpid():
-        set_num_threads(threads)        # a forked child: the parent's pool threads did not come along
     if blas:  # a few blocks per thread, if the product is big enough and OpenBLAS can be held to one
-        worth_it = threads > 1 and _openblas() is not None
         min_rows = MIN_ROWS_PER_WEIGHT if shared_weight else 1
-        n_blocks = min(BLAS_BLOCKS_PER_THREAD * threads, n_rows // min_rows) if worth_it else 1
+        n_blocks = min(BLAS_BLOCKS_PER_THREAD * threads, n_rows // min_rows) if _blas_splits() else 1
     else:     # blocks of BLOCK_NUMBERS numbers
         n_blocks = min(n_rows, total // BLOCK_NUMBERS)
     if n_blocks <= 1:
-        return _whole(fn, n_rows, blas)
+        return one_after_another(fn, [(0, n_rows)], blas)
+    return for_blocks(fn, cut_rows(n_rows, n_blocks), blas)
+
+
+def cut_rows(n_rows, n_blocks):
+    """[(lo, hi)]: ``n_blocks`` blocks of rows, as equal as they come, that cover range(n_rows)."""
     bounds = [n_rows * i // n_blocks for i in range(n_blocks + 1)]
-    job = _Job(fn, list(zip(bounds[:-1], bounds[1:])))
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def for_blocks(fn, blocks, blas=False):
+    """``[fn(*block) for block in blocks]``, the blocks shared by the threads, each taken by the
+    first thread free (`for_rows` chose them; `affine_rows_grads` gives two kinds)."""
+    threads = get_num_threads()
+    if threads > 1 and _state["pool_pid"] != os.getpid():
+        set_num_threads(threads)        # a forked child: the parent's pool threads did not come along
+    job = _Job(fn, blocks)
     if threads == 1 or threading.current_thread().name.startswith("minirlhf"):
         job.work()                                            # one after another
     else:
@@ -125,14 +139,18 @@ def for_rows(fn, n_rows, row_size, blas=False, shared_weight=False, xp=None):
     return job.results
 
 
-def _whole(fn, n_rows, blas):
-    """``[fn(0, n_rows)]``, on one thread: matrix work too small to split is small enough that
-    OpenBLAS's own threads, spinning between calls, cost more than they save (see
-    `blas_on_one_thread`)."""
-    if not blas:
-        return [fn(0, n_rows)]
-    with _blas_region():
-        return [fn(0, n_rows)]
+def one_after_another(fn, blocks, blas):
+    """``[fn(*block) for block in blocks]`` on the calling thread: matrix work too small to split
+    is small enough that OpenBLAS's own threads, spinning between calls, cost more than they save
+    (see `blas_on_one_thread`), so it is held to one thread too."""
+    with _blas_region() if blas else contextlib.nullcontext():
+        return [fn(*block) for block in blocks]
+
+
+def _blas_splits():
+    """Whether matrix work may be split across our threads: more than one, and OpenBLAS found (it
+    must be held to one thread while they run)."""
+    return get_num_threads() > 1 and _openblas() is not None
 
 
 # ----- sharing the blocks ---------------------------------------------------------------------------
@@ -507,17 +525,39 @@ def affine_rows(x, weight, bias=None):
 
 def affine_rows_grads(x, weight, gy, with_bias):
     """The gradients of y = x W + b over rows: gx = gy Wᵀ (N, in), gW = xᵀ gy (in, out) and, with
-    ``with_bias``, gb = Σ_rows gy (out,). Each block adds its rows' share to the sums gW and gb."""
+    ``with_bias``, gb = Σ_rows gy (out,).
+
+    Two products of the same size, shared by the threads as two kinds of block: blocks of gx's
+    rows, and shares of the sums gW and gb over blocks of rows, added up after. There are half as
+    many shares as threads, so on two threads gW is one whole product, the one a single thread
+    computes (the same bits), and the other thread takes gx's rows meanwhile; cutting both products
+    into rows had made each thread's products smaller and added the shares up (1.02-1.17x slower
+    alone at the tiny to medium GPTs' shapes, benchmarks/README.md)."""
     xp = backend.get_array_module(gy)
     gx = xp.empty(x.shape, xp.result_type(gy, weight))
 
-    def block(lo, hi):
+    def gx_rows(lo, hi):                                # gx = gy Wᵀ, rows lo:hi
         xp.matmul(gy[lo:hi], weight.T, out=gx[lo:hi])
+
+    def gw_share(lo, hi):                               # rows lo:hi's share of Σ_rows xᵀ gy, Σ_rows gy
         gw = x[lo:hi].T @ gy[lo:hi]
         return (gw, backend.sum_first(gy[lo:hi])) if with_bias else (gw,)
 
-    sums = add_up(for_rows(block, gy.shape[0], weight.size, blas=True, shared_weight=True, xp=xp))
-    return (gx,) + sums
+    n = gy.shape[0]
+    if xp.__name__ != "numpy":                          # GPU: parallel already
+        gx_rows(0, n)
+        return (gx,) + gw_share(0, n)
+    threads, most = get_num_threads(), max(1, n // MIN_ROWS_PER_WEIGHT)
+    if n * weight.size < MIN_PARALLEL_PRODUCTS or not _blas_splits():
+        n_shares, n_gx = 1, 1
+        run = one_after_another
+    else:
+        n_shares, n_gx = min(max(1, threads // 2), most), min(threads, most)
+        run = for_blocks
+    blocks = ([(gw_share, lo, hi) for lo, hi in cut_rows(n, n_shares)]     # the longest first
+              + [(gx_rows, lo, hi) for lo, hi in cut_rows(n, n_gx)])
+    results = run(lambda part, lo, hi: part(lo, hi), blocks, blas=True)
+    return (gx,) + add_up(results[:n_shares])
 
 
 def normalize_rows(x, eps):

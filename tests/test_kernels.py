@@ -268,6 +268,87 @@ def test_set_num_threads_called_first_still_keeps_freed_memory():
     assert out.stdout.strip() in ("True", "False")            # asked (False on other C libraries)
 
 
+# ----- the linear layer's backward: gW whole on two threads ------------------------------------------
+
+def _linear_grads_and_blocks(monkeypatch, x, w, gy):
+    """affine_rows_grads' (gx, gW, gb), and the kind and rows of each block it shared out."""
+    blocks = []
+
+    def recording(fn, shared, blas=False):
+        blocks.extend((part.__name__, lo, hi) for part, lo, hi in shared)
+        return for_blocks(fn, shared, blas)
+
+    for_blocks = kernels.for_blocks
+    monkeypatch.setattr(kernels, "for_blocks", recording)
+    return kernels.affine_rows_grads(x, w, gy, True), blocks
+
+
+@pytest.mark.skipif(kernels._openblas() is None, reason="products are split only where OpenBLAS is")
+def test_linear_backward_on_two_threads_has_one_threads_weight_gradient(monkeypatch, threads):
+    """Two threads: gW and gb are the one product a single thread computes, to the bit, while the
+    other thread takes gx's rows; more threads share gW out in half as many sums as threads."""
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((512, 48), np.float32), rng.standard_normal((48, 96), np.float32)
+    gy = rng.standard_normal((512, 96), np.float32)
+    monkeypatch.setattr(kernels, "MIN_PARALLEL_PRODUCTS", 1)
+    threads(1)
+    one, blocks = _linear_grads_and_blocks(monkeypatch, x, w, gy)
+    assert blocks == []                                          # one thread: nothing shared out
+    threads(2)
+    two, blocks = _linear_grads_and_blocks(monkeypatch, x, w, gy)
+    assert blocks == [("gw_share", 0, 512), ("gx_rows", 0, 256), ("gx_rows", 256, 512)]
+    np.testing.assert_array_equal(two[1], one[1])
+    np.testing.assert_array_equal(two[2], one[2])
+    np.testing.assert_allclose(two[0], one[0], rtol=1e-6, atol=1e-6)
+    threads(4)
+    four, blocks = _linear_grads_and_blocks(monkeypatch, x, w, gy)
+    assert [b[0] for b in blocks] == ["gw_share"] * 2 + ["gx_rows"] * 4
+    for g_four, g_one in zip(four, one):
+        np.testing.assert_allclose(g_four, g_one, rtol=1e-5, atol=1e-4)
+
+
+def _row_blocks_are_the_whole_products_bits(model, rows):
+    """Whether this BLAS computes a block of rows of each product of ``model``'s linear layers (the
+    forward's x W and the backward's gy Wᵀ) to the bits of the whole product."""
+    rng = np.random.default_rng(0)
+    for p in model.parameters():
+        if p.data.ndim != 2:
+            continue
+        for w in (p.data, p.data.T):
+            a = rng.standard_normal((rows, w.shape[0]), np.float32)
+            with kernels.blas_on_one_thread():
+                whole, part = a @ w, a[rows // 4: rows // 2] @ w
+            if not np.array_equal(whole[rows // 4: rows // 2], part):
+                return False
+    return True
+
+
+def test_training_on_two_threads_gives_one_threads_numbers_bit_for_bit(threads):
+    """Three AdamW steps of a GPT big enough that its products, attention and GELU are split: the
+    same parameters at one and at two threads, to the bit. Where the BLAS computes a block of rows
+    of a product to other bits than the whole (not OpenBLAS's Haswell kernels), it is skipped."""
+    from minirlhf.model import GPT, GPTConfig
+    from minirlhf.optim import AdamW, param_groups
+
+    config = GPTConfig(block_size=64, vocab_size=256, n_layer=2, n_head=4, n_embd=64)
+    ids = np.random.default_rng(0).integers(0, 256, (16, 65))
+    if not _row_blocks_are_the_whole_products_bits(GPT(config, seed=0), rows=16 * 64):
+        pytest.skip("this BLAS computes a block of rows to other bits than the whole product")
+    trained = []
+    for n in (1, 2):
+        threads(n)
+        model = GPT(config, seed=0)
+        optimizer = AdamW(param_groups(model, 0.1), lr=1e-3)
+        for _ in range(3):
+            loss = F.cross_entropy(model(Tensor(ids[:, :-1])), Tensor(ids[:, 1:]))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        trained.append([p.data.copy() for p in model.parameters()])
+    for one, two in zip(*trained):
+        np.testing.assert_array_equal(two, one)
+
+
 def test_add_up_sums_each_position():
     parts = [(np.ones(2), np.full(3, 2.0)), (np.ones(2), np.full(3, 5.0))]
     total = kernels.add_up(parts)
