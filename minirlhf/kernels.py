@@ -160,7 +160,7 @@ def _blas_splits():
 # free: the caller starts at once, and a pool thread that wakes late finds fewer blocks left.
 
 class _Job:
-    """One call of `for_rows`: its blocks, taken one at a time by whichever thread is free."""
+    """One call of `for_blocks`: its blocks, taken one at a time by whichever thread is free."""
 
     def __init__(self, fn, blocks):
         self.fn, self.blocks = fn, blocks
