@@ -326,14 +326,14 @@ def _row_blocks_are_the_whole_products_bits(model, rows):
 def test_training_on_two_threads_gives_one_threads_numbers_bit_for_bit(threads):
     """Three AdamW steps of a GPT big enough that its products, attention and GELU are split: the
     same parameters at one and at two threads, to the bit. Where the BLAS computes a block of rows
-    of a product to other bits than the whole (not OpenBLAS's Haswell kernels), it is skipped."""
+    of a product to other bits than the whole (OpenBLAS's Haswell kernels do not), only rounding
+    can differ, and the parameters must agree to float32's rounding instead."""
     from minirlhf.model import GPT, GPTConfig
     from minirlhf.optim import AdamW, param_groups
 
     config = GPTConfig(block_size=64, vocab_size=256, n_layer=2, n_head=4, n_embd=64)
     ids = np.random.default_rng(0).integers(0, 256, (16, 65))
-    if not _row_blocks_are_the_whole_products_bits(GPT(config, seed=0), rows=16 * 64):
-        pytest.skip("this BLAS computes a block of rows to other bits than the whole product")
+    exact = _row_blocks_are_the_whole_products_bits(GPT(config, seed=0), rows=16 * 64)
     trained = []
     for n in (1, 2):
         threads(n)
@@ -346,7 +346,10 @@ def test_training_on_two_threads_gives_one_threads_numbers_bit_for_bit(threads):
             optimizer.step()
         trained.append([p.data.copy() for p in model.parameters()])
     for one, two in zip(*trained):
-        np.testing.assert_array_equal(two, one)
+        if exact:
+            np.testing.assert_array_equal(two, one)
+        else:
+            np.testing.assert_allclose(two, one, rtol=1e-4, atol=1e-6)
 
 
 def test_add_up_sums_each_position():
